@@ -1,0 +1,32 @@
+# `make demo` and `make test` each set up .venv when it is missing or stale, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.ready
+
+.PHONY: demo test bench-train constraints clean
+
+$(READY): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(READY)
+	$(BIN)/sdxl-lora demo --workdir outputs/demo
+
+test: $(READY)
+	$(BIN)/python -m pytest
+
+bench-train: $(READY)
+	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+# Re-resolve the pinned set after changing pyproject.toml (needs a fresh venv).
+constraints:
+	rm -rf /tmp/sdxl-lora-constraints && $(PYTHON) -m venv /tmp/sdxl-lora-constraints
+	/tmp/sdxl-lora-constraints/bin/pip install --quiet -e '.[dev]'
+	( sed -n 1,2p constraints.txt; /tmp/sdxl-lora-constraints/bin/pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

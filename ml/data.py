@@ -1,0 +1,106 @@
+"""The train channel: an imagefolder (images plus metadata.jsonl), split and preprocessed.
+
+Preprocessing follows SDXL training: resize the short side to the resolution, crop to a
+square, remember the original size and crop corner (the UNet is conditioned on both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ml.contract import JobError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+
+
+def load_imagefolder(channel: Path, caption_column: str = "text", name: str = "train") -> list[Example]:
+    """Read metadata.jsonl rows {file_name, <caption_column>} whose images exist."""
+    if not channel.is_dir():
+        raise JobError(f"{name} channel is missing (expected a directory at {channel})")
+    images = [p for p in channel.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not images:
+        raise JobError(f"{name} channel has no images (looked in {channel} for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    metadata = channel / "metadata.jsonl"
+    if not metadata.exists():
+        raise JobError(f"{name} channel has no metadata.jsonl with file_name and {caption_column} for its images")
+    examples = []
+    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise JobError(f"{name} channel metadata.jsonl line {number} is not valid JSON") from None
+        if "file_name" not in row:
+            raise JobError(f"{name} channel metadata.jsonl line {number} has no file_name")
+        if caption_column not in row:
+            raise JobError(f"{name} channel metadata.jsonl line {number} has no caption column {caption_column!r}")
+        path = channel / row["file_name"]
+        if not path.is_file():
+            raise JobError(f"{name} channel metadata.jsonl line {number} names {row['file_name']}, which is missing")
+        examples.append(Example(path, str(row[caption_column])))
+    if not examples:
+        raise JobError(f"{name} channel metadata.jsonl lists no images")
+    return examples
+
+
+def split_validation(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """Hold out a fraction of images chosen by file-name hash, so every trial holds out the same ones."""
+    if fraction <= 0:
+        return list(examples), []
+    ranked = sorted(examples, key=lambda e: hashlib.sha1(e.path.name.encode()).hexdigest())
+    held = max(1, round(len(examples) * fraction))
+    if held >= len(examples):
+        raise JobError(f"validation_split {fraction} leaves no training images out of {len(examples)}")
+    validation = set(ranked[:held])
+    return [e for e in examples if e not in validation], [e for e in examples if e in validation]
+
+
+@dataclass
+class Prepared:
+    pixels: "object"  # float tensor [3, R, R] in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    resized_width: int
+
+
+def preprocess(path: Path, resolution: int, center_crop: bool, generator) -> Prepared:
+    """Load, resize the short side, crop a square; the crop corner is random unless center_crop."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except OSError as error:
+        raise JobError(f"cannot read image {path.name}: {error}") from None
+    original_size = (image.height, image.width)
+    scale = resolution / min(image.width, image.height)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return Prepared(pixels, original_size, (top, left), width)
+
+
+def flipped(prepared: Prepared, resolution: int) -> Prepared:
+    """The horizontal mirror: the crop corner becomes the mirrored crop's left edge."""
+    top, left = prepared.crop_top_left
+    mirrored_left = prepared.resized_width - left - resolution
+    return Prepared(prepared.pixels.flip(-1), prepared.original_size, (top, mirrored_left), prepared.resized_width)
