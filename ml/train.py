@@ -155,12 +155,12 @@ def _time_ids(prepared, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def cache_frozen(examples: list[Example], hp: Hyperparameters, vae, tokenizers, text_encoders, device, flips: int,
-                 stop: StopFlag) -> Frozen:
+                 stop: StopFlag, center_crop: bool) -> Frozen:
     means, stds, time_ids = [], [], []
     crop_generator = _generator(hp.seed, _CROP)
     for example in examples:
         stop.check()
-        prepared = preprocess(example.path, hp.resolution, hp.center_crop, crop_generator)
+        prepared = preprocess(example.path, hp.resolution, center_crop, crop_generator)
         versions = [prepared] + ([flipped(prepared, hp.resolution)] if flips == 2 else [])
         pixels = torch.stack([v.pixels for v in versions]).to(device, dtype=vae.dtype)
         dist = vae.encode(pixels).latent_dist
@@ -380,8 +380,10 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         encoder.to(device, dtype=torch.float32 if hp.train_text_encoder else weight_dtype)
     flips = 2 if hp.random_flip else 1
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
-    train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device, flips, stop)
-    val_cache = cache_frozen(val_examples, hp, vae, tokenizers, text_encoders, device, 1, stop) if val_examples else None
+    train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device, flips, stop, hp.center_crop)
+    # Held-out images are always center-cropped and never flipped, so every trial scores the same pixels.
+    val_cache = cache_frozen(val_examples, hp, vae, tokenizers, text_encoders, device, 1, stop,
+                             center_crop=True) if val_examples else None
     del vae
     if not hp.train_text_encoder:
         del text_encoders
