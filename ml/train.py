@@ -336,6 +336,14 @@ def validation_loss(unet, scheduler, frozen: Frozen, text_encoders, device, dtyp
     return total / count
 
 
+def _place(model, device, dtype) -> None:
+    """Move a model, casting only when the dtype changes (diffusers warns about no-op casts)."""
+    if model.dtype == dtype:
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -369,15 +377,17 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=hp.gradient_accumulation_steps,
                               mixed_precision=hp.mixed_precision)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if not accelerator.is_main_process:  # one copy of every log line, from the main process
+        logging.getLogger().setLevel(logging.WARNING)
     set_seed(hp.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(hp.mixed_precision, torch.float32)
 
     tokenizers, text_encoders, vae, unet, scheduler = load_components(base)
     for model in (vae, unet, *text_encoders):
         model.requires_grad_(False)
-    vae.to(device, dtype=torch.float32)  # SDXL's VAE overflows in fp16; it runs once per image anyway
+    vae.to(device)  # stays fp32: SDXL's VAE overflows in fp16, and it runs once per image anyway
     for encoder in text_encoders:
-        encoder.to(device, dtype=torch.float32 if hp.train_text_encoder else weight_dtype)
+        _place(encoder, device, torch.float32 if hp.train_text_encoder else weight_dtype)
     flips = 2 if hp.random_flip else 1
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
     train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device, flips, stop, hp.center_crop)
@@ -390,7 +400,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         text_encoders = None
     gc.collect()
 
-    unet.to(device, dtype=weight_dtype)
+    _place(unet, device, weight_dtype)
     if hp.enable_xformers_memory_efficient_attention:
         try:
             import xformers  # noqa: F401
