@@ -137,12 +137,12 @@ def tokenize(tokenizers, captions: list[str]) -> torch.Tensor:
     return torch.stack(ids, dim=1)
 
 
-def encode_text(text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(text_encoders, input_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL conditioning: penultimate hidden states of both encoders, pooled output of the second."""
     embeds = []
     pooled = None
     for index, encoder in enumerate(text_encoders):
-        out = encoder(input_ids[:, index].to(encoder.device), output_hidden_states=True, return_dict=True)
+        out = encoder(input_ids[:, index].to(device), output_hidden_states=True, return_dict=True)
         if index == 1:
             pooled = out.text_embeds
         embeds.append(out.hidden_states[-2])
@@ -170,7 +170,7 @@ def cache_frozen(examples: list[Example], hp: Hyperparameters, vae, tokenizers, 
     input_ids = tokenize(tokenizers, [e.caption for e in examples])
     prompt_embeds = pooled = None
     if not hp.train_text_encoder:
-        prompt_embeds, pooled = encode_text(text_encoders, input_ids)
+        prompt_embeds, pooled = encode_text(text_encoders, input_ids, device)
         prompt_embeds, pooled = prompt_embeds.float().cpu(), pooled.float().cpu()
         input_ids = None
     return Frozen(torch.stack(means), torch.stack(stds), torch.stack(time_ids), prompt_embeds, pooled, input_ids)
@@ -300,7 +300,7 @@ def conditioning(frozen: Frozen, images: list[int], text_encoders, device) -> tu
     """Prompt and pooled embeddings of some images: cached, or encoded by the trained encoders."""
     if frozen.prompt_embeds is not None:
         return frozen.prompt_embeds[images].to(device), frozen.pooled_embeds[images].to(device)
-    return encode_text(text_encoders, frozen.input_ids[images].to(device))
+    return encode_text(text_encoders, frozen.input_ids[images], device)
 
 
 def sample_latents(frozen: Frozen, pairs: list[tuple[int, int]], generator: torch.Generator) -> torch.Tensor:
@@ -334,6 +334,15 @@ def validation_loss(unet, scheduler, frozen: Frozen, text_encoders, device, dtyp
             total += float(losses)
     unet.train(was_training)
     return total / count
+
+
+def _check_stop_everywhere(stop: StopFlag, accelerator) -> None:
+    """Ranks agree on stopping, so all of them reach the checkpoint's collective calls together."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([int(stop.raised)], device=accelerator.device)
+        if int(accelerator.reduce(flag, reduction="sum")) > 0:
+            stop.raised = True
+    stop.check()
 
 
 def _place(model, device, dtype) -> None:
@@ -474,7 +483,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         model.train()
     try:
         while global_step < max_steps:
-            stop.check()
+            _check_stop_everywhere(stop, accelerator)
             step_loss = 0.0
             for micro in range(hp.gradient_accumulation_steps):
                 index = global_step * hp.gradient_accumulation_steps + micro
@@ -535,7 +544,13 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     if accelerator.is_main_process:
         paths.model.mkdir(parents=True, exist_ok=True)
         save_lora(accelerator, paths.model, unet, text_encoders, unet_config, text_config)
-        samples = render_samples(base, paths.model, hp, device) if hp.validation_prompt and hp.num_validation_images else []
+        samples = []
+        if hp.validation_prompt and hp.num_validation_images:
+            accelerator.free_memory()  # the training models are no longer needed: make room for a pipeline
+            del unet, text_encoders, trained, optimizer
+            gc.collect()
+            render_dtype = weight_dtype if torch.cuda.is_available() else torch.float32
+            samples = render_samples(base, paths.model, hp, device, render_dtype)
         summary = {
             "hyperparameters": hp.as_dict(),
             "base_model": base,
@@ -624,11 +639,11 @@ def save_lora(accelerator, model_dir: Path, unet, text_encoders, unet_config, te
     StableDiffusionXLPipeline.save_lora_weights(model_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers)
 
 
-def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device) -> list[str]:
+def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtype) -> list[str]:
     """Render validation_prompt with the saved LoRA, which also proves the file loads."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionXLPipeline.from_pretrained(base).to(device)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
     pipeline.load_lora_weights(str(model_dir), weight_name=LORA_WEIGHTS)
     pipeline.set_progress_bar_config(disable=True)
     out = model_dir / "samples"
