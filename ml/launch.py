@@ -49,8 +49,8 @@ def accelerate_config(hp: Hyperparameters, gpus: int, hosts: list[str], current_
     return config
 
 
-def distributed_command(paths: ContainerPaths, hp: Hyperparameters) -> list[str] | None:
-    """The accelerate launch command when this job needs several processes, else None."""
+def distributed_config(paths: ContainerPaths, hp: Hyperparameters) -> dict | None:
+    """The accelerate configuration when this job needs several processes, else None."""
     if _launched_by_accelerate():
         return None
     resources = paths.read_resource_config()
@@ -58,20 +58,24 @@ def distributed_command(paths: ContainerPaths, hp: Hyperparameters) -> list[str]
     gpus = gpu_count()
     if max(gpus, 1) * max(len(hosts), 1) <= 1:
         return None
-    config = accelerate_config(hp, max(gpus, 1), hosts, resources.get("current_host", ""))
-    handle, name = tempfile.mkstemp(prefix="accelerate-", suffix=".yaml")
-    with os.fdopen(handle, "w") as out:
-        yaml.safe_dump(config, out)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", name, "-m", "ml.train"]
+    return accelerate_config(hp, max(gpus, 1), hosts, resources.get("current_host", ""))
 
 
-def run(command: list[str], stop) -> int:
-    """Run the launcher, forwarding SIGTERM so every rank checkpoints and exits."""
-    child = subprocess.Popen(command)
+def launch_command(config_file: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "-m", "ml.train"]
 
-    def forward(signum, frame):
-        stop._handle(signum, frame)
-        child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    return child.wait()
+def run(config: dict, stop) -> int:
+    """Run accelerate launch, forwarding SIGTERM so every rank checkpoints and exits."""
+    with tempfile.TemporaryDirectory(prefix="sdxl-lora-launch-") as folder:
+        config_file = os.path.join(folder, "accelerate.yaml")
+        with open(config_file, "w") as out:
+            yaml.safe_dump(config, out)
+        child = subprocess.Popen(launch_command(config_file))
+
+        def forward(signum, frame):
+            stop.raised = True
+            child.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, forward)
+        return child.wait()

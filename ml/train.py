@@ -712,9 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         hp = parse(paths.read_hyperparameters())
         from ml import launch
 
-        command = launch.distributed_command(paths, hp)
-        if command is not None:
-            return launch.run(command, stop)
+        config = launch.distributed_config(paths, hp)
+        if config is not None:
+            return launch.run(config, stop)
         train(paths, hp, stop)
         return 0
     except Interrupted:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from ml import launch
@@ -17,16 +16,16 @@ from ml.hyperparameters import parse
 def test_one_gpu_one_host_trains_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_NUM_GPUS", "1")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert launch.distributed_command(ContainerPaths(tmp_path), parse({})) is None
+    assert launch.distributed_config(ContainerPaths(tmp_path), parse({})) is None
 
 
 def test_several_gpus_relaunch_through_accelerate(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_NUM_GPUS", "4")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    command = launch.distributed_command(ContainerPaths(tmp_path), parse({"mixed_precision": "bf16"}))
+    config = launch.distributed_config(ContainerPaths(tmp_path), parse({"mixed_precision": "bf16"}))
+    command = launch.launch_command("/x/accelerate.yaml")
     assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-2:] == ["-m", "ml.train"]
-    config = yaml.safe_load(open(command[command.index("--config_file") + 1]))
     assert config["distributed_type"] == "MULTI_GPU"
     assert config["num_processes"] == 4 and config["num_machines"] == 1
     assert config["mixed_precision"] == "bf16"
@@ -35,7 +34,7 @@ def test_several_gpus_relaunch_through_accelerate(tmp_path, monkeypatch):
 def test_a_process_launched_by_accelerate_does_not_relaunch(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_NUM_GPUS", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert launch.distributed_command(ContainerPaths(tmp_path), parse({})) is None
+    assert launch.distributed_config(ContainerPaths(tmp_path), parse({})) is None
 
 
 def test_deepspeed_uses_the_original_zero2_configuration_with_the_jobs_values():
