@@ -188,7 +188,7 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> tuple[float, 
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise JobFailed(f"{' '.join(command)} exited with status {child.returncode}; end of {log}:\n{tail}")
+        raise JobFailed(f"{' '.join(command)} exited with status {child.returncode}; last lines of its log:\n{tail}")
     return wall, usage.ru_maxrss / 1024
 
 

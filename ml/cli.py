@@ -13,7 +13,7 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     from ml import train
 
-    return train.main()
+    train.exit_now(train.main())
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

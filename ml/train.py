@@ -16,6 +16,7 @@ faster and resumable:
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -111,21 +112,37 @@ def _base_model_path(paths: ContainerPaths, hp: Hyperparameters) -> str:
     return hp.pretrained_model_name_or_path
 
 
-def load_components(base: str):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
+def _loading(base: str, load):
     try:
-        tokenizers = (CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-                      CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"))
-        text_encoders = (CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
-                         CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"))
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        return load()
     except (OSError, ValueError) as error:
         raise JobError(f"base model {base} could not be loaded: {str(error).splitlines()[0]}") from None
-    return tokenizers, text_encoders, vae, unet, scheduler
+
+
+def load_encoders(base: str, text_dtype: torch.dtype):
+    """Tokenizers, text encoders (in text_dtype), the VAE (fp32) and the noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def load():
+        tokenizers = (CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+                      CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"))
+        text_encoders = (CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_dtype),
+                         CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
+                                                                     dtype=text_dtype))
+        # fp32: SDXL's VAE overflows in fp16, and it runs only once per image here.
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        return tokenizers, text_encoders, vae, scheduler
+
+    return _loading(base, load)
+
+
+def load_unet(base: str, dtype: torch.dtype):
+    """The UNet, straight into its compute dtype (half the memory of loading fp32 and casting)."""
+    from diffusers import UNet2DConditionModel
+
+    return _loading(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype))
 
 
 def tokenize(tokenizers, captions: list[str]) -> torch.Tensor:
@@ -266,11 +283,13 @@ def _check_device_support(hp: Hyperparameters) -> None:
             raise JobError("use_8bit_adam needs bitsandbytes installed in the training image") from None
 
 
-def _epoch_order(hp: Hyperparameters, epoch: int, count: int, rank: int, world: int) -> tuple[list[int], list[int]]:
+@functools.lru_cache(maxsize=2)  # the stream reads one epoch at a time
+def _epoch_order(seed: int, random_flip: bool, epoch: int, count: int, rank: int,
+                 world: int) -> tuple[list[int], list[int]]:
     """This process's image order and flip choices for an epoch."""
-    generator = _generator(hp.seed, _ORDER, epoch)
+    generator = _generator(seed, _ORDER, epoch)
     order = torch.randperm(count, generator=generator).tolist()
-    flips = (torch.rand(count, generator=generator) < 0.5).long().tolist() if hp.random_flip else [0] * count
+    flips = (torch.rand(count, generator=generator) < 0.5).long().tolist() if random_flip else [0] * count
     if world > 1:
         padded = order + order[: (-len(order)) % world]
         order = padded[rank::world]
@@ -281,7 +300,7 @@ def micro_batch(hp: Hyperparameters, index: int, count: int, rank: int, world: i
     """(image, flip) pairs of the index-th micro-batch of the endless stream of epochs."""
     per_epoch = micro_batches_per_epoch(hp, count, world)
     epoch, position = divmod(index, per_epoch)
-    order, flips = _epoch_order(hp, epoch, count, rank, world)
+    order, flips = _epoch_order(hp.seed, hp.random_flip, epoch, count, rank, world)
     start = position * hp.train_batch_size
     return list(zip(order[start:start + hp.train_batch_size], flips[start:start + hp.train_batch_size]))
 
@@ -345,12 +364,11 @@ def _check_stop_everywhere(stop: StopFlag, accelerator) -> None:
     stop.check()
 
 
-def _place(model, device, dtype) -> None:
-    """Move a model, casting only when the dtype changes (diffusers warns about no-op casts)."""
-    if model.dtype == dtype:
-        model.to(device)
-    else:
-        model.to(device, dtype=dtype)
+def _process_seconds() -> float:
+    """Seconds since this process started (interpreter start and imports included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _peak_rss_mb() -> float:
@@ -371,7 +389,6 @@ def _configure_progress_output() -> bool:
 
 
 def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
-    started = time.monotonic()
     _check_device_support(hp)
     examples = load_imagefolder(paths.channel("train"), hp.caption_column)
     train_examples, val_examples = split_validation(examples, hp.validation_split)
@@ -391,12 +408,13 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     set_seed(hp.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(hp.mixed_precision, torch.float32)
 
-    tokenizers, text_encoders, vae, unet, scheduler = load_components(base)
-    for model in (vae, unet, *text_encoders):
+    # Encoders first: they cache what they compute and are freed before the UNet is loaded,
+    # which keeps the peak memory to the larger of the two rather than their sum.
+    tokenizers, text_encoders, vae, scheduler = load_encoders(
+        base, torch.float32 if hp.train_text_encoder else weight_dtype)
+    for model in (vae, *text_encoders):
         model.requires_grad_(False)
-    vae.to(device)  # stays fp32: SDXL's VAE overflows in fp16, and it runs once per image anyway
-    for encoder in text_encoders:
-        _place(encoder, device, torch.float32 if hp.train_text_encoder else weight_dtype)
+        model.to(device)
     flips = 2 if hp.random_flip else 1
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
     train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device, flips, stop, hp.center_crop)
@@ -409,7 +427,9 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         text_encoders = None
     gc.collect()
 
-    _place(unet, device, weight_dtype)
+    unet = load_unet(base, weight_dtype)
+    unet.requires_grad_(False)
+    unet.to(device)
     if hp.enable_xformers_memory_efficient_attention:
         try:
             import xformers  # noqa: F401
@@ -449,7 +469,8 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
 
         optimizer = bnb.optim.AdamW8bit(groups)
     else:
-        optimizer = torch.optim.AdamW(groups)
+        # fused: one kernel for all LoRA tensors instead of a loop of small ops per tensor
+        optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
     max_steps = total_steps(hp, len(train_examples), world)
     lr_scheduler = get_scheduler(hp.lr_scheduler, optimizer=optimizer, num_warmup_steps=hp.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
@@ -566,7 +587,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             "baseline_val_loss": baseline_val_loss,
             "loop_seconds": round(loop_seconds, 3),
             "steps_per_second": round(steps_run / loop_seconds, 4) if loop_seconds > 0 else None,
-            "wall_seconds": round(time.monotonic() - started, 3),
+            "wall_seconds": round(_process_seconds(), 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "processes": world,
@@ -727,5 +748,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_now(status: int) -> None:
+    """Exit without interpreter teardown, which takes about a second after importing the torch
+    stack and does nothing a finished job needs: logs are flushed and every file is closed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
