@@ -16,6 +16,12 @@ def _train(args: argparse.Namespace) -> int:
     train.exit_now(train.main())
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from ml import serve
+
+    serve.exit_now(serve.main(host=args.host, port=args.port))
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from ml import tiny_model
 
@@ -39,6 +45,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args.workdir, steps=args.steps)
 
 
+def _local_stack(args: argparse.Namespace) -> int:
+    from local_stack import main
+
+    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-lora", description="SDXL LoRA fine-tuning jobs for SageMaker.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("train", help="training-container entrypoint (SageMaker runs `IMAGE train`)",
                                   description="Reads $SAGEMAKER_BASE_DIR (default /opt/ml) as SageMaker lays it out.")
     command.set_defaults(handler=_train)
+
+    command = commands.add_parser("serve", help="inference-container entrypoint (SageMaker runs `IMAGE serve`)",
+                                  description="Answers GET /ping and POST /invocations with $BASE_MODEL plus the LoRA "
+                                              "in $SAGEMAKER_BASE_DIR/model (default /opt/ml/model).")
+    command.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces, as SageMaker needs)")
+    command.add_argument("--port", type=int, default=None, help="port (default: $SAGEMAKER_BIND_TO_PORT or 8080)")
+    command.set_defaults(handler=_serve)
 
     command = commands.add_parser("tiny-model", help="write a tiny random SDXL pipeline (offline)")
     command.add_argument("out_dir")
@@ -58,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--sidecar-captions", action="store_true", help="write .txt captions, not metadata.jsonl")
     command.set_defaults(handler=_synthetic_data)
+
+    command = commands.add_parser("local-stack", help="serve S3, CloudWatch Logs and SageMaker on one loopback port",
+                                  description="A docker-free stand-in for AWS that really runs the jobs.")
+    command.add_argument("--port", type=int, default=4566)
+    command.add_argument("--workdir", default=".local-stack", help="where jobs and endpoints keep their files")
+    command.add_argument("--max-concurrent-jobs", type=int, default=4,
+                         help="training (and, separately, processing) jobs allowed to run at once")
+    command.add_argument("--spot-interruption-at", metavar="REGEX",
+                         help="interrupt each managed-spot training job once, at its first log line matching REGEX")
+    command.set_defaults(handler=_local_stack)
 
     command = commands.add_parser("demo", help="train a tiny LoRA end to end on this machine")
     command.add_argument("--workdir", default="outputs/demo")

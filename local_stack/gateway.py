@@ -1,0 +1,152 @@
+"""One loopback endpoint for every service: SageMaker here, everything else to moto.
+
+Requests signed for the `sagemaker` service go to this package: the control plane
+(JSON protocol, X-Amz-Target: SageMaker.*) and the runtime (POST
+/endpoints/<name>/invocations). Every other request (S3, CloudWatch Logs, IAM, STS)
+goes to moto's server application, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from pathlib import Path
+
+from local_stack.aws import Clients
+from local_stack.errors import ApiError
+from local_stack.hosting import HostingService
+from local_stack.jobs import JobService, Options
+
+INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/invocations$")
+
+
+class SageMaker:
+    """The control plane's operations by X-Amz-Target name."""
+
+    def __init__(self, workdir: Path, endpoint_url: str, options: Options):
+        clients = Clients(endpoint_url)
+        self.jobs = JobService(workdir, clients, endpoint_url, options)
+        self.hosting = HostingService(workdir, clients, endpoint_url)
+        jobs, hosting = self.jobs, self.hosting
+        self.operations = {
+            "CreateTrainingJob": jobs.create_training_job,
+            "DescribeTrainingJob": lambda r: jobs.describe("training", r.get("TrainingJobName")),
+            "ListTrainingJobs": lambda r: jobs.list("training", r),
+            "StopTrainingJob": lambda r: jobs.stop("training", r.get("TrainingJobName")),
+            "CreateProcessingJob": jobs.create_processing_job,
+            "DescribeProcessingJob": lambda r: jobs.describe("processing", r.get("ProcessingJobName")),
+            "ListProcessingJobs": lambda r: jobs.list("processing", r),
+            "StopProcessingJob": lambda r: jobs.stop("processing", r.get("ProcessingJobName")),
+            "CreateModel": hosting.create_model,
+            "DescribeModel": hosting.describe_model,
+            "DeleteModel": hosting.delete_model,
+            "CreateEndpointConfig": hosting.create_endpoint_config,
+            "DescribeEndpointConfig": hosting.describe_endpoint_config,
+            "DeleteEndpointConfig": hosting.delete_endpoint_config,
+            "CreateEndpoint": hosting.create_endpoint,
+            "DescribeEndpoint": hosting.describe_endpoint,
+            "UpdateEndpoint": hosting.update_endpoint,
+            "DeleteEndpoint": hosting.delete_endpoint,
+            "ListEndpoints": hosting.list_endpoints,
+        }
+
+    def call(self, operation: str, request: dict) -> dict:
+        handler = self.operations.get(operation)
+        if handler is None:
+            raise ApiError("UnknownOperationException", f"the local stack does not implement SageMaker.{operation}")
+        return handler(request)
+
+    def shutdown(self) -> None:
+        self.jobs.shutdown()
+        self.hosting.shutdown()
+
+
+def _signed_for_sagemaker(environ: dict) -> bool:
+    return "/sagemaker/aws4_request" in environ.get("HTTP_AUTHORIZATION", "")
+
+
+def _respond(start_response, status: int, body: bytes, headers: dict[str, str]) -> list[bytes]:
+    reason = {200: "OK", 400: "Bad Request", 424: "Failed Dependency", 500: "Internal Server Error"}.get(status, "")
+    start_response(f"{status} {reason}", [*headers.items(), ("Content-Length", str(len(body))),
+                                          ("x-amzn-RequestId", str(uuid.uuid4()))])
+    return [body]
+
+
+def _error(start_response, error: ApiError) -> list[bytes]:
+    body = json.dumps({"__type": error.code, "message": error.message}).encode()
+    return _respond(start_response, error.status, body, {"Content-Type": "application/x-amz-json-1.1",
+                                                         "x-amzn-ErrorType": error.code})
+
+
+class Gateway:
+    """The WSGI application behind the stack's endpoint."""
+
+    def __init__(self, sagemaker: SageMaker, moto_app):
+        self.sagemaker, self.moto_app = sagemaker, moto_app
+
+    def __call__(self, environ, start_response):
+        if _signed_for_sagemaker(environ):
+            target = environ.get("HTTP_X_AMZ_TARGET", "")
+            if target.startswith("SageMaker."):
+                return self._control(environ, start_response, target.split(".", 1)[1])
+            match = INVOCATIONS.match(environ.get("PATH_INFO", ""))
+            if match and environ["REQUEST_METHOD"] == "POST":
+                return self._invoke(environ, start_response, match.group(1))
+        return self.moto_app(environ, start_response)
+
+    @staticmethod
+    def _body(environ) -> bytes:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        return environ["wsgi.input"].read(length) if length else b""
+
+    def _control(self, environ, start_response, operation: str):
+        try:
+            request = json.loads(self._body(environ) or b"{}")
+            result = self.sagemaker.call(operation, request)
+        except ApiError as error:
+            return _error(start_response, error)
+        except ValueError as error:
+            return _error(start_response, ApiError("SerializationException", str(error)))
+        return _respond(start_response, 200, json.dumps(result).encode(),
+                        {"Content-Type": "application/x-amz-json-1.1"})
+
+    def _invoke(self, environ, start_response, endpoint: str):
+        try:
+            status, body, content_type, variant = self.sagemaker.hosting.invoke(
+                endpoint, self._body(environ), environ.get("CONTENT_TYPE", ""), environ.get("HTTP_ACCEPT", ""),
+                environ.get("HTTP_X_AMZN_SAGEMAKER_TARGET_VARIANT"))
+        except ApiError as error:
+            return _error(start_response, error)
+        return _respond(start_response, status, body, {"Content-Type": content_type,
+                                                       "x-Amzn-Invoked-Production-Variant": variant})
+
+
+class LocalStack:
+    """The server: start() binds the port (a clear error when taken), stop() ends jobs and endpoints."""
+
+    def __init__(self, workdir: Path, port: int = 4566, host: str = "127.0.0.1", options: Options | None = None):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        self.workdir = workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.endpoint_url = f"http://{host}:{port}"
+        self.sagemaker = SageMaker(self.workdir, self.endpoint_url, options or Options())
+        gateway = Gateway(self.sagemaker, DomainDispatcherApplication(create_backend_app))
+        try:
+            self.server = make_server(host, port, gateway, threaded=True, request_handler=MotoRequestHandler)
+        except OSError as error:
+            raise SystemExit(f"local stack: cannot listen on {host}:{port}: {error.strerror or error} "
+                             f"(is another local stack running? choose another --port)") from None
+        self.thread = threading.Thread(target=self.server.serve_forever, name="local-stack", daemon=True)
+
+    def start(self) -> "LocalStack":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.sagemaker.shutdown()
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,327 @@
+"""Models, endpoint configs and endpoints: `sdxl-lora serve` processes behind InvokeEndpoint.
+
+CreateEndpoint starts one serving process per production variant on a free loopback
+port (model data downloaded and unpacked as SageMaker does) and goes InService when
+every /ping answers. UpdateEndpoint brings the new variants up beside the old ones and
+switches traffic only then, so no request is dropped; a failed update leaves the old
+config serving, as AWS rolls back.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from local_stack.aws import ACCOUNT, REGION, Clients, client_environment, split_s3_uri, untar
+from local_stack.errors import ApiError, check_name, in_use, not_found, require, validation
+from local_stack.runner import ContainerProcess, LogSink, command_for
+
+PING_TIMEOUT_SECONDS = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Variant:
+    name: str
+    weight: float
+    port: int
+    process: ContainerProcess
+    instance_count: int
+    image: str
+
+
+@dataclass
+class Endpoint:
+    name: str
+    config_name: str
+    description: dict
+    variants: list[Variant] = field(default_factory=list)
+    generation: int = 0
+
+
+class HostingService:
+    def __init__(self, workdir: Path, clients: Clients, endpoint_url: str):
+        self.workdir, self.clients, self.endpoint_url = workdir, clients, endpoint_url
+        self.models: dict[str, dict] = {}
+        self.configs: dict[str, dict] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.lock = threading.RLock()
+
+    # -- models and configs -------------------------------------------------------------
+
+    def create_model(self, request: dict) -> dict:
+        require(request, "ModelName")
+        name = check_name(request["ModelName"], "modelName")
+        container = request.get("PrimaryContainer") or (request.get("Containers") or [None])[0]
+        if not container or not container.get("Image"):
+            raise validation("PrimaryContainer.Image is required")
+        with self.lock:
+            if name in self.models:
+                raise validation(f'Cannot create already existing model "{self._arn("model", name)}".')
+            self.models[name] = {
+                "ModelName": name, "ModelArn": self._arn("model", name), "PrimaryContainer": container,
+                "ExecutionRoleArn": request.get("ExecutionRoleArn", ""), "CreationTime": time.time(),
+            }
+        return {"ModelArn": self._arn("model", name)}
+
+    def describe_model(self, request: dict) -> dict:
+        return dict(self._model(request.get("ModelName")))
+
+    def delete_model(self, request: dict) -> dict:
+        name = request.get("ModelName")
+        with self.lock:
+            self._model(name)
+            del self.models[name]
+        return {}
+
+    def create_endpoint_config(self, request: dict) -> dict:
+        require(request, "EndpointConfigName", "ProductionVariants")
+        name = check_name(request["EndpointConfigName"], "endpointConfigName")
+        variants = request["ProductionVariants"]
+        if not variants:
+            raise validation("ProductionVariants must have at least 1 item")
+        seen = set()
+        for variant in variants:
+            require(variant, "VariantName", "ModelName")
+            if variant["VariantName"] in seen:
+                raise validation(f"Variant name {variant['VariantName']} is used more than once")
+            seen.add(variant["VariantName"])
+            self._model(variant["ModelName"])
+        with self.lock:
+            if name in self.configs:
+                raise validation(f'Cannot create already existing endpoint configuration "{self._arn("endpoint-config", name)}".')
+            self.configs[name] = {
+                "EndpointConfigName": name, "EndpointConfigArn": self._arn("endpoint-config", name),
+                "ProductionVariants": variants, "CreationTime": time.time(),
+            }
+        return {"EndpointConfigArn": self._arn("endpoint-config", name)}
+
+    def describe_endpoint_config(self, request: dict) -> dict:
+        return dict(self._config(request.get("EndpointConfigName")))
+
+    def delete_endpoint_config(self, request: dict) -> dict:
+        name = request.get("EndpointConfigName")
+        with self.lock:
+            self._config(name)
+            del self.configs[name]
+        return {}
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def create_endpoint(self, request: dict) -> dict:
+        require(request, "EndpointName", "EndpointConfigName")
+        name = check_name(request["EndpointName"], "endpointName")
+        config = self._config(request["EndpointConfigName"])
+        now = time.time()
+        with self.lock:
+            if name in self.endpoints:
+                raise validation(f'Cannot create already existing endpoint "{self._arn("endpoint", name)}".')
+            endpoint = Endpoint(name, config["EndpointConfigName"], {
+                "EndpointName": name, "EndpointArn": self._arn("endpoint", name),
+                "EndpointConfigName": config["EndpointConfigName"], "EndpointStatus": "Creating",
+                "CreationTime": now, "LastModifiedTime": now, "ProductionVariants": [],
+            })
+            self.endpoints[name] = endpoint
+        threading.Thread(target=self._deploy, args=(endpoint, config, False), daemon=True).start()
+        return {"EndpointArn": endpoint.description["EndpointArn"]}
+
+    def update_endpoint(self, request: dict) -> dict:
+        require(request, "EndpointName", "EndpointConfigName")
+        endpoint = self._endpoint(request["EndpointName"])
+        config = self._config(request["EndpointConfigName"])
+        with self.lock:
+            status = endpoint.description["EndpointStatus"]
+            if status != "InService":
+                raise validation(f"Cannot update in-progress endpoint \"{endpoint.description['EndpointArn']}\" "
+                                 f"(status {status}).")
+            endpoint.description["EndpointStatus"] = "Updating"
+            endpoint.description["LastModifiedTime"] = time.time()
+        threading.Thread(target=self._deploy, args=(endpoint, config, True), daemon=True).start()
+        return {"EndpointArn": endpoint.description["EndpointArn"]}
+
+    def describe_endpoint(self, request: dict) -> dict:
+        endpoint = self._endpoint(request.get("EndpointName"))
+        with self.lock:
+            return dict(endpoint.description)
+
+    def list_endpoints(self, request: dict) -> dict:
+        with self.lock:
+            found = [
+                {k: e.description[k] for k in ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime",
+                                               "EndpointStatus")}
+                for e in self.endpoints.values()
+                if (not request.get("NameContains") or request["NameContains"] in e.name)
+                and (not request.get("StatusEquals") or e.description["EndpointStatus"] == request["StatusEquals"])
+            ]
+        return {"Endpoints": sorted(found, key=lambda e: e["CreationTime"], reverse=True)}
+
+    def delete_endpoint(self, request: dict) -> dict:
+        endpoint = self._endpoint(request.get("EndpointName"))
+        with self.lock:
+            del self.endpoints[endpoint.name]
+            variants, endpoint.variants = endpoint.variants, []
+            endpoint.generation += 1  # a deployment still running for it will stop what it started
+        _stop_variants(variants)
+        return {}
+
+    def shutdown(self) -> None:
+        with self.lock:
+            endpoints = list(self.endpoints.values())
+            self.endpoints.clear()
+        for endpoint in endpoints:
+            endpoint.generation += 1
+            _stop_variants(endpoint.variants)
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    def invoke(self, name: str, body: bytes, content_type: str, accept: str,
+               target_variant: str | None) -> tuple[int, bytes, str, str]:
+        """Route to a variant by weight (or TargetVariant); returns status, body, content type, variant."""
+        with self.lock:
+            endpoint = self.endpoints.get(name)
+            if endpoint is None:
+                raise validation(f"Endpoint {name} of account {ACCOUNT} not found.")
+            if endpoint.description["EndpointStatus"] not in ("InService", "Updating"):
+                raise validation(f"Endpoint {name} is not in service (status "
+                                 f"{endpoint.description['EndpointStatus']}).")
+            variants = list(endpoint.variants)
+        if target_variant:
+            chosen = next((v for v in variants if v.name == target_variant), None)
+            if chosen is None:
+                raise validation(f"Target variant {target_variant} not found for Endpoint {name}")
+        else:
+            weighted = [v for v in variants if v.weight > 0] or variants
+            chosen = random.choices(weighted, weights=[v.weight or 1 for v in weighted])[0]
+        request = urllib.request.Request(f"http://127.0.0.1:{chosen.port}/invocations", data=body, method="POST",
+                                         headers={"Content-Type": content_type or "application/json",
+                                                  "Accept": accept or "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return response.status, response.read(), response.headers.get_content_type(), chosen.name
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            raise ApiError("ModelError", f"Received client error ({error.code}) from primary with message "
+                           f'"{detail}". See https://{REGION}.console.aws.amazon.com/cloudwatch/ in account '
+                           f"{ACCOUNT} for more information.", status=424) from None
+        except (urllib.error.URLError, OSError) as error:
+            raise ApiError("ModelError", f"variant {chosen.name} did not answer: {error}", status=424) from None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _deploy(self, endpoint: Endpoint, config: dict, updating: bool) -> None:
+        generation = endpoint.generation
+        started: list[Variant] = []
+        try:
+            for spec in config["ProductionVariants"]:
+                started.append(self._start_variant(endpoint, spec))
+            for variant in started:
+                _wait_for_ping(variant)
+        except Exception as error:  # noqa: BLE001 - any failure becomes the endpoint's FailureReason
+            _stop_variants(started)
+            with self.lock:
+                d = endpoint.description
+                d["FailureReason"] = str(error)[:1024]
+                d["EndpointStatus"] = "InService" if updating else "Failed"  # an update rolls back
+                d["LastModifiedTime"] = time.time()
+            return
+        with self.lock:
+            if endpoint.generation != generation:  # deleted while deploying
+                retired = started
+            else:
+                retired, endpoint.variants = endpoint.variants, started
+                endpoint.generation += 1
+                endpoint.config_name = config["EndpointConfigName"]
+                d = endpoint.description
+                d.pop("FailureReason", None)
+                d.update({"EndpointConfigName": config["EndpointConfigName"], "EndpointStatus": "InService",
+                          "LastModifiedTime": time.time(), "ProductionVariants": [_variant_summary(v) for v in started]})
+        _stop_variants(retired)  # after the switch: requests in flight to them finish first
+
+    def _start_variant(self, endpoint: Endpoint, spec: dict) -> Variant:
+        model = self._model(spec["ModelName"])
+        container = model["PrimaryContainer"]
+        base = self.workdir / "endpoints" / endpoint.name / f"{spec['VariantName']}-{time.time_ns()}"
+        model_dir = base / "model"
+        model_dir.mkdir(parents=True)
+        if container.get("ModelDataUrl"):
+            bucket, key = split_s3_uri(container["ModelDataUrl"])
+            archive = base / "model.tar.gz"
+            try:
+                self.clients.s3.download_file(bucket, key, str(archive))
+            except Exception as error:  # noqa: BLE001
+                raise RuntimeError(f"Failed to download model data {container['ModelDataUrl']}: {error}") from None
+            untar(archive, model_dir)
+        port = free_port()
+        env = {**container.get("Environment", {}), **client_environment(self.endpoint_url),
+               "SAGEMAKER_BIND_TO_PORT": str(port)}
+        sink = LogSink(self.clients.logs, f"/aws/sagemaker/Endpoints/{endpoint.name}",
+                       f"{spec['VariantName']}/{base.name}")
+        process = ContainerProcess(command_for(container["Image"], default_verb_args=["--host", "127.0.0.1"]),
+                                   base, env, sink, lambda line: None)
+        return Variant(spec["VariantName"], float(spec.get("InitialVariantWeight", 1.0)), port, process,
+                       int(spec.get("InitialInstanceCount", 1)), container["Image"])
+
+    def _model(self, name) -> dict:
+        with self.lock:
+            if name not in self.models:
+                raise not_found(f'Could not find model "{self._arn("model", name)}".')
+            return self.models[name]
+
+    def _config(self, name) -> dict:
+        with self.lock:
+            if name not in self.configs:
+                raise not_found(f'Could not find endpoint configuration "{self._arn("endpoint-config", name)}".')
+            return self.configs[name]
+
+    def _endpoint(self, name) -> Endpoint:
+        with self.lock:
+            if name not in self.endpoints:
+                raise not_found(f'Could not find endpoint "{self._arn("endpoint", name)}".')
+            return self.endpoints[name]
+
+    @staticmethod
+    def _arn(kind: str, name) -> str:
+        return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{str(name).lower()}"
+
+
+def _wait_for_ping(variant: Variant) -> None:
+    deadline = time.monotonic() + PING_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        code = variant.process.poll()
+        if code is not None:
+            last = " | ".join(list(variant.process.tail)[-3:])
+            raise RuntimeError(f"variant {variant.name}: the serving process exited with status {code} before "
+                               f"/ping answered; its last lines: {last}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{variant.port}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"variant {variant.name}: /ping did not answer 200 within {PING_TIMEOUT_SECONDS:.0f} s")
+
+
+def _stop_variants(variants: list[Variant]) -> None:
+    for variant in variants:
+        variant.process.terminate(grace=30)
+    for variant in variants:
+        shutil.rmtree(variant.process.base, ignore_errors=True)
+
+
+def _variant_summary(variant: Variant) -> dict:
+    return {"VariantName": variant.name, "CurrentWeight": variant.weight, "DesiredWeight": variant.weight,
+            "CurrentInstanceCount": variant.instance_count, "DesiredInstanceCount": variant.instance_count,
+            "DeployedImages": [{"SpecifiedImage": variant.image, "ResolvedImage": variant.image}]}

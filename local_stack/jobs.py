@@ -1,0 +1,460 @@
+"""Training and processing jobs: the SageMaker API over local processes that really run.
+
+Each job runs on a thread of its own: inputs are downloaded from S3 (File mode), the
+container process runs with its own SAGEMAKER_BASE_DIR, its output streams to CloudWatch
+Logs, and outputs go back to S3 where SageMaker puts them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from local_stack.aws import (ACCOUNT, REGION, Clients, client_environment, download_prefix, split_s3_uri,
+                             tar_directory, upload_directory)
+from local_stack.errors import ApiError, check_name, not_found, require, resource_not_found, validation
+from local_stack.runner import ContainerProcess, LogSink, command_for, container_path, rewrite_arguments
+from ml.metrics import final_metrics
+
+CHECKPOINT_SYNC_SECONDS = 2.0
+TERMINAL = ("Completed", "Failed", "Stopped")
+
+
+@dataclass
+class Options:
+    """Behaviour of the stack that tests and users choose."""
+
+    max_concurrent_jobs: int = 4  # per job type, like an account's instance quota
+    spot_interruption_pattern: str | None = None  # interrupt each spot job once at the first matching log line
+    stop_grace_seconds: float = 120.0
+
+
+@dataclass
+class Job:
+    kind: str  # "training" or "processing"
+    name: str
+    request: dict
+    description: dict
+    base: Path
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    process: ContainerProcess | None = None
+    log_lines: list[str] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+
+class JobService:
+    """CreateTrainingJob, CreateProcessingJob and their Describe, List and Stop."""
+
+    def __init__(self, workdir: Path, clients: Clients, endpoint_url: str, options: Options):
+        self.workdir, self.clients, self.endpoint_url, self.options = workdir, clients, endpoint_url, options
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.lock = threading.RLock()
+
+    # -- API -----------------------------------------------------------------------------
+
+    def create_training_job(self, request: dict) -> dict:
+        require(request, "TrainingJobName", "AlgorithmSpecification", "AlgorithmSpecification.TrainingInputMode",
+                "RoleArn", "OutputDataConfig", "OutputDataConfig.S3OutputPath", "ResourceConfig",
+                "ResourceConfig.InstanceType", "ResourceConfig.InstanceCount", "StoppingCondition")
+        name = check_name(request["TrainingJobName"], "trainingJobName")
+        image = request["AlgorithmSpecification"].get("TrainingImage")
+        if not image:
+            raise validation("AlgorithmSpecification.TrainingImage is required (algorithm names are not supported)")
+        _check_image(image)
+        if request.get("EnableManagedSpotTraining"):
+            stopping = request["StoppingCondition"]
+            if "MaxWaitTimeInSeconds" not in stopping:
+                raise validation("MaxWaitTimeInSeconds must be set when EnableManagedSpotTraining is true")
+            if stopping["MaxWaitTimeInSeconds"] < stopping.get("MaxRuntimeInSeconds", 86400):
+                raise validation("MaxWaitTimeInSeconds must be greater than or equal to MaxRuntimeInSeconds")
+        for channel in request.get("InputDataConfig", []):
+            uri = channel.get("DataSource", {}).get("S3DataSource", {}).get("S3Uri", "")
+            if not uri.startswith("s3://"):
+                raise validation(f"channel {channel.get('ChannelName')}: only S3DataSource with an s3:// S3Uri is "
+                                 "supported")
+        now = time.time()
+        description = {
+            "TrainingJobName": name,
+            "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{name}",
+            "AlgorithmSpecification": request["AlgorithmSpecification"],
+            "RoleArn": request["RoleArn"],
+            "InputDataConfig": request.get("InputDataConfig", []),
+            "OutputDataConfig": request["OutputDataConfig"],
+            "ResourceConfig": request["ResourceConfig"],
+            "StoppingCondition": request["StoppingCondition"],
+            "HyperParameters": request.get("HyperParameters", {}),
+            "EnableManagedSpotTraining": bool(request.get("EnableManagedSpotTraining", False)),
+            "TrainingJobStatus": "InProgress",
+            "SecondaryStatus": "Starting",
+            "SecondaryStatusTransitions": [],
+            "CreationTime": now,
+            "LastModifiedTime": now,
+            "ModelArtifacts": {"S3ModelArtifacts": ""},
+        }
+        for optional in ("CheckpointConfig", "Environment", "Tags", "VpcConfig"):
+            if optional in request:
+                description[optional] = request[optional]
+        job = self._admit("training", name, request, description)
+        self._transition(job, "Starting", "Preparing the instances for training")
+        self._start(job, self._run_training)
+        return {"TrainingJobArn": description["TrainingJobArn"]}
+
+    def create_processing_job(self, request: dict) -> dict:
+        require(request, "ProcessingJobName", "ProcessingResources", "AppSpecification",
+                "AppSpecification.ImageUri", "RoleArn")
+        name = check_name(request["ProcessingJobName"], "processingJobName")
+        if not request["AppSpecification"].get("ContainerEntrypoint"):
+            _check_image(request["AppSpecification"]["ImageUri"])
+        for item in request.get("ProcessingInputs", []):
+            if "S3Input" not in item:
+                raise validation(f"processing input {item.get('InputName')}: only S3Input is supported")
+        now = time.time()
+        description = {
+            "ProcessingJobName": name,
+            "ProcessingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{name}",
+            "ProcessingInputs": request.get("ProcessingInputs", []),
+            "ProcessingOutputConfig": request.get("ProcessingOutputConfig", {"Outputs": []}),
+            "ProcessingResources": request["ProcessingResources"],
+            "StoppingCondition": request.get("StoppingCondition", {"MaxRuntimeInSeconds": 86400}),
+            "AppSpecification": request["AppSpecification"],
+            "Environment": request.get("Environment", {}),
+            "RoleArn": request["RoleArn"],
+            "ProcessingJobStatus": "InProgress",
+            "CreationTime": now,
+            "LastModifiedTime": now,
+        }
+        job = self._admit("processing", name, request, description)
+        self._start(job, self._run_processing)
+        return {"ProcessingJobArn": description["ProcessingJobArn"]}
+
+    def describe(self, kind: str, name: str) -> dict:
+        job = self._get(kind, name, resource_not_found_code=False)
+        with self.lock:
+            return json.loads(json.dumps(job.description))
+
+    def list(self, kind: str, request: dict) -> dict:
+        status_key = _status_key(kind)
+        with self.lock:
+            jobs = [j for (k, _), j in self.jobs.items() if k == kind]
+            summaries = []
+            for job in jobs:
+                d = job.description
+                if request.get("NameContains") and request["NameContains"] not in job.name:
+                    continue
+                if request.get("StatusEquals") and d[status_key] != request["StatusEquals"]:
+                    continue
+                if request.get("CreationTimeAfter") and d["CreationTime"] <= _epoch(request["CreationTimeAfter"]):
+                    continue
+                if request.get("CreationTimeBefore") and d["CreationTime"] >= _epoch(request["CreationTimeBefore"]):
+                    continue
+                summary = {f"{_prefix(kind)}Name": job.name, f"{_prefix(kind)}Arn": d[f"{_prefix(kind)}Arn"],
+                           "CreationTime": d["CreationTime"], "LastModifiedTime": d["LastModifiedTime"],
+                           status_key: d[status_key]}
+                for key in (f"{_prefix(kind)}EndTime" if kind == "processing" else "TrainingEndTime", "FailureReason"):
+                    if key in d:
+                        summary[key] = d[key]
+                summaries.append(summary)
+        summaries.sort(key=lambda s: s["CreationTime"], reverse=request.get("SortOrder", "Descending") == "Descending")
+        start = int(request.get("NextToken") or 0)
+        limit = int(request.get("MaxResults") or 10)
+        page = summaries[start:start + limit]
+        result = {f"{_prefix(kind)}Summaries": page}
+        if start + limit < len(summaries):
+            result["NextToken"] = str(start + limit)
+        return result
+
+    def stop(self, kind: str, name: str) -> dict:
+        job = self._get(kind, name, resource_not_found_code=True)
+        with self.lock:
+            status = job.description[_status_key(kind)]
+            if status in TERMINAL:
+                raise validation(f"The job {name} has already reached a terminal state ({status}) and cannot be "
+                                 "stopped.")
+            job.stop_requested.set()
+            job.description[_status_key(kind)] = "Stopping"
+            if kind == "training":
+                self._transition(job, "Stopping", "Stopping the training job")
+            job.description["LastModifiedTime"] = time.time()
+        return {}
+
+    def shutdown(self) -> None:
+        """Stop every running job and wait for its process to end."""
+        with self.lock:
+            running = [j for j in self.jobs.values() if j.description[_status_key(j.kind)] not in TERMINAL]
+        for job in running:
+            job.stop_requested.set()
+        for job in running:
+            if job.thread is not None:
+                job.thread.join(timeout=self.options.stop_grace_seconds + 10)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _admit(self, kind: str, name: str, request: dict, description: dict) -> Job:
+        with self.lock:
+            if (kind, name) in self.jobs:
+                raise validation(f"Job name must be unique within an AWS account and region, and a job with this "
+                                 f"name already exists ({self.jobs[(kind, name)].description[f'{_prefix(kind)}Arn']})")
+            running = sum(1 for (k, _), j in self.jobs.items()
+                          if k == kind and j.description[_status_key(kind)] in ("InProgress", "Stopping"))
+            if running >= self.options.max_concurrent_jobs:
+                resources = request.get("ResourceConfig") or request.get("ProcessingResources", {}).get(
+                    "ClusterConfig", {})
+                instance = resources.get("InstanceType", "ml.m5.large")
+                raise ApiError("ResourceLimitExceeded",
+                               f"The account-level service limit '{instance} for {kind} job usage' is "
+                               f"{self.options.max_concurrent_jobs} Instances, with current utilization of {running} "
+                               "Instances and a request delta of 1 Instances. Please use AWS Service Quotas to "
+                               "request an increase for this quota.")
+            base = self.workdir / kind / name
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir(parents=True)
+            job = Job(kind, name, request, description, base)
+            self.jobs[(kind, name)] = job
+            return job
+
+    def _start(self, job: Job, target) -> None:
+        job.thread = threading.Thread(target=self._guarded, args=(job, target), name=f"{job.kind}-{job.name}",
+                                      daemon=True)
+        job.thread.start()
+
+    def _guarded(self, job: Job, target) -> None:
+        try:
+            target(job)
+        except Exception as error:  # the stack's own failure still ends the job, with a reason
+            self._finish(job, "Failed", f"local stack: {type(error).__name__}: {error}")
+
+    def _get(self, kind: str, name: str, resource_not_found_code: bool) -> Job:
+        with self.lock:
+            job = self.jobs.get((kind, name))
+        if job is None:
+            message = f"Requested resource not found: {kind} job {name}"
+            raise resource_not_found(message) if resource_not_found_code else not_found(message)
+        return job
+
+    def _transition(self, job: Job, status: str, message: str) -> None:
+        now = time.time()
+        with self.lock:
+            transitions = job.description["SecondaryStatusTransitions"]
+            if transitions:
+                transitions[-1].setdefault("EndTime", now)
+            transitions.append({"Status": status, "StartTime": now, "StatusMessage": message})
+            job.description["SecondaryStatus"] = status
+            job.description["LastModifiedTime"] = now
+
+    def _finish(self, job: Job, status: str, failure: str | None = None) -> None:
+        now = time.time()
+        with self.lock:
+            d = job.description
+            d[_status_key(job.kind)] = status
+            d["LastModifiedTime"] = now
+            if failure:
+                d["FailureReason"] = failure[:1024]
+            if job.kind == "training":
+                if d["SecondaryStatus"] != "MaxRuntimeExceeded":  # AWS keeps that one as the last word
+                    self._transition(job, status, _final_message(status, failure))
+                last = d["SecondaryStatusTransitions"][-1]
+                last["EndTime"] = max(now, last["StartTime"])
+                d.setdefault("TrainingStartTime", d["CreationTime"])
+                d["TrainingEndTime"] = now
+                seconds = max(1, int(round(now - d["TrainingStartTime"])))
+                d["TrainingTimeInSeconds"] = seconds
+                d["BillableTimeInSeconds"] = seconds
+                definitions = d["AlgorithmSpecification"].get("MetricDefinitions", [])
+                if definitions:
+                    found = final_metrics("\n".join(job.log_lines), definitions)
+                    d["FinalMetricDataList"] = [{"MetricName": k, "Value": v, "Timestamp": now}
+                                                for k, v in found.items()]
+            else:
+                d["ProcessingEndTime"] = now
+                if status == "Completed":
+                    d["ExitMessage"] = ""
+
+    def _environment(self, job: Job) -> dict[str, str]:
+        env = dict(job.request.get("Environment", {}))
+        env.update(client_environment(self.endpoint_url))
+        return env
+
+    def _watch(self, job: Job, process: ContainerProcess, max_runtime: float, started: float,
+               interrupt: re.Pattern | None, on_tick=None) -> tuple[int, str]:
+        """Wait for the process; returns (exit code, why it ended: exited/stopped/timeout/interrupted)."""
+        while process.poll() is None:
+            if job.stop_requested.wait(timeout=0.2):
+                return process.terminate(self.options.stop_grace_seconds), "stopped"
+            if time.time() - started > max_runtime:
+                return process.terminate(self.options.stop_grace_seconds), "timeout"
+            if interrupt is not None and any(interrupt.search(line) for line in job.log_lines[-50:]):
+                return process.terminate(self.options.stop_grace_seconds), "interrupted"
+            if on_tick is not None:
+                on_tick()
+        return process.wait(), "exited"
+
+    # -- training --------------------------------------------------------------------------
+
+    def _run_training(self, job: Job) -> None:
+        d, s3 = job.description, self.clients.s3
+        config = job.base / "input" / "config"
+        config.mkdir(parents=True)
+        (config / "hyperparameters.json").write_text(json.dumps(d["HyperParameters"]))
+        (config / "resourceconfig.json").write_text(json.dumps(
+            {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}))
+        (config / "inputdataconfig.json").write_text(json.dumps(
+            {c["ChannelName"]: {"TrainingInputMode": c.get("InputMode", "File")} for c in d["InputDataConfig"]}))
+        self._transition(job, "Downloading", "Downloading input data")
+        for channel in d["InputDataConfig"]:
+            download_prefix(s3, channel["DataSource"]["S3DataSource"]["S3Uri"],
+                            job.base / "input" / "data" / channel["ChannelName"])
+        checkpoint = d.get("CheckpointConfig")
+        local_checkpoints = container_path(job.base, checkpoint.get("LocalPath", "/opt/ml/checkpoints")) \
+            if checkpoint else None
+        if checkpoint:
+            download_prefix(s3, checkpoint["S3Uri"], local_checkpoints)
+        with self.lock:
+            d["TrainingStartTime"] = time.time()
+        self._transition(job, "Training", "Training image download completed. Training in progress.")
+        command = command_for(d["AlgorithmSpecification"]["TrainingImage"],
+                              d["AlgorithmSpecification"].get("ContainerEntrypoint"),
+                              d["AlgorithmSpecification"].get("ContainerArguments"))
+        stopping = d["StoppingCondition"]
+        spot = d["EnableManagedSpotTraining"] and self.options.spot_interruption_pattern
+        interrupt = re.compile(self.options.spot_interruption_pattern) if spot else None
+        started = time.time()
+        attempt = 0
+        while True:
+            sink = LogSink(self.clients.logs, "/aws/sagemaker/TrainingJobs", f"{job.name}/algo-1-{int(time.time())}")
+            process = ContainerProcess(command, job.base, self._environment(job), sink, job.log_lines.append)
+            job.process = process
+            sync = _CheckpointSync(s3, local_checkpoints, checkpoint["S3Uri"]) if checkpoint else None
+            code, why = self._watch(job, process, stopping.get("MaxRuntimeInSeconds", 86400), started,
+                                    interrupt if attempt == 0 else None, sync.maybe if sync else None)
+            if sync:
+                sync.now()
+            if why != "interrupted":
+                break
+            attempt += 1
+            # A spot interruption: the instance is gone, a new one restores the checkpoints from S3.
+            self._transition(job, "Interrupted", "Spot capacity was reclaimed; the job will restart")
+            job.log_lines.clear()
+            shutil.rmtree(local_checkpoints, ignore_errors=True)
+            download_prefix(s3, checkpoint["S3Uri"], local_checkpoints)
+            self._transition(job, "Restarting", "Restarting the training job from its last checkpoint")
+            self._transition(job, "Training", "Training in progress.")
+        if why == "timeout":
+            self._transition(job, "MaxRuntimeExceeded", "Job stopped: MaxRuntimeInSeconds exceeded")
+        self._transition(job, "Uploading", "Uploading generated training model")
+        artifacts = self._upload_model(job)
+        if artifacts:
+            with self.lock:
+                d["ModelArtifacts"] = {"S3ModelArtifacts": artifacts}
+        if why in ("stopped", "timeout"):
+            self._finish(job, "Stopped")
+        elif code == 0:
+            self._finish(job, "Completed")
+        else:
+            self._finish(job, "Failed", _failure_reason(job.base, code))
+
+    def _upload_model(self, job: Job) -> str | None:
+        model = job.base / "model"
+        if not model.is_dir() or not any(model.iterdir()):
+            return None
+        archive = job.base / "model.tar.gz"
+        tar_directory(model, archive)
+        bucket, prefix = split_s3_uri(job.description["OutputDataConfig"]["S3OutputPath"])
+        key = f"{prefix.rstrip('/') + '/' if prefix else ''}{job.name}/output/model.tar.gz"
+        self.clients.s3.upload_file(str(archive), bucket, key)
+        return f"s3://{bucket}/{key}"
+
+    # -- processing ------------------------------------------------------------------------
+
+    def _run_processing(self, job: Job) -> None:
+        d, s3 = job.description, self.clients.s3
+        for item in d["ProcessingInputs"]:
+            source = item["S3Input"]
+            download_prefix(s3, source["S3Uri"], container_path(job.base, source["LocalPath"]))
+        for output in d["ProcessingOutputConfig"].get("Outputs", []):
+            container_path(job.base, output["S3Output"]["LocalPath"]).mkdir(parents=True, exist_ok=True)
+        app = d["AppSpecification"]
+        command = rewrite_arguments(job.base, command_for(app["ImageUri"], app.get("ContainerEntrypoint"),
+                                                          app.get("ContainerArguments", [])))
+        sink = LogSink(self.clients.logs, "/aws/sagemaker/ProcessingJobs", f"{job.name}/algo-1-{int(time.time())}")
+        process = ContainerProcess(command, job.base, self._environment(job), sink, job.log_lines.append)
+        job.process = process
+        code, why = self._watch(job, process, d["StoppingCondition"].get("MaxRuntimeInSeconds", 86400),
+                                time.time(), None)
+        if why in ("stopped", "timeout"):
+            self._finish(job, "Stopped")
+            return
+        if code != 0:
+            self._finish(job, "Failed", _failure_reason(job.base, code))
+            return
+        for output in d["ProcessingOutputConfig"].get("Outputs", []):
+            target = output["S3Output"]
+            upload_directory(s3, container_path(job.base, target["LocalPath"]), target["S3Uri"])
+        self._finish(job, "Completed")
+
+
+class _CheckpointSync:
+    """Mirrors the local checkpoint directory to CheckpointConfig.S3Uri while the job runs."""
+
+    def __init__(self, s3, local: Path, uri: str):
+        self.s3, self.local, self.uri = s3, local, uri
+        self.uploaded: dict[str, float] = {}
+        self.last = 0.0
+
+    def maybe(self) -> None:
+        if time.monotonic() - self.last >= CHECKPOINT_SYNC_SECONDS:
+            self.now()
+
+    def now(self) -> None:
+        self.last = time.monotonic()
+        bucket, prefix = split_s3_uri(self.uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        present = {}
+        if self.local.is_dir():
+            for path in self.local.rglob("*"):
+                if path.is_file() and ".partial" not in path.as_posix():
+                    present[path.relative_to(self.local).as_posix()] = path.stat().st_mtime
+        for relative, mtime in present.items():
+            if self.uploaded.get(relative) != mtime:
+                self.s3.upload_file(str(self.local / relative), bucket, prefix + relative)
+                self.uploaded[relative] = mtime
+        for relative in set(self.uploaded) - set(present):
+            self.s3.delete_object(Bucket=bucket, Key=prefix + relative)
+            del self.uploaded[relative]
+
+
+def _check_image(image: str) -> None:
+    from ml.images import verb_for
+
+    try:
+        verb_for(image)
+    except ValueError as error:
+        raise validation(str(error)) from None
+
+
+def _failure_reason(base: Path, code: int) -> str:
+    failure = base / "output" / "failure"
+    if failure.exists() and failure.read_text().strip():
+        return failure.read_text().strip().splitlines()[0]
+    return f"AlgorithmError: the process exited with status {code} and wrote no output/failure"
+
+
+def _final_message(status: str, failure: str | None) -> str:
+    return {"Completed": "Training job completed", "Stopped": "Training job stopped"}.get(
+        status, f"Training job failed. Reason: {failure}")
+
+
+def _prefix(kind: str) -> str:
+    return "TrainingJob" if kind == "training" else "ProcessingJob"
+
+
+def _status_key(kind: str) -> str:
+    return f"{_prefix(kind)}Status"
+
+
+def _epoch(value) -> float:
+    return float(value)

@@ -1,0 +1,32 @@
+"""`sdxl-lora local-stack`: serve the stand-in until Ctrl-C or SIGTERM, then stop every child."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from local_stack.aws import client_environment
+from local_stack.gateway import LocalStack
+from local_stack.jobs import Options
+
+
+def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at: str | None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = Options(max_concurrent_jobs=max_concurrent_jobs, spot_interruption_pattern=spot_interruption_at)
+    stack = LocalStack(Path(workdir), port=port, options=options)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stack.start()
+    print(f"local stack serving S3, CloudWatch Logs, IAM, STS and SageMaker on {stack.endpoint_url}")
+    print(f"work dir: {stack.workdir}")
+    print("client environment:")
+    for key, value in client_environment(stack.endpoint_url).items():
+        print(f"  export {key}={value}")
+    print("ready", flush=True)
+    stop.wait()
+    print("stopping: ending jobs and endpoints", flush=True)
+    stack.stop()
+    return 0

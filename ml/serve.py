@@ -1,0 +1,196 @@
+"""`sdxl-lora serve`: the inference container's HTTP server, under SageMaker's hosting contract.
+
+- GET /ping: 200 once the model is loaded; 503 while it loads, or with the reason when loading failed.
+- POST /invocations: one JSON request through ml.inference's input_fn, predict_fn and output_fn.
+  A bad request gets its 4xx status and {"error": ...}; a failure while predicting gets 500 and
+  the server carries on.
+- Port $SAGEMAKER_BIND_TO_PORT or 8080 on 0.0.0.0 unless told otherwise; the LoRA is read from
+  /opt/ml/model (under $SAGEMAKER_BASE_DIR when set), the base model from $BASE_MODEL.
+- SIGTERM (or SIGINT): stop accepting connections, let in-flight requests finish, exit 0.
+
+The model loads on a background thread, so the port answers /ping (503) from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ml import inference
+from ml.contract import ContainerPaths
+
+log = logging.getLogger("sdxl_lora.serve")
+
+DEFAULT_PORT = 8080
+MAX_BODY_BYTES = 1 << 20  # a request is a prompt and a few numbers
+DRAIN_SECONDS = 60  # how long SIGTERM waits for in-flight requests before exiting anyway
+
+
+class ModelSlot:
+    """The model once loaded, or why it could not be."""
+
+    def __init__(self) -> None:
+        self.model: inference.LoadedModel | None = None
+        self.error: str | None = None
+
+    def load(self, model_dir: Path) -> None:
+        try:
+            self.model = inference.model_fn(str(model_dir))
+        except Exception as error:  # reported by /ping; the server stays up to say so
+            self.error = f"model could not be loaded: {error}"
+            log.error("%s", self.error)
+            # A ModelLoadError says what is wrong; a traceback helps with anything it wraps or missed.
+            if error.__cause__ is not None or not isinstance(error, inference.ModelLoadError):
+                log.exception("traceback")
+
+    def state(self) -> dict:
+        if self.model is not None:
+            return {"status": "ready"}
+        if self.error is not None:
+            return {"status": "failed", "error": self.error}
+        return {"status": "loading"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: "InferenceServer"
+
+    def handle_one_request(self) -> None:
+        self.started = time.monotonic()
+        super().handle_one_request()
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path != "/ping":
+            return self._send_json(404, {"error": f"no such path: {self.path}"})
+        state = self.server.slot.state()
+        self._send_json(200 if state["status"] == "ready" else 503, state)
+
+    def do_POST(self) -> None:
+        if urlsplit(self.path).path != "/invocations":
+            return self._send_json(404, {"error": f"no such path: {self.path}"})
+        slot = self.server.slot
+        if slot.model is None:
+            return self._send_json(503, slot.state())
+        try:
+            data = inference.input_fn(self._read_body(), self.headers.get("Content-Type"))
+            prediction = inference.predict_fn(data, slot.model)
+            body = inference.output_fn(prediction, self.headers.get("Accept"))
+        except inference.RequestError as error:
+            return self._send_json(error.status, {"error": str(error)})
+        except Exception as error:
+            log.exception("invocation failed")
+            return self._send_json(500, {"error": f"inference failed: {type(error).__name__}: {error}"})
+        self._send(200, body.encode(), "application/json")
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise inference.RequestError("a Content-Length header is required", status=411)
+        if int(length) > MAX_BODY_BYTES:
+            raise inference.RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
+        return self.rfile.read(int(length))
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_request(self, code="-", size="-") -> None:
+        if isinstance(code, HTTPStatus):
+            code = code.value
+        # SageMaker pings every few seconds: healthy pings would bury the requests that matter.
+        level = logging.DEBUG if (self.command, code) == ("GET", 200) else logging.INFO
+        log.log(level, "%s %s %s %.3fs", self.command, self.path, code, time.monotonic() - self.started)
+
+    def log_message(self, format: str, *args) -> None:
+        log.warning("%s: %s", self.address_string(), format % args)
+
+
+class InferenceServer(ThreadingHTTPServer):
+    """One thread per connection (/ping stays responsive while a request renders), counting
+    the requests in flight so that a stop can wait for them."""
+
+    def __init__(self, address: tuple[str, int], slot: ModelSlot) -> None:
+        super().__init__(address, Handler)
+        self.slot = slot
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def process_request(self, request, client_address) -> None:
+        with self._idle:  # counted before the thread starts, so a stop never misses it
+            self._in_flight += 1
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+
+def _stop_on_signals(server: InferenceServer) -> None:
+    def stop(signum, frame) -> None:
+        log.info("%s received: finishing in-flight requests, then exiting", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever() to return, and serve_forever() runs on this thread.
+        threading.Thread(target=server.shutdown, name="shutdown").start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    for noisy in ("urllib3", "botocore", "diffusers", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(host: str = "0.0.0.0", port: int | None = None) -> int:
+    """Entrypoint of `sdxl-lora serve`; returns the exit status once stopped."""
+    configure_logging()
+    if port is None:
+        port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or DEFAULT_PORT)
+    model_dir = ContainerPaths.from_env().model
+    slot = ModelSlot()
+    try:
+        server = InferenceServer((host, port), slot)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", host, port, error)
+        return 1
+    threading.Thread(target=slot.load, args=(model_dir,), name="model-loader", daemon=True).start()
+    _stop_on_signals(server)
+    log.info("listening on http://%s:%d, loading the model (LoRA from %s)", host, server.server_port, model_dir)
+    server.serve_forever()
+    if not server.wait_idle(DRAIN_SECONDS):
+        log.warning("requests still running after %d s: exiting anyway", DRAIN_SECONDS)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def exit_now(status: int) -> None:
+    """Exit without interpreter teardown: after an early SIGTERM the model may still be loading
+    on its thread, and finalizing the interpreter under running torch code can crash or hang."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
