@@ -29,10 +29,6 @@ def resource_not_found(message: str) -> ApiError:
     return ApiError("ResourceNotFound", message)
 
 
-def in_use(message: str) -> ApiError:
-    return ApiError("ResourceInUse", message)
-
-
 def check_name(value, field: str) -> str:
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
         raise validation(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -123,6 +124,16 @@ class Gateway:
                                                        "x-Amzn-Invoked-Production-Variant": variant})
 
 
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise SystemExit(f"local stack: cannot listen on {host}:{port}: {error.strerror or error} "
+                             "(is another local stack running? choose another --port)") from None
+
+
 class LocalStack:
     """The server: start() binds the port (a clear error when taken), stop() ends jobs and endpoints."""
 
@@ -135,11 +146,8 @@ class LocalStack:
         self.endpoint_url = f"http://{host}:{port}"
         self.sagemaker = SageMaker(self.workdir, self.endpoint_url, options or Options())
         gateway = Gateway(self.sagemaker, DomainDispatcherApplication(create_backend_app))
-        try:
-            self.server = make_server(host, port, gateway, threaded=True, request_handler=MotoRequestHandler)
-        except OSError as error:
-            raise SystemExit(f"local stack: cannot listen on {host}:{port}: {error.strerror or error} "
-                             f"(is another local stack running? choose another --port)") from None
+        _check_port_free(host, port)  # werkzeug would print its own message and exit
+        self.server = make_server(host, port, gateway, threaded=True, request_handler=MotoRequestHandler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="local-stack", daemon=True)
 
     def start(self) -> "LocalStack":

@@ -9,6 +9,7 @@ config serving, as AWS rolls back.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import socket
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from local_stack.aws import ACCOUNT, REGION, Clients, client_environment, split_s3_uri, untar
-from local_stack.errors import ApiError, check_name, in_use, not_found, require, validation
+from local_stack.errors import ApiError, check_name, not_found, require, validation
 from local_stack.runner import ContainerProcess, LogSink, command_for
 
 PING_TIMEOUT_SECONDS = 300.0
@@ -192,15 +193,15 @@ class HostingService:
         with self.lock:
             endpoint = self.endpoints.get(name)
             if endpoint is None:
-                raise validation(f"Endpoint {name} of account {ACCOUNT} not found.")
+                raise _runtime_validation(f"Endpoint {name} of account {ACCOUNT} not found.")
             if endpoint.description["EndpointStatus"] not in ("InService", "Updating"):
-                raise validation(f"Endpoint {name} is not in service (status "
-                                 f"{endpoint.description['EndpointStatus']}).")
+                raise _runtime_validation(f"Endpoint {name} is not in service (status "
+                                          f"{endpoint.description['EndpointStatus']}).")
             variants = list(endpoint.variants)
         if target_variant:
             chosen = next((v for v in variants if v.name == target_variant), None)
             if chosen is None:
-                raise validation(f"Target variant {target_variant} not found for Endpoint {name}")
+                raise _runtime_validation(f"Target variant {target_variant} not found for Endpoint {name}")
         else:
             weighted = [v for v in variants if v.weight > 0] or variants
             chosen = random.choices(weighted, weights=[v.weight or 1 for v in weighted])[0]
@@ -296,6 +297,10 @@ class HostingService:
         return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{str(name).lower()}"
 
 
+def _runtime_validation(message: str) -> ApiError:
+    return ApiError("ValidationError", message)  # sagemaker-runtime's name for it
+
+
 def _wait_for_ping(variant: Variant) -> None:
     deadline = time.monotonic() + PING_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -308,10 +313,22 @@ def _wait_for_ping(variant: Variant) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{variant.port}/ping", timeout=2) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError as error:  # 503: still loading, or the model failed to load
+            state = _json_or_empty(error.read())
+            if state.get("status") == "failed":
+                raise RuntimeError(f"variant {variant.name}: the model failed to load: {state.get('error')}") from None
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.25)
     raise RuntimeError(f"variant {variant.name}: /ping did not answer 200 within {PING_TIMEOUT_SECONDS:.0f} s")
+
+
+def _json_or_empty(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _stop_variants(variants: list[Variant]) -> None:

@@ -12,14 +12,16 @@ import sys
 
 def _train(args: argparse.Namespace) -> int:
     from ml import train
+    from ml.contract import exit_now
 
-    train.exit_now(train.main())
+    exit_now(train.main())
 
 
 def _serve(args: argparse.Namespace) -> int:
     from ml import serve
+    from ml.contract import exit_now
 
-    serve.exit_now(serve.main(host=args.host, port=args.port))
+    exit_now(serve.main(host=args.host, port=args.port))
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ local stack gives each job a directory of its own. Pure Python.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +86,12 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def exit_now(status: int) -> None:
+    """Exit without interpreter teardown, which takes about a second after importing the torch
+    stack and does nothing a finished job needs: logs are flushed and every file is closed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

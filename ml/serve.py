@@ -187,10 +187,3 @@ def main(host: str = "0.0.0.0", port: int | None = None) -> int:
     return 0
 
 
-def exit_now(status: int) -> None:
-    """Exit without interpreter teardown: after an early SIGTERM the model may still be loading
-    on its thread, and finalizing the interpreter under running torch code can crash or hang."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)

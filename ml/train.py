@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ml import metrics
-from ml.contract import ContainerPaths, JobError
+from ml.contract import ContainerPaths, JobError, exit_now
 from ml.data import Example, flipped, load_imagefolder, preprocess, split_validation
 from ml.hyperparameters import Hyperparameters, parse
 
@@ -131,7 +131,7 @@ def load_encoders(base: str, text_dtype: torch.dtype):
                          CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
                                                                      dtype=text_dtype))
         # fp32: SDXL's VAE overflows in fp16, and it runs only once per image here.
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         return tokenizers, text_encoders, vae, scheduler
 
@@ -142,7 +142,7 @@ def load_unet(base: str, dtype: torch.dtype):
     """The UNet, straight into its compute dtype (half the memory of loading fp32 and casting)."""
     from diffusers import UNet2DConditionModel
 
-    return _loading(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype))
+    return _loading(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype))
 
 
 def tokenize(tokenizers, captions: list[str]) -> torch.Tensor:
@@ -670,7 +670,7 @@ def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtyp
     """Render validation_prompt with the saved LoRA, which also proves the file loads."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=dtype).to(device)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype).to(device)
     pipeline.load_lora_weights(str(model_dir), weight_name=LORA_WEIGHTS)
     pipeline.set_progress_bar_config(disable=True)
     out = model_dir / "samples"
@@ -752,15 +752,6 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(error, JobError):
             log.exception("traceback")
         return 1
-
-
-def exit_now(status: int) -> None:
-    """Exit without interpreter teardown, which takes about a second after importing the torch
-    stack and does nothing a finished job needs: logs are flushed and every file is closed."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == "__main__":

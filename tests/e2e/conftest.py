@@ -29,18 +29,20 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, workdir: Path, port: int):
+    def __init__(self, workdir: Path, port: int, cwd: Path | None = None):
         self.workdir, self.port = workdir, port
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ml.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
-             "--max-concurrent-jobs", "3", "--spot-interruption-at", SPOT_PATTERN],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self.process.stdout:
-            if line.strip() == "ready":
-                break
-        else:
-            raise RuntimeError("the local stack did not start")
+        self.log = workdir.parent / "local-stack.log"  # a file: an unread pipe would fill and stall the stack
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ml.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
+                 "--max-concurrent-jobs", "3", "--spot-interruption-at", SPOT_PATTERN],
+                stdout=out, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+        deadline = time.monotonic() + 120
+        while "\nready\n" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local stack did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
 
     def client(self, service: str, **config):
         return boto3.client(service, endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
