@@ -24,6 +24,12 @@ def _serve(args: argparse.Namespace) -> int:
     exit_now(serve.main(host=args.host, port=args.port))
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from ml import prepare
+
+    return prepare.main(args.input, args.output, args.resolution, args.caption_column)
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from ml import tiny_model
 
@@ -67,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces, as SageMaker needs)")
     command.add_argument("--port", type=int, default=None, help="port (default: $SAGEMAKER_BIND_TO_PORT or 8080)")
     command.set_defaults(handler=_serve)
+
+    command = commands.add_parser("prepare", help="processing-job entrypoint: raw images to the training imagefolder",
+                                  description="Captions from sidecar .txt files or the input's metadata.jsonl; "
+                                              "/opt/ml paths resolve under $SAGEMAKER_BASE_DIR.")
+    command.add_argument("--input", default="/opt/ml/processing/input/raw", help="raw images (searched recursively)")
+    command.add_argument("--output", default="/opt/ml/processing/output/dataset",
+                         help="where the PNGs, metadata.jsonl and prepare_summary.json go")
+    command.add_argument("--resolution", type=int, default=1024,
+                         help="downscale so the short side is at most this many pixels (never upscale)")
+    command.add_argument("--caption-column", default="text", help="caption column of the input's metadata.jsonl")
+    command.set_defaults(handler=_prepare)
 
     command = commands.add_parser("tiny-model", help="write a tiny random SDXL pipeline (offline)")
     command.add_argument("out_dir")

@@ -1,0 +1,93 @@
+"""boto3 request dicts for the SageMaker operators, built by plain functions tests call directly."""
+
+from __future__ import annotations
+
+from ml.hyperparameters import to_sagemaker
+from ml.metrics import METRIC_DEFINITIONS
+from sdxl_lora.naming import slug
+from sdxl_lora.settings import Settings
+
+# The original system's production hyperparameters (its grid search's winner: 2e-4, rank 4).
+PRODUCTION_HYPERPARAMETERS = {
+    "resolution": 1024, "train_batch_size": 1, "learning_rate": 2e-4, "lr_scheduler": "constant",
+    "num_train_epochs": 58, "checkpointing_steps": 500, "rank": 4, "train_text_encoder": True,
+    "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
+    "enable_xformers_memory_efficient_attention": True, "use_8bit_adam": True, "mixed_precision": "fp16",
+    "validation_split": 0.1,
+}
+
+
+def tags(**values: str) -> list[dict[str, str]]:
+    """Cost-allocation tags; SageMaker allows [\\w\\s.:/=+\\-@] in values, at most 256 characters."""
+    return [{"Key": f"sdxl-lora:{key}", "Value": slug(str(value))[:256] or "-"} for key, value in values.items()]
+
+
+def training_request(settings: Settings, job_name: str, dataset_uri: str, hyperparameters: dict,
+                     job_tags: list[dict] | None = None) -> dict:
+    channels = [("train", dataset_uri)]
+    if settings.base_model_uri:
+        channels.append(("base_model", settings.base_model_uri))
+    request = {
+        "TrainingJobName": job_name,
+        "AlgorithmSpecification": {"TrainingImage": settings.training_image, "TrainingInputMode": "File",
+                                   "MetricDefinitions": METRIC_DEFINITIONS},
+        "RoleArn": settings.role_arn,
+        "HyperParameters": to_sagemaker(hyperparameters),
+        "InputDataConfig": [
+            {"ChannelName": name, "DataSource": {"S3DataSource": {
+                "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+            for name, uri in channels
+        ],
+        "OutputDataConfig": {"S3OutputPath": settings.models()},
+        "ResourceConfig": {"InstanceType": settings.training_instance_type, "InstanceCount": 1,
+                           "VolumeSizeInGB": 100},
+        "StoppingCondition": {"MaxRuntimeInSeconds": settings.max_runtime_seconds},
+        "CheckpointConfig": {"S3Uri": settings.checkpoints(job_name), "LocalPath": "/opt/ml/checkpoints"},
+        "Tags": job_tags or [],
+    }
+    if settings.use_spot:
+        request["EnableManagedSpotTraining"] = True
+        request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(settings.max_wait_seconds,
+                                                                   settings.max_runtime_seconds)
+    return request
+
+
+def processing_request(settings: Settings, job_name: str, raw_uri: str, processed_uri: str,
+                       job_tags: list[dict] | None = None) -> dict:
+    return {
+        "ProcessingJobName": job_name,
+        "RoleArn": settings.role_arn,
+        "AppSpecification": {"ImageUri": settings.processing_image, "ContainerEntrypoint": ["sdxl-lora", "prepare"]},
+        "ProcessingResources": {"ClusterConfig": {"InstanceCount": 1,
+                                                  "InstanceType": settings.processing_instance_type,
+                                                  "VolumeSizeInGB": 100}},
+        "ProcessingInputs": [{"InputName": "raw", "S3Input": {
+            "S3Uri": raw_uri, "LocalPath": "/opt/ml/processing/input/raw", "S3DataType": "S3Prefix",
+            "S3InputMode": "File"}}],
+        "ProcessingOutputConfig": {"Outputs": [{"OutputName": "dataset", "S3Output": {
+            "S3Uri": processed_uri, "LocalPath": "/opt/ml/processing/output/dataset", "S3UploadMode": "EndOfJob"}}]},
+        "StoppingCondition": {"MaxRuntimeInSeconds": settings.max_runtime_seconds},
+        "Tags": job_tags or [],
+    }
+
+
+def model_request(settings: Settings, model_name: str, model_data_url: str) -> dict:
+    environment = {"BASE_MODEL": settings.base_model_uri} if settings.base_model_uri else {}
+    return {
+        "ModelName": model_name,
+        "PrimaryContainer": {"Image": settings.inference_image, "ModelDataUrl": model_data_url,
+                             "Environment": environment},
+        "ExecutionRoleArn": settings.role_arn,
+    }
+
+
+def endpoint_config_request(settings: Settings, config_name: str, variants: dict[str, tuple[str, float]]) -> dict:
+    """variants: variant name -> (model name, traffic weight); several make an A/B test."""
+    return {
+        "EndpointConfigName": config_name,
+        "ProductionVariants": [
+            {"VariantName": variant, "ModelName": model, "InitialInstanceCount": 1,
+             "InstanceType": settings.inference_instance_type, "InitialVariantWeight": float(weight)}
+            for variant, (model, weight) in variants.items()
+        ],
+    }

@@ -1,0 +1,92 @@
+"""Deployment settings: an Airflow Variable, else an environment variable, else a local default.
+
+The defaults serve the local stack (`sdxl-lora local-stack`); on AWS set at least the bucket,
+the execution role and the image URIs. Variables are named `sdxl_lora_<field>` and environment
+variables `SDXL_LORA_<FIELD>`. DAG files read settings at parse time only from the environment
+(`Settings.from_environment()`); tasks read them with Variables too (`Settings.resolve()`), so
+parsing never queries the metadata database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+Getter = Callable[[str], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    bucket: str = "sdxl-lora-local"
+    prefix: str = "sdxl-finetune-lora"
+    role_arn: str = "arn:aws:iam::123456789012:role/sdxl-lora-local"  # moto's account: local only
+    processing_image: str = "sdxl-lora-processing:latest"
+    training_image: str = "sdxl-lora-training:latest"
+    inference_image: str = "sdxl-lora-inference:latest"
+    processing_instance_type: str = "ml.g4dn.12xlarge"  # the original system's captioning instance
+    training_instance_type: str = "ml.g5.2xlarge"  # its best price/performance for training
+    inference_instance_type: str = "ml.g5.2xlarge"
+    use_spot: bool = True
+    max_runtime_seconds: int = 4 * 3600
+    max_wait_seconds: int = 8 * 3600  # spot: waiting for capacity plus running
+    training_pool_size: int = 4
+    retrain_schedule: str = "0 3 * * 1"  # Mondays 03:00
+    base_model_uri: str = ""  # s3:// prefix of a diffusers SDXL pipeline; empty: the training default
+    endpoint_name: str = "sdxl-lora"
+    aws_conn_id: str = "aws_default"
+
+    @classmethod
+    def from_environment(cls) -> "Settings":
+        return cls.load(lambda name: None)
+
+    @classmethod
+    def resolve(cls) -> "Settings":
+        """Inside a task: Airflow Variables first."""
+        from airflow.sdk import Variable
+
+        return cls.load(lambda name: Variable.get(name, default=None))
+
+    @classmethod
+    def load(cls, variable: Getter) -> "Settings":
+        values = {}
+        for field in dataclasses.fields(cls):
+            raw = variable(f"sdxl_lora_{field.name}")
+            if raw is None:
+                raw = os.environ.get(f"SDXL_LORA_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _convert(field.name, field.type, raw)
+        return cls(**values)
+
+    def uri(self, *parts: str) -> str:
+        """s3://bucket/prefix/parts..."""
+        path = "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
+        return f"s3://{self.bucket}/{path}"
+
+    def raw_dataset(self, version: str) -> str:
+        return self.uri("raw_dataset", version) + "/"
+
+    def processed_dataset(self, version: str) -> str:
+        return self.uri("proc_dataset", version) + "/"
+
+    def models(self) -> str:
+        return self.uri("models")
+
+    def checkpoints(self, job: str) -> str:
+        return self.uri("checkpoints", job)
+
+
+def _convert(name: str, kind, raw: str):
+    kind = kind if isinstance(kind, type) else {"bool": bool, "int": int, "str": str}[kind]
+    if kind is bool:
+        lowered = str(raw).strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"setting {name}: expected true or false, got {raw!r}")
+        return lowered in ("true", "1", "yes")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"setting {name}: expected an integer, got {raw!r}") from None
+    return str(raw)

@@ -1,0 +1,46 @@
+import json
+
+from ml.hyperparameters import parse
+from ml.metrics import METRIC_DEFINITIONS
+from sdxl_lora import requests
+from sdxl_lora.settings import Settings
+
+
+def test_training_request_carries_strings_metrics_spot_checkpoints_and_tags():
+    settings = Settings(bucket="my-bucket", prefix="team/sdxl", use_spot=True, max_runtime_seconds=3600,
+                        max_wait_seconds=7200, base_model_uri="s3://my-bucket/team/sdxl/base/")
+    request = requests.training_request(settings, "job-1", "s3://my-bucket/team/sdxl/proc_dataset/v1/",
+                                        {**requests.PRODUCTION_HYPERPARAMETERS, "max_train_steps": 1500},
+                                        requests.tags(dag="sdxl_lora_grid_search", run="r1", trial="lr=2e-4"))
+    assert all(isinstance(v, str) for v in request["HyperParameters"].values())
+    assert parse(request["HyperParameters"]).learning_rate == 2e-4
+    assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert request["CheckpointConfig"]["S3Uri"] == "s3://my-bucket/team/sdxl/checkpoints/job-1"
+    assert request["OutputDataConfig"]["S3OutputPath"] == "s3://my-bucket/team/sdxl/models"
+    assert {c["ChannelName"] for c in request["InputDataConfig"]} == {"train", "base_model"}
+    assert {t["Key"] for t in request["Tags"]} == {"sdxl-lora:dag", "sdxl-lora:run", "sdxl-lora:trial"}
+    json.dumps(request)  # a boto3 request is plain data
+
+
+def test_on_demand_training_has_no_spot_fields():
+    request = requests.training_request(Settings(use_spot=False), "job-2", "s3://b/d/", {"rank": 8})
+    assert "EnableManagedSpotTraining" not in request
+    assert "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train"]
+
+
+def test_processing_request_runs_prepare_between_the_dataset_versions():
+    settings = Settings(bucket="b1", prefix="p")
+    request = requests.processing_request(settings, "prep-1", settings.raw_dataset("2026-11-26"),
+                                          settings.processed_dataset("2026-11-26"))
+    assert request["AppSpecification"]["ContainerEntrypoint"] == ["sdxl-lora", "prepare"]
+    assert request["ProcessingInputs"][0]["S3Input"]["S3Uri"] == "s3://b1/p/raw_dataset/2026-11-26/"
+    assert request["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["S3Uri"] == "s3://b1/p/proc_dataset/2026-11-26/"
+
+
+def test_endpoint_config_with_two_variants_is_an_ab_test():
+    config = requests.endpoint_config_request(Settings(), "cfg", {"champion": ("m1", 0.9), "challenger": ("m2", 0.1)})
+    assert [(v["VariantName"], v["InitialVariantWeight"]) for v in config["ProductionVariants"]] == \
+        [("champion", 0.9), ("challenger", 0.1)]

@@ -1,0 +1,33 @@
+import pytest
+
+from sdxl_lora.settings import Settings
+
+
+def test_defaults_serve_the_local_stack(monkeypatch):
+    for key in [k for k in __import__("os").environ if k.startswith("SDXL_LORA_")]:
+        monkeypatch.delenv(key)
+    settings = Settings.from_environment()
+    assert settings.bucket == "sdxl-lora-local" and settings.training_pool_size == 4
+
+
+def test_variables_win_over_environment_over_defaults(monkeypatch):
+    monkeypatch.setenv("SDXL_LORA_BUCKET", "from-env")
+    monkeypatch.setenv("SDXL_LORA_USE_SPOT", "false")
+    monkeypatch.setenv("SDXL_LORA_TRAINING_POOL_SIZE", "2")
+    variables = {"sdxl_lora_bucket": "from-variable"}
+    settings = Settings.load(variables.get)
+    assert settings.bucket == "from-variable"
+    assert settings.use_spot is False and settings.training_pool_size == 2
+
+
+def test_bad_values_name_the_setting(monkeypatch):
+    monkeypatch.setenv("SDXL_LORA_TRAINING_POOL_SIZE", "many")
+    with pytest.raises(ValueError, match="setting training_pool_size: expected an integer, got 'many'"):
+        Settings.from_environment()
+
+
+def test_s3_layout_follows_the_original_system():
+    settings = Settings(bucket="b1", prefix="sdxl-finetune-lora/mvp")
+    assert settings.raw_dataset("v1") == "s3://b1/sdxl-finetune-lora/mvp/raw_dataset/v1/"
+    assert settings.processed_dataset("v1") == "s3://b1/sdxl-finetune-lora/mvp/proc_dataset/v1/"
+    assert settings.models() == "s3://b1/sdxl-finetune-lora/mvp/models"
