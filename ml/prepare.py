@@ -107,7 +107,7 @@ def metadata_captions(input_dir: Path, caption_column: str, names: set[str]) -> 
             raise JobError(f"{METADATA} line {number} in {input_dir} is not valid JSON") from None
         if not isinstance(row, dict) or "file_name" not in row:
             raise JobError(f"{METADATA} line {number} in {input_dir} has no file_name")
-        name = PurePosixPath(row["file_name"]).as_posix()  # "./a.png" names a.png
+        name = PurePosixPath(str(row["file_name"])).as_posix()  # "./a.png" names a.png
         if name not in names:
             log.warning("%s line %d names %s, which is not an image in the input", METADATA, number, name)
         elif str(row.get(caption_column) or "").strip():
@@ -168,8 +168,8 @@ def prepare(input_dir: Path, output_dir: Path, resolution: int, caption_column: 
             continue
         caption = sidecar or metadata.get(image.name)
         if not caption:
-            report.skip(image.name, NO_CAPTION, f"no {image.path.with_suffix('.txt').name} and no {caption_column!r} "
-                                                f"in {METADATA}")
+            report.skip(image.name, NO_CAPTION, f"no {image.path.with_suffix('.txt').name} and no {METADATA} row "
+                                                f"with {caption_column!r}")
             continue
         # x.jpg and x.png share x.txt, so they are most likely one picture saved twice.
         output_name = PurePosixPath(image.name).with_suffix(".png").as_posix()
@@ -182,7 +182,8 @@ def prepare(input_dir: Path, output_dir: Path, resolution: int, caption_column: 
             report.skip(image.name, UNREADABLE, str(error))
             continue
         resized = downscale(pixels, resolution)
-        report.resized += resized is not pixels
+        if resized is not pixels:
+            report.resized += 1
         target = output_dir / output_name
         target.parent.mkdir(parents=True, exist_ok=True)
         # No ICC profile: training reads the pixel values as they are, so viewers should too, and a

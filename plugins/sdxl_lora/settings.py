@@ -35,6 +35,8 @@ class Settings:
     base_model_uri: str = ""  # s3:// prefix of a diffusers SDXL pipeline; empty: the training default
     endpoint_name: str = "sdxl-lora"
     aws_conn_id: str = "aws_default"
+    check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status
+    deferrable: bool = False  # wait in the triggerer instead of a worker slot
 
     @classmethod
     def from_environment(cls) -> "Settings":
@@ -75,6 +77,11 @@ class Settings:
 
     def checkpoints(self, job: str) -> str:
         return self.uri("checkpoints", job)
+
+    def max_status_checks(self) -> int:
+        """Enough status checks to outlast the longest job (spot: waiting plus running)."""
+        longest = max(self.max_wait_seconds, self.max_runtime_seconds)
+        return -(-longest // self.check_interval_seconds) + 1
 
 
 def _convert(name: str, kind, raw: str):
