@@ -1,0 +1,65 @@
+"""The DAGs themselves, run by Airflow (`airflow dags test`) against the local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ml import synthetic
+
+ROOT = Path(__file__).parents[2]
+BUCKET, PREFIX = "sdxl-lora-local", "sdxl-finetune-lora"
+
+
+@pytest.fixture(scope="module")
+def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1",
+           "SDXL_LORA_BASE_MODEL_URI": staged["base"] + "/",
+           "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+                                                   "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}})}
+    airflow = [sys.executable, "-m", "airflow"]
+    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([*airflow, "pools", "set", "sagemaker_training", "2", "SageMaker training jobs"], env=env,
+                   check=True, capture_output=True, timeout=120)
+    s3.create_bucket(Bucket=BUCKET)
+    raw = synthetic.write_dataset(tmp_path_factory.mktemp("raw"), count=8, sidecar_captions=True)
+    for path in raw.iterdir():
+        s3.upload_file(str(path), BUCKET, f"{PREFIX}/raw_dataset/v1/{path.name}")
+    return env
+
+
+def _dags_test(env: dict, dag_id: str, conf: dict) -> str:
+    done = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "state=success" in output, output[-4000:]
+    return output
+
+
+def test_prepare_then_grid_search_through_the_dags(airflow_env, s3):
+    _dags_test(airflow_env, "sdxl_dataset_prepare", {"version": "v1"})
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/proc_dataset/v1/")["Contents"]}
+    assert f"{PREFIX}/proc_dataset/v1/metadata.jsonl" in keys
+
+    skipped = _dags_test(airflow_env, "sdxl_dataset_prepare", {"version": "v1"})  # already prepared
+    assert "already exists: skipping" in skipped
+
+    output = _dags_test(airflow_env, "sdxl_lora_grid_search", {
+        "dataset_version": "v1", "learning_rates": [0.001, 0.003], "max_train_steps": [6], "ranks": [4],
+        "hyperparameters": {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25,
+                            "checkpointing_steps": 3}})
+    boards = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/grid_search/")["Contents"]]
+    board_key = next(k for k in boards if k.endswith("leaderboard.json"))
+    board = json.loads(s3.get_object(Bucket=BUCKET, Key=board_key)["Body"].read())
+    assert len(board["trials"]) == 2 and all(t["status"] == "Completed" for t in board["trials"])
+    assert board["winner"] == board["trials"][0]["job_name"]
+    assert board["trials"][0]["val_loss"] <= board["trials"][1]["val_loss"]
+    assert "-lr-0-001-mts-6-r-4" in output and "-lr-0-003-mts-6-r-4" in output  # the trials' map indexes

@@ -1,0 +1,50 @@
+"""A retried training task finds the job its first try started: no second, paid job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import training_request, wait_for_training
+
+
+@pytest.fixture
+def operator_for(stack, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}}))
+    from sdxl_lora.operators import ResumableSageMakerTrainingOperator
+
+    def make(config: dict):
+        return ResumableSageMakerTrainingOperator(task_id="train", config=config, aws_conn_id="aws_default",
+                                                  wait_for_completion=True, print_log=False, check_interval=1)
+
+    return make
+
+
+def _jobs(sagemaker, name: str) -> list[str]:
+    return sorted(j["TrainingJobName"] for j in
+                  sagemaker.list_training_jobs(NameContains=name, MaxResults=100)["TrainingJobSummaries"])
+
+
+def test_a_retry_waits_for_the_job_in_progress_then_reuses_the_completed_one(operator_for, sagemaker, staged):
+    config = training_request("e2e-op-retry", staged)
+    sagemaker.create_training_job(**config)  # what the first try started before its worker died
+    result = operator_for(config).execute({})
+    assert result["Training"]["TrainingJobStatus"] == "Completed"
+    assert _jobs(sagemaker, "e2e-op-retry") == ["e2e-op-retry"]
+    again = operator_for(config).execute({})
+    assert again["Training"]["TrainingJobName"] == "e2e-op-retry"
+    assert _jobs(sagemaker, "e2e-op-retry") == ["e2e-op-retry"]
+
+
+def test_a_failed_job_leads_to_a_new_attempt(operator_for, sagemaker, staged):
+    failing = training_request("e2e-op-failed", staged)
+    failing["HyperParameters"]["rank"] = "0"
+    sagemaker.create_training_job(**failing)
+    assert wait_for_training(sagemaker, "e2e-op-failed")["TrainingJobStatus"] == "Failed"
+    result = operator_for(training_request("e2e-op-failed", staged)).execute({})
+    assert result["Training"]["TrainingJobName"] == "e2e-op-failed-a2"
+    assert result["Training"]["TrainingJobStatus"] == "Completed"
+    assert _jobs(sagemaker, "e2e-op-failed") == ["e2e-op-failed", "e2e-op-failed-a2"]
