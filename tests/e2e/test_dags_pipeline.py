@@ -44,7 +44,7 @@ def _dags_test(env: dict, dag_id: str, conf: dict) -> str:
     return output
 
 
-def test_prepare_then_grid_search_through_the_dags(airflow_env, s3):
+def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3):
     _dags_test(airflow_env, "sdxl_dataset_prepare", {"version": "v1"})
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/proc_dataset/v1/")["Contents"]}
     assert f"{PREFIX}/proc_dataset/v1/metadata.jsonl" in keys
@@ -63,3 +63,22 @@ def test_prepare_then_grid_search_through_the_dags(airflow_env, s3):
     assert board["winner"] == board["trials"][0]["job_name"]
     assert board["trials"][0]["val_loss"] <= board["trials"][1]["val_loss"]
     assert "-lr-0-001-mts-6-r-4" in output and "-lr-0-003-mts-6-r-4" in output  # the trials' map indexes
+
+    winner = board["trials"][0]["model_artifacts"]
+    smoke = {"prompt": "storyboard frame, a red circle", "width": 32, "height": 32, "num_inference_steps": 2,
+             "seed": 0, "lora_scale": 0.8}
+    _dags_test(airflow_env, "sdxl_lora_deploy", {"model_data_url": winner, "endpoint_name": "e2e-dag-endpoint",
+                                                  "smoke_request": smoke})
+    sagemaker = stack.client("sagemaker")
+    served = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")
+    assert served["EndpointStatus"] == "InService"
+
+    # A deployment whose smoke test fails is rolled back: the endpoint keeps the config it had.
+    failed = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", "sdxl_lora_deploy", "-c", json.dumps(
+        {"model_data_url": winner, "endpoint_name": "e2e-dag-endpoint", "smoke_request": {**smoke, "width": 33}})],
+        env=airflow_env, capture_output=True, text=True, timeout=900)
+    assert "state=failed" in failed.stdout + failed.stderr
+    after = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")
+    assert after["EndpointStatus"] == "InService"
+    assert after["EndpointConfigName"] == served["EndpointConfigName"]
+    sagemaker.delete_endpoint(EndpointName="e2e-dag-endpoint")
