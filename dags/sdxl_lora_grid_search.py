@@ -23,6 +23,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, TriggerRule, dag, task
+from sdxl_lora.deploy import SMOKE_REQUEST, deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
 
@@ -46,6 +47,7 @@ def _list_param(default: list, item: dict, description: str) -> Param:
     catchup=False,
     doc_md=__doc__,
     tags=["sdxl", "lora", "sagemaker", "grid-search"],
+    render_template_as_native_obj=True,  # the smoke request stays a dict
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
         "dataset_version": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9._-]+$",
@@ -60,6 +62,10 @@ def _list_param(default: list, item: dict, description: str) -> Param:
         "hyperparameters": Param(FIXED_HYPERPARAMETERS, type="object",
                                  description="Hyperparameters every trial shares (see the README's table)."),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
+        "endpoint_name": Param(None, type=["null", "string"], pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
+                               description="Endpoint for the winner; empty: the configured endpoint name."),
+        "smoke_request": Param(SMOKE_REQUEST, type="object",
+                               description="The deployment's smoke-test invocation."),
     },
 )
 def sdxl_lora_grid_search():
@@ -127,6 +133,15 @@ def sdxl_lora_grid_search():
 
     winner = select_winner(configs)
     trained >> winner
+
+    @task.short_circuit
+    def deploy_requested(params: dict) -> bool:
+        return params["deploy_winner"]
+
+    gate = deploy_requested()
+    deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
+                              "{{ params.smoke_request }}")
+    winner >> gate >> deployment
 
 
 sdxl_lora_grid_search()

@@ -63,6 +63,24 @@ def smoke_test(deployment: dict, request: dict) -> dict:
             "inference_seconds": body.get("inference_seconds")}
 
 
+def serving_record_uri(settings: Settings, endpoint: str) -> str:
+    return settings.uri("serving", f"{endpoint}.json")
+
+
+@task
+def record_serving(deployment: dict, smoke: dict) -> None:
+    """What the endpoint serves now, for later runs to compare their adapters against."""
+    import json
+
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    settings = Settings.resolve()
+    record = {"endpoint": smoke["endpoint"], "model_data_url": deployment["model"]["PrimaryContainer"]["ModelDataUrl"],
+              "endpoint_config": deployment["endpoint_config"]["EndpointConfigName"]}
+    S3Hook(aws_conn_id=settings.aws_conn_id).load_string(json.dumps(record), serving_record_uri(settings, smoke["endpoint"]),
+                                                         replace=True)
+
+
 @task(trigger_rule=TriggerRule.ONE_FAILED)
 def rollback(deployment: dict) -> None:
     """Undo this run: the previous config serves again (or the new endpoint goes), new resources go."""
@@ -109,7 +127,8 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
                                              check_interval=settings.check_interval_seconds,
                                              aws_conn_id=settings.aws_conn_id)
         smoke = smoke_test(deployment, smoke_request)
+        record = record_serving(deployment, smoke)
         undo = rollback(deployment)
-        deployment >> model >> config >> endpoint >> smoke >> undo
-        [model, config, endpoint] >> undo
+        deployment >> model >> config >> endpoint >> smoke >> record >> undo
+        [model, config, endpoint, smoke] >> undo
     return group

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import DAGS
 
-EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy"}
+EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_train"}
 HEAVY = ("torch", "diffusers", "transformers", "peft", "PIL", "sagemaker")
 
 
