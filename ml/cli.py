@@ -48,9 +48,13 @@ def _synthetic_data(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ml import demo
+    if args.train_only:
+        from ml import demo
 
-    return demo.main(args.workdir, steps=args.steps)
+        return demo.main(args.workdir, steps=args.steps)
+    from local_stack import demo as pipeline_demo
+
+    return pipeline_demo.main(args.workdir)
 
 
 def _local_stack(args: argparse.Namespace) -> int:
@@ -107,9 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="interrupt each managed-spot training job once, at its first log line matching REGEX")
     command.set_defaults(handler=_local_stack)
 
-    command = commands.add_parser("demo", help="train a tiny LoRA end to end on this machine")
+    command = commands.add_parser("demo", help="the whole pipeline through the DAGs, on this machine",
+                                  description="prepare -> grid search -> deploy -> invoke, through the real DAGs "
+                                              "against the local stack, on a tiny SDXL.")
     command.add_argument("--workdir", default="outputs/demo")
-    command.add_argument("--steps", type=int, default=40)
+    command.add_argument("--train-only", action="store_true",
+                         help="only run one training job in a SageMaker-style directory, without Airflow")
+    command.add_argument("--steps", type=int, default=40, help="optimizer steps with --train-only")
     command.set_defaults(handler=_demo)
     return parser
 

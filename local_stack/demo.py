@@ -1,0 +1,129 @@
+"""`sdxl-lora demo`: the whole pipeline through the real DAGs, against the local stack.
+
+Starts `sdxl-lora local-stack`, gives Airflow a home of its own (SQLite, the project's dags and
+plugins, the `sagemaker_training` pool, `aws_default` pointing at the stack), stages a tiny SDXL and
+synthetic storyboard frames in S3, then runs sdxl_dataset_prepare -> sdxl_lora_grid_search (which
+deploys its winner) with `airflow dags test`, prints the leaderboard, invokes the endpoint with
+lora_scale 0.8 and saves the image. Everything lands under the work dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from local_stack.aws import CREDENTIALS, REGION
+from local_stack.hosting import free_port
+
+BUCKET, PREFIX, VERSION, ENDPOINT = "sdxl-lora-local", "sdxl-finetune-lora", "demo", "sdxl-lora-demo"
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"prompt": "storyboard frame, ink outline, a red circle on the left, flat colours, hard shadow",
+         "width": 64, "height": 64, "num_inference_steps": 8, "seed": 7, "lora_scale": 0.8}
+GRID = {"dataset_version": VERSION, "learning_rates": [0.001, 0.003], "max_train_steps": [20, 40], "ranks": [4],
+        "hyperparameters": {"resolution": 64, "train_batch_size": 2, "validation_split": 0.25,
+                            "checkpointing_steps": 10, "random_flip": True},
+        "deploy_winner": True, "endpoint_name": ENDPOINT, "smoke_request": SMOKE}
+
+
+def _step(message: str) -> None:
+    print(f"\n== {message}", flush=True)
+
+
+def _start_stack(workdir: Path, port: int) -> subprocess.Popen:
+    log = workdir / "local-stack.log"
+    with log.open("w") as out:
+        stack = subprocess.Popen([sys.executable, "-m", "ml.cli", "local-stack", "--port", str(port), "--workdir",
+                                  str(workdir / "stack")], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "\nready\n" not in log.read_text():
+        if stack.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the local stack did not start; see {log}")
+        time.sleep(0.2)
+    return stack
+
+
+def _airflow_env(workdir: Path, endpoint_url: str, base_model_uri: str) -> dict[str, str]:
+    return {**os.environ, **CREDENTIALS, "AWS_DEFAULT_REGION": REGION,
+            "AIRFLOW_HOME": str(workdir / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "2",
+            "SDXL_LORA_BASE_MODEL_URI": base_model_uri,
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                                    "password": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                                                    "extra": {"endpoint_url": endpoint_url,
+                                                              "region_name": REGION}})}
+
+
+def _airflow(env: dict, log: Path, *args: str) -> None:
+    with log.open("a") as out:
+        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"airflow {' '.join(args[:3])} failed; see {log}")
+
+
+def _stage(s3, workdir: Path) -> str:
+    from ml import synthetic, tiny_model
+
+    s3.create_bucket(Bucket=BUCKET)
+    base = workdir / "tiny-sdxl"
+    if not (base / "model_index.json").exists():
+        tiny_model.build(base)
+    raw = synthetic.write_dataset(workdir / "raw", count=16, sidecar_captions=True)
+    for prefix, folder in ((f"{PREFIX}/base_model", base), (f"{PREFIX}/raw_dataset/{VERSION}", raw)):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{BUCKET}/{PREFIX}/base_model/"
+
+
+def main(workdir: str) -> int:
+    import boto3
+
+    root = Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    _step(f"starting the local stack on {endpoint_url}")
+    stack = _start_stack(root, port)
+    try:
+        clients = {name: boto3.client(name, endpoint_url=endpoint_url, region_name=REGION,
+                                      aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                      aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+                   for name in ("s3", "sagemaker-runtime")}
+        _step("staging a tiny SDXL and 16 synthetic storyboard frames in S3")
+        base_model_uri = _stage(clients["s3"], root)
+        env = _airflow_env(root, endpoint_url, base_model_uri)
+        log = root / "airflow.log"
+        log.write_text("")
+        _step(f"setting up Airflow in {root / 'airflow'} (log: {log})")
+        _airflow(env, log, "db", "migrate")
+        _airflow(env, log, "pools", "set", "sagemaker_training", "4", "SageMaker training jobs")
+        _step("sdxl_dataset_prepare: a SageMaker Processing job prepares raw_dataset/demo")
+        _airflow(env, log, "dags", "test", "sdxl_dataset_prepare", "-c", json.dumps({"version": VERSION}))
+        _step("sdxl_lora_grid_search: 2 learning rates x 2 step counts x 1 rank, then deploy the winner")
+        _airflow(env, log, "dags", "test", "sdxl_lora_grid_search", "-c", json.dumps(GRID))
+        s3 = clients["s3"]
+        boards = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/grid_search/")["Contents"]]
+        board_key = sorted(k for k in boards if k.endswith("leaderboard.md"))[-1]
+        print(s3.get_object(Bucket=BUCKET, Key=board_key)["Body"].read().decode())
+        _step(f"invoking endpoint {ENDPOINT} with lora_scale 0.8")
+        response = clients["sagemaker-runtime"].invoke_endpoint(EndpointName=ENDPOINT, ContentType="application/json",
+                                                                Body=json.dumps(SMOKE))
+        body = json.loads(response["Body"].read())
+        image = root / "generated.png"
+        image.write_bytes(base64.b64decode(body["images"][0]))
+        print(f"variant {response['InvokedProductionVariant']}, seed {body['seed']}: image saved to {image}")
+        print(f"leaderboard: s3://{BUCKET}/{board_key} (local stack files under {root / 'stack'})")
+        print(f"demo finished in {time.monotonic() - started:.0f} s")
+        return 0
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(timeout=300)
