@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test bench-train constraints clean
+.PHONY: demo test bench-train bench-dags constraints clean
 
 $(READY): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(READY)
 
 bench-train: $(READY)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+bench-dags: $(READY)
+	$(BIN)/python benchmarks/bench_dags.py $(ARGS)
 
 # Re-resolve the pinned set after changing pyproject.toml (needs a fresh venv).
 constraints:
