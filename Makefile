@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test bench-train bench-dags constraints clean
+.PHONY: demo test airflow bench-train bench-dags constraints clean
 
 $(READY): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(READY): pyproject.toml constraints.txt
 
 demo: $(READY)
 	$(BIN)/sdxl-lora demo --workdir outputs/demo
+
+airflow: $(READY)
+	$(BIN)/sdxl-lora airflow --workdir outputs/airflow
 
 test: $(READY)
 	$(BIN)/python -m pytest

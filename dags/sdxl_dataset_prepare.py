@@ -11,11 +11,9 @@ date. A version whose processed dataset already exists is skipped unless `force`
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator
 from airflow.sdk import Asset, Param, dag, task
+from sdxl_lora.dag_common import dag_arguments, version_param
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
@@ -24,16 +22,10 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/", extra={"layout": "
 
 
 @dag(
-    dag_id=DAG_ID,
+    **dag_arguments(DAG_ID, __doc__, "data"),
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    doc_md=__doc__,
-    tags=["sdxl", "lora", "sagemaker", "data"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
-        "version": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9._-]+$",
-                         description="Dataset version (raw_dataset/<version>/); empty: the run's logical date."),
+        "version": version_param("Dataset version (raw_dataset/<version>/); empty: the run's logical date."),
         "force": Param(False, type="boolean", description="Prepare again even when the processed dataset exists."),
     },
 )

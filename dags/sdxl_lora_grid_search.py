@@ -19,11 +19,9 @@ limit of 1024), plus the fixed hyperparameters of every trial.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.sdk import Param, TriggerRule, dag, task
-from sdxl_lora.deploy import SMOKE_REQUEST, deploy_group
+from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, version_param
+from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
 
@@ -41,18 +39,11 @@ def _list_param(default: list, item: dict, description: str) -> Param:
 
 
 @dag(
-    dag_id=DAG_ID,
+    **dag_arguments(DAG_ID, __doc__, "grid-search"),
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    doc_md=__doc__,
-    tags=["sdxl", "lora", "sagemaker", "grid-search"],
-    render_template_as_native_obj=True,  # the smoke request stays a dict
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
-        "dataset_version": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9._-]+$",
-                                 description="Processed dataset version (proc_dataset/<version>/); empty: the "
-                                             "run's logical date."),
+        "dataset_version": version_param("Processed dataset version (proc_dataset/<version>/); empty: the run's "
+                                         "logical date."),
         "learning_rates": _list_param([1e-4, 2e-4], {"type": "number", "exclusiveMinimum": 0, "maximum": 0.1},
                                       "Learning rates to try (the original grid: 0.0001, 0.00015, 0.0002)."),
         "max_train_steps": _list_param([500, 1000], {"type": "integer", "minimum": 1, "maximum": 100000},
@@ -62,10 +53,8 @@ def _list_param(default: list, item: dict, description: str) -> Param:
         "hyperparameters": Param(FIXED_HYPERPARAMETERS, type="object",
                                  description="Hyperparameters every trial shares (see the README's table)."),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
-        "endpoint_name": Param(None, type=["null", "string"], pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
-                               description="Endpoint for the winner; empty: the configured endpoint name."),
-        "smoke_request": Param(SMOKE_REQUEST, type="object",
-                               description="The deployment's smoke-test invocation."),
+        "endpoint_name": endpoint_param(),
+        "smoke_request": smoke_param(),
     },
 )
 def sdxl_lora_grid_search():

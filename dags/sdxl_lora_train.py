@@ -13,11 +13,9 @@ exists (so backfills train each version), else the newest processed version.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
-from sdxl_lora.deploy import SMOKE_REQUEST, deploy_group
+from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, version_param
+from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.requests import PRODUCTION_HYPERPARAMETERS
 from sdxl_lora.settings import Settings
@@ -28,26 +26,18 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/")
 
 
 @dag(
-    dag_id=DAG_ID,
+    **dag_arguments(DAG_ID, __doc__, "training"),
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(SETTINGS.retrain_schedule, timezone="UTC"),
                                  assets=PROCESSED_DATASET),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    doc_md=__doc__,
-    tags=["sdxl", "lora", "sagemaker", "training"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
-    render_template_as_native_obj=True,
     max_active_runs=1,
     params={
-        "dataset_version": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9._-]+$",
-                                 description="Processed dataset version; empty: the logical date's, else the newest."),
+        "dataset_version": version_param("Processed dataset version; empty: the logical date's, else the newest."),
         "hyperparameters": Param(PRODUCTION_HYPERPARAMETERS, type="object",
                                  description="Training hyperparameters (see the README's table)."),
         "deploy_if_better": Param(True, type="boolean",
                                   description="Deploy when the validation loss beats the adapter serving now."),
-        "endpoint_name": Param(None, type=["null", "string"], pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
-                               description="Endpoint to deploy to; empty: the configured endpoint name."),
-        "smoke_request": Param(SMOKE_REQUEST, type="object", description="The deployment's smoke-test invocation."),
+        "endpoint_name": endpoint_param(),
+        "smoke_request": smoke_param(),
     },
 )
 def sdxl_lora_train():

@@ -49,9 +49,11 @@ def _start_stack(workdir: Path, port: int) -> subprocess.Popen:
 
 
 def _airflow_env(workdir: Path, endpoint_url: str, base_model_uri: str) -> dict[str, str]:
+    home = workdir / "airflow"
     return {**os.environ, **CREDENTIALS, "AWS_DEFAULT_REGION": REGION,
-            "AIRFLOW_HOME": str(workdir / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW_HOME": str(home), "AIRFLOW_CONFIG": str(ROOT / "airflow.cfg"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "2",
             "SDXL_LORA_BASE_MODEL_URI": base_model_uri,
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -83,6 +85,43 @@ def _stage(s3, workdir: Path) -> str:
     return f"s3://{BUCKET}/{PREFIX}/base_model/"
 
 
+def _prepare_airflow(root: Path, endpoint_url: str, s3) -> tuple[dict, Path]:
+    base_model_uri = _stage(s3, root)
+    env = _airflow_env(root, endpoint_url, base_model_uri)
+    log = root / "airflow.log"
+    log.write_text("")
+    _step(f"setting up Airflow in {root / 'airflow'} (log: {log})")
+    (root / "airflow").mkdir(exist_ok=True)
+    _airflow(env, log, "db", "migrate")
+    _airflow(env, log, "pools", "set", "sagemaker_training", "4", "SageMaker training jobs")
+    return env, log
+
+
+def ui(workdir: str, port: int = 8080) -> int:
+    """`make airflow`: the Airflow UI (standalone) against a fresh local stack with staged data."""
+    import boto3
+
+    root = Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    stack_port = free_port()
+    endpoint_url = f"http://127.0.0.1:{stack_port}"
+    _step(f"starting the local stack on {endpoint_url}")
+    stack = _start_stack(root, stack_port)
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=REGION,
+                          aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        _step(f"staging a tiny SDXL and raw_dataset/{VERSION}/ in S3")
+        env, _ = _prepare_airflow(root, endpoint_url, s3)
+        env["AIRFLOW__API__PORT"] = str(port)
+        _step(f"Airflow UI on http://127.0.0.1:{port} (the admin password is printed below; Ctrl-C stops "
+              f"everything). Try sdxl_dataset_prepare with version '{VERSION}'.")
+        return subprocess.call([sys.executable, "-m", "airflow", "standalone"], env=env)
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(timeout=300)
+
+
 def main(workdir: str) -> int:
     import boto3
 
@@ -99,13 +138,7 @@ def main(workdir: str) -> int:
                                       aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
                    for name in ("s3", "sagemaker-runtime")}
         _step("staging a tiny SDXL and 16 synthetic storyboard frames in S3")
-        base_model_uri = _stage(clients["s3"], root)
-        env = _airflow_env(root, endpoint_url, base_model_uri)
-        log = root / "airflow.log"
-        log.write_text("")
-        _step(f"setting up Airflow in {root / 'airflow'} (log: {log})")
-        _airflow(env, log, "db", "migrate")
-        _airflow(env, log, "pools", "set", "sagemaker_training", "4", "SageMaker training jobs")
+        env, log = _prepare_airflow(root, endpoint_url, clients["s3"])
         _step("sdxl_dataset_prepare: a SageMaker Processing job prepares raw_dataset/demo")
         _airflow(env, log, "dags", "test", "sdxl_dataset_prepare", "-c", json.dumps({"version": VERSION}))
         _step("sdxl_lora_grid_search: 2 learning rates x 2 step counts x 1 rank, then deploy the winner")

@@ -57,6 +57,12 @@ def _demo(args: argparse.Namespace) -> int:
     return pipeline_demo.main(args.workdir)
 
 
+def _airflow(args: argparse.Namespace) -> int:
+    from local_stack import demo as pipeline_demo
+
+    return pipeline_demo.ui(args.workdir, port=args.port)
+
+
 def _local_stack(args: argparse.Namespace) -> int:
     from local_stack import main
 
@@ -110,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--spot-interruption-at", metavar="REGEX",
                          help="interrupt each managed-spot training job once, at its first log line matching REGEX")
     command.set_defaults(handler=_local_stack)
+
+    command = commands.add_parser("airflow", help="the Airflow UI against a local stack with staged data",
+                                  description="Starts the local stack, stages a tiny SDXL and raw frames, and runs "
+                                              "`airflow standalone` with the pool and the aws_default connection.")
+    command.add_argument("--workdir", default="outputs/airflow")
+    command.add_argument("--port", type=int, default=8080)
+    command.set_defaults(handler=_airflow)
 
     command = commands.add_parser("demo", help="the whole pipeline through the DAGs, on this machine",
                                   description="prepare -> grid search -> deploy -> invoke, through the real DAGs "
