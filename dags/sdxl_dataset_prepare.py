@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator
 from airflow.sdk import Asset, Param, dag, task
-from sdxl_lora.dag_common import dag_arguments, version_param
+from sdxl_lora.dag_common import dag_arguments, run_date, version_param
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
@@ -31,11 +31,12 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/", extra={"layout": "
 )
 def sdxl_dataset_prepare():
     @task.short_circuit
-    def needs_preparing(params: dict, ds: str) -> bool:
+    def needs_preparing(**context) -> bool:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         settings = Settings.resolve()
-        version = params["version"] or ds
+        params = context["params"]
+        version = params["version"] or run_date(context)
         done = S3Hook(aws_conn_id=settings.aws_conn_id).check_for_key(
             settings.processed_dataset(version) + "metadata.jsonl")
         if done and not params["force"]:
@@ -44,11 +45,12 @@ def sdxl_dataset_prepare():
         return True
 
     @task
-    def build_request(params: dict, ds: str, run_id: str) -> dict:
+    def build_request(**context) -> dict:
         from sdxl_lora import naming, requests
 
         settings = Settings.resolve()
-        version = params["version"] or ds
+        run_id = context["run_id"]
+        version = context["params"]["version"] or run_date(context)
         name = naming.job_name("sdxl-lora-prepare", run_id, naming.slug(version))
         return requests.processing_request(settings, name, settings.raw_dataset(version),
                                            settings.processed_dataset(version),

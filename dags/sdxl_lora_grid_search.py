@@ -20,7 +20,7 @@ limit of 1024), plus the fixed hyperparameters of every trial.
 from __future__ import annotations
 
 from airflow.sdk import Param, TriggerRule, dag, task
-from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, version_param
+from sdxl_lora.dag_common import dag_arguments, endpoint_param, run_date, smoke_param, version_param
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
@@ -59,11 +59,12 @@ def _list_param(default: list, item: dict, description: str) -> Param:
 )
 def sdxl_lora_grid_search():
     @task
-    def build_trials(params: dict, run_id: str, ds: str) -> list[dict]:
+    def build_trials(**context) -> list[dict]:
         from sdxl_lora import grid, naming, requests
 
         settings = Settings.resolve()
-        version = params["dataset_version"] or ds
+        params, run_id = context["params"], context["run_id"]
+        version = params["dataset_version"] or run_date(context)
         trials = grid.expand(params["learning_rates"], params["max_train_steps"], params["ranks"])
         configs = []
         for trial in trials:

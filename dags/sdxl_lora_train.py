@@ -14,7 +14,7 @@ exists (so backfills train each version), else the newest processed version.
 from __future__ import annotations
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
-from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, version_param
+from sdxl_lora.dag_common import dag_arguments, endpoint_param, run_date, smoke_param, version_param
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.requests import PRODUCTION_HYPERPARAMETERS
@@ -42,11 +42,12 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/")
 )
 def sdxl_lora_train():
     @task
-    def build_request(params: dict, ds: str, run_id: str) -> dict:
+    def build_request(**context) -> dict:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from sdxl_lora import naming, requests
 
         settings = Settings.resolve()
+        params, run_id, ds = context["params"], context["run_id"], run_date(context)
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
         version = params["dataset_version"]
         if not version:

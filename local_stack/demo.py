@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -114,6 +115,12 @@ def ui(workdir: str, port: int = 8080) -> int:
         _step(f"staging a tiny SDXL and raw_dataset/{VERSION}/ in S3")
         env, _ = _prepare_airflow(root, endpoint_url, s3)
         env["AIRFLOW__API__PORT"] = str(port)
+        env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"http://127.0.0.1:{port}/execution/"  # where tasks report
+        # One signing secret for every component standalone starts (each would otherwise make its own).
+        env["AIRFLOW__API_AUTH__JWT_SECRET"] = secrets.token_urlsafe(32)
+        env["AIRFLOW__API__SECRET_KEY"] = secrets.token_urlsafe(32)
+        # standalone starts `airflow scheduler`, `airflow api-server`, ... by name: this venv's
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         _step(f"Airflow UI on http://127.0.0.1:{port} (the admin password is printed below; Ctrl-C stops "
               f"everything). Try sdxl_dataset_prepare with version '{VERSION}'.")
         return subprocess.call([sys.executable, "-m", "airflow", "standalone"], env=env)

@@ -37,3 +37,9 @@ def endpoint_param() -> Param:
 def smoke_param() -> Param:
     return Param(SMOKE_REQUEST, type="object",
                  description="The deployment's smoke-test invocation (a JSON request of sdxl-lora serve).")
+
+
+def run_date(context) -> str:
+    """The run's date: its logical date, or when it was triggered (runs from the UI may have no logical date)."""
+    when = context.get("logical_date") or context["dag_run"].run_after
+    return when.strftime("%Y-%m-%d")
