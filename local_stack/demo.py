@@ -94,8 +94,17 @@ def _prepare_airflow(root: Path, endpoint_url: str, s3) -> tuple[dict, Path]:
     _step(f"setting up Airflow in {root / 'airflow'} (log: {log})")
     (root / "airflow").mkdir(exist_ok=True)
     _airflow(env, log, "db", "migrate")
-    _airflow(env, log, "pools", "set", "sagemaker_training", "4", "SageMaker training jobs")
+    _airflow(env, log, "pools", "set", "sagemaker_training", str(_training_pool_size()),
+             "SageMaker training jobs running at once", "--include-deferred")  # deferred waits keep their slot
     return env, log
+
+
+def _training_pool_size() -> int:
+    """The pool size the DAGs' settings name (plugins/ is Airflow's import path, not this process's)."""
+    sys.path.insert(0, str(ROOT / "plugins"))
+    from sdxl_lora.settings import Settings
+
+    return Settings.from_environment().training_pool_size
 
 
 def ui(workdir: str, port: int = 8080) -> int:

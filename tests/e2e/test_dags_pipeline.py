@@ -27,8 +27,8 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
                                                    "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}})}
     airflow = [sys.executable, "-m", "airflow"]
     subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([*airflow, "pools", "set", "sagemaker_training", "2", "SageMaker training jobs"], env=env,
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([*airflow, "pools", "set", "sagemaker_training", "2", "SageMaker training jobs",
+                    "--include-deferred"], env=env, check=True, capture_output=True, timeout=120)
     s3.create_bucket(Bucket=BUCKET)
     raw = synthetic.write_dataset(tmp_path_factory.mktemp("raw"), count=8, sidecar_captions=True)
     for path in raw.iterdir():
