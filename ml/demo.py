@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,8 @@ def main(workdir: str, steps: int = 40) -> int:
         tiny_model.build(base_model)
     dataset = synthetic.write_dataset(root / "dataset", count=16)
     job = root / "job"
-    for stale in ("model", "output", "checkpoints"):
-        subprocess.run(["rm", "-rf", str(job / stale)], check=True)
+    for stale in ("model", "output", "checkpoints"):  # a rerun starts clean, as a new SageMaker job would
+        shutil.rmtree(job / stale, ignore_errors=True)
     lay_out_job(job, base_model, dataset, {**DEMO_HYPERPARAMETERS, "max_train_steps": steps})
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job.resolve())}
     status = subprocess.call([sys.executable, "-m", "ml.train"], env=env)
