@@ -148,9 +148,9 @@ class JobService:
                     continue
                 if request.get("StatusEquals") and d[status_key] != request["StatusEquals"]:
                     continue
-                if request.get("CreationTimeAfter") and d["CreationTime"] <= _epoch(request["CreationTimeAfter"]):
+                if request.get("CreationTimeAfter") and d["CreationTime"] <= float(request["CreationTimeAfter"]):
                     continue
-                if request.get("CreationTimeBefore") and d["CreationTime"] >= _epoch(request["CreationTimeBefore"]):
+                if request.get("CreationTimeBefore") and d["CreationTime"] >= float(request["CreationTimeBefore"]):
                     continue
                 summary = {f"{_prefix(kind)}Name": job.name, f"{_prefix(kind)}Arn": d[f"{_prefix(kind)}Arn"],
                            "CreationTime": d["CreationTime"], "LastModifiedTime": d["LastModifiedTime"],
@@ -455,6 +455,3 @@ def _prefix(kind: str) -> str:
 def _status_key(kind: str) -> str:
     return f"{_prefix(kind)}Status"
 
-
-def _epoch(value) -> float:
-    return float(value)

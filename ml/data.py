@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ml.contract import JobError
 
@@ -33,15 +34,7 @@ def load_imagefolder(channel: Path, caption_column: str = "text", name: str = "t
     if not metadata.exists():
         raise JobError(f"{name} channel has no metadata.jsonl with file_name and {caption_column} for its images")
     examples = []
-    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise JobError(f"{name} channel metadata.jsonl line {number} is not valid JSON") from None
-        if "file_name" not in row:
-            raise JobError(f"{name} channel metadata.jsonl line {number} has no file_name")
+    for number, row in metadata_rows(metadata, f"{name} channel metadata.jsonl"):
         if caption_column not in row:
             raise JobError(f"{name} channel metadata.jsonl line {number} has no caption column {caption_column!r}")
         path = channel / row["file_name"]
@@ -51,6 +44,21 @@ def load_imagefolder(channel: Path, caption_column: str = "text", name: str = "t
     if not examples:
         raise JobError(f"{name} channel metadata.jsonl lists no images")
     return examples
+
+
+def metadata_rows(path: Path, label: str, where: str = "") -> Iterator[tuple[int, dict]]:
+    """The rows of a metadata.jsonl with their line numbers. A malformed line fails the job naming it
+    (`<label> line N<where> ...`): guessing past it could drop or mislabel images."""
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise JobError(f"{label} line {number}{where} is not valid JSON") from None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise JobError(f"{label} line {number}{where} has no file_name")
+        yield number, row
 
 
 def split_validation(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ml.contract import ContainerPaths, JobError
-from ml.data import IMAGE_SUFFIXES
+from ml.data import IMAGE_SUFFIXES, metadata_rows
 
 log = logging.getLogger("sdxl_lora.prepare")
 
@@ -98,15 +98,7 @@ def metadata_captions(input_dir: Path, caption_column: str, names: set[str]) -> 
     if not metadata.is_file():
         return {}
     captions = {}
-    for number, line in enumerate(metadata.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise JobError(f"{METADATA} line {number} in {input_dir} is not valid JSON") from None
-        if not isinstance(row, dict) or "file_name" not in row:
-            raise JobError(f"{METADATA} line {number} in {input_dir} has no file_name")
+    for number, row in metadata_rows(metadata, METADATA, where=f" in {input_dir}"):
         name = PurePosixPath(str(row["file_name"])).as_posix()  # "./a.png" names a.png
         if name not in names:
             log.warning("%s line %d names %s, which is not an image in the input", METADATA, number, name)

@@ -691,9 +691,8 @@ def model_card(summary: dict) -> str:
     rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(hp.items()))
     val = summary["val_loss"]
     base = summary["baseline_val_loss"]
-    scores = f"- validation loss: {val:.6g} (base model: {base:.6g})\n" if val is not None and base is not None else ""
-    if val is not None and base is None:
-        scores = f"- validation loss: {val:.6g}\n"
+    scores = "" if val is None else f"- validation loss: {val:.6g}" + (
+        f" (base model: {base:.6g})" if base is not None else "") + "\n"
     return f"""---
 library_name: diffusers
 base_model: {summary['base_model']}
