@@ -19,6 +19,7 @@ from local_stack.aws import Clients
 from local_stack.errors import ApiError
 from local_stack.hosting import HostingService
 from local_stack.jobs import JobService, Options
+from local_stack.tuning import TuningService
 
 INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/invocations$")
 
@@ -30,7 +31,8 @@ class SageMaker:
         clients = Clients(endpoint_url)
         self.jobs = JobService(workdir, clients, endpoint_url, options)
         self.hosting = HostingService(workdir, clients, endpoint_url)
-        jobs, hosting = self.jobs, self.hosting
+        self.tuning = TuningService(self.jobs)
+        jobs, hosting, tuning = self.jobs, self.hosting, self.tuning
         self.operations = {
             "CreateTrainingJob": jobs.create_training_job,
             "DescribeTrainingJob": lambda r: jobs.describe("training", r.get("TrainingJobName")),
@@ -40,6 +42,11 @@ class SageMaker:
             "DescribeProcessingJob": lambda r: jobs.describe("processing", r.get("ProcessingJobName")),
             "ListProcessingJobs": lambda r: jobs.list("processing", r),
             "StopProcessingJob": lambda r: jobs.stop("processing", r.get("ProcessingJobName")),
+            "CreateHyperParameterTuningJob": tuning.create,
+            "DescribeHyperParameterTuningJob": tuning.describe,
+            "ListHyperParameterTuningJobs": tuning.list,
+            "ListTrainingJobsForHyperParameterTuningJob": tuning.list_training_jobs,
+            "StopHyperParameterTuningJob": tuning.stop,
             "CreateModel": hosting.create_model,
             "DescribeModel": hosting.describe_model,
             "DeleteModel": hosting.delete_model,
@@ -60,6 +67,7 @@ class SageMaker:
         return handler(request)
 
     def shutdown(self) -> None:
+        self.tuning.shutdown()  # first: a tuning job must not launch trials while the jobs stop
         self.jobs.shutdown()
         self.hosting.shutdown()
 

@@ -57,7 +57,9 @@ class JobService:
 
     # -- API -----------------------------------------------------------------------------
 
-    def create_training_job(self, request: dict) -> dict:
+    def create_training_job(self, request: dict, tuning_job_arn: str | None = None,
+                            starting_message: str = "Preparing the instances for training") -> dict:
+        """tuning_job_arn and starting_message: a trial that a tuning job (local_stack/tuning.py) launches."""
         require(request, "TrainingJobName", "AlgorithmSpecification", "AlgorithmSpecification.TrainingInputMode",
                 "RoleArn", "OutputDataConfig", "OutputDataConfig.S3OutputPath", "ResourceConfig",
                 "ResourceConfig.InstanceType", "ResourceConfig.InstanceCount", "StoppingCondition")
@@ -99,8 +101,10 @@ class JobService:
         for optional in ("CheckpointConfig", "Environment", "Tags", "VpcConfig"):
             if optional in request:
                 description[optional] = request[optional]
+        if tuning_job_arn:
+            description["TuningJobArn"] = tuning_job_arn
         job = self._admit("training", name, request, description)
-        self._transition(job, "Starting", "Preparing the instances for training")
+        self._transition(job, "Starting", starting_message)
         self._start(job, self._run_training)
         return {"TrainingJobArn": description["TrainingJobArn"]}
 

@@ -11,7 +11,8 @@ import sys
 import pytest
 from conftest import DAGS
 
-EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_train"}
+EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_train",
+            "sdxl_lora_tune"}
 HEAVY = ("torch", "diffusers", "transformers", "peft", "PIL", "sagemaker")
 
 
@@ -34,6 +35,20 @@ def test_docs_tags_and_retries(dagbag, dag_id):
 def test_training_tasks_run_in_the_pool(dagbag):
     train = dagbag.dags["sdxl_lora_grid_search"].get_task("train_trial")
     assert train.partial_kwargs["pool"] == "sagemaker_training"
+    assert dagbag.dags["sdxl_lora_tune"].get_task("tune").pool == "sagemaker_training"
+
+
+def test_tune_params_offer_the_strategies_and_reject_bad_input(dagbag):
+    dag = dagbag.dags["sdxl_lora_tune"]
+    good = _validated(dag, {"strategy": "Random", "ranks": [4, 150, 256, 512, 1024], "max_jobs": 20,
+                            "max_parallel_jobs": 4, "random_seed": 7, "early_stopping": True})
+    assert good["strategy"] == "Random"
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    for bad in ({"strategy": "Grid"}, {"learning_rate_min": 0}, {"max_train_steps_min": 0}, {"ranks": []},
+                {"ranks": [4, 4]}, {"max_jobs": 0}, {"max_parallel_jobs": 0}, {"random_seed": -1}):
+        with pytest.raises(ParamValidationError):
+            _validated(dag, bad)
 
 
 def _validated(dag, conf: dict):

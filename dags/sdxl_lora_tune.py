@@ -1,0 +1,153 @@
+"""
+### SDXL LoRA automatic model tuning
+
+The grid's alternative: one SageMaker hyperparameter tuning job searches **learning rate**
+(continuous, logarithmic), **max train steps** (integer) and **rank** (categorical) on a processed
+dataset version, minimizing the validation loss (`val_loss`, held-out images, fixed noise and
+timesteps) that every trial logs. Its trials are the same training job as a grid trial.
+
+- `strategy`: Bayesian (learns from finished trials), Random, or Hyperband. A grid of fixed values
+  is `sdxl_lora_grid_search`.
+- `max_parallel_jobs` is capped by the `training_pool_size` setting, which sizes the
+  `sagemaker_training` pool, so tuning never runs more jobs at once than the grid may.
+- The tuning job's name is deterministic per run: a retried task waits for or reuses it.
+- `select_winner` ranks every trial into the same leaderboard as the grid
+  (`tuning/<run>/leaderboard.{json,md}`); the winner can go to the same deploy tasks.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, TriggerRule, dag, task
+from sdxl_lora.dag_common import dag_arguments, endpoint_param, run_date, smoke_param, version_param
+from sdxl_lora.deploy import deploy_group
+from sdxl_lora.settings import Settings
+from sdxl_lora.tuning import STRATEGIES, ResumableSageMakerTuningOperator
+
+DAG_ID = "sdxl_lora_tune"
+JOB_PREFIX = "sdxl-lora-tune"
+SETTINGS = Settings.from_environment()
+STATIC_HYPERPARAMETERS = {"resolution": 1024, "train_batch_size": 1, "lr_scheduler": "constant",
+                          "checkpointing_steps": 500, "gradient_accumulation_steps": 4,
+                          "gradient_checkpointing": True, "mixed_precision": "fp16", "validation_split": 0.1}
+
+
+@dag(
+    **dag_arguments(DAG_ID, __doc__, "tuning"),
+    schedule=None,
+    params={
+        "dataset_version": version_param("Processed dataset version (proc_dataset/<version>/); empty: the run's "
+                                         "logical date."),
+        "strategy": Param("Bayesian", type="string", enum=list(STRATEGIES),
+                          description="How SageMaker chooses each trial's values."),
+        "learning_rate_min": Param(1e-5, type="number", exclusiveMinimum=0, maximum=0.1,
+                                   description="Lower end of the learning-rate range (searched logarithmically)."),
+        "learning_rate_max": Param(1e-3, type="number", exclusiveMinimum=0, maximum=0.1,
+                                   description="Upper end of the learning-rate range."),
+        "max_train_steps_min": Param(500, type="integer", minimum=1, maximum=100000,
+                                     description="Fewest optimizer steps a trial trains."),
+        "max_train_steps_max": Param(3000, type="integer", minimum=1, maximum=100000,
+                                     description="Most optimizer steps a trial trains."),
+        "ranks": Param([4, 16, 64], type="array", items={"type": "integer", "minimum": 1, "maximum": 1024},
+                       minItems=1, maxItems=28, uniqueItems=True, description="LoRA ranks to choose from."),
+        "max_jobs": Param(12, type="integer", minimum=1, maximum=500,
+                          description="Training jobs the tuning job launches in all."),
+        "max_parallel_jobs": Param(4, type="integer", minimum=1, maximum=100,
+                                   description="Training jobs at once; capped by the training pool size setting."),
+        "early_stopping": Param(False, type="boolean",
+                                description="Let SageMaker stop trials that are unlikely to beat the best "
+                                            "(not with Hyperband)."),
+        "random_seed": Param(None, type=["null", "integer"], minimum=0,
+                             description="Seed of the search, for a repeatable choice of trials; empty: any."),
+        "hyperparameters": Param(STATIC_HYPERPARAMETERS, type="object",
+                                 description="Hyperparameters every trial shares (see the README's table); "
+                                             "validation_split must be above 0."),
+        "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
+        "endpoint_name": endpoint_param(),
+        "smoke_request": smoke_param(),
+    },
+)
+def sdxl_lora_tune():
+    @task
+    def plan_tuning(**context) -> dict:
+        from sdxl_lora import requests, tuning
+
+        settings = Settings.resolve()
+        params, run_id = context["params"], context["run_id"]
+        version = params["dataset_version"] or run_date(context)
+        parallel = tuning.capped_parallel_jobs(params["max_parallel_jobs"], settings.training_pool_size)
+        if parallel < params["max_parallel_jobs"]:
+            print(f"max_parallel_jobs {params['max_parallel_jobs']} capped to {parallel}: the training pool "
+                  f"admits {settings.training_pool_size} jobs (setting training_pool_size)")
+        ranges = tuning.parameter_ranges(params["learning_rate_min"], params["learning_rate_max"],
+                                         params["max_train_steps_min"], params["max_train_steps_max"],
+                                         params["ranks"])
+        name = tuning.tuning_job_name(JOB_PREFIX, run_id)
+        return tuning.tuning_request(
+            settings, name, settings.processed_dataset(version), params["hyperparameters"], ranges,
+            params["strategy"], params["max_jobs"], parallel, params["early_stopping"], params["random_seed"],
+            requests.tags(dag=DAG_ID, run=run_id, strategy=params["strategy"]))
+
+    config = plan_tuning()
+    tuned = ResumableSageMakerTuningOperator(
+        task_id="tune",
+        config=config,
+        pool="sagemaker_training",
+        aws_conn_id=SETTINGS.aws_conn_id,
+        wait_for_completion=True,
+        check_interval=SETTINGS.check_interval_seconds,
+        deferrable=SETTINGS.deferrable,
+    )
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def select_winner(config: dict, run_id: str) -> dict:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+        from sdxl_lora import naming, selection, tuning
+
+        settings = Settings.resolve()
+        client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
+        tuning_job = None
+        for name in tuning.attempt_names(config["HyperParameterTuningJobName"]):  # the latest attempt
+            try:
+                tuning_job = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+            except client.exceptions.ClientError:
+                break
+        if tuning_job is None:
+            raise RuntimeError(f"tuning job {config['HyperParameterTuningJobName']} was never created")
+        name = tuning_job["HyperParameterTuningJobName"]
+        static = config["TrainingJobDefinition"]["StaticHyperParameters"]
+        results = []
+        for page in client.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
+                HyperParameterTuningJobName=name):
+            for summary in page["TrainingJobSummaries"]:
+                description = client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
+                results.append(selection.from_description(description, *tuning.trial_values(summary, static)))
+        folder = settings.uri("tuning", naming.run_token(run_id))
+        strategy = config["HyperParameterTuningJobConfig"]["Strategy"]
+        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
+        s3.load_string(selection.leaderboard_json(results), f"{folder}/leaderboard.json", replace=True)
+        title = f"{DAG_ID} {run_id}: tuning job {name} ({strategy}, {tuning_job['HyperParameterTuningJobStatus']})"
+        s3.load_string(selection.leaderboard_markdown(results, title), f"{folder}/leaderboard.md", replace=True)
+        best = selection.winner(results)
+        if best is None:
+            raise RuntimeError(f"no trial of {name} completed with a validation loss; leaderboard at "
+                               f"{folder}/leaderboard.md")
+        sagemaker_best = (tuning_job.get("BestTrainingJob") or {}).get("TrainingJobName")
+        print(f"winner {best.job_name} (val_loss {best.val_loss:.6g}); SageMaker's BestTrainingJob: {sagemaker_best}")
+        return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
+                "leaderboard": f"{folder}/leaderboard.md", "tuning_job": name, "sagemaker_best": sagemaker_best}
+
+    winner = select_winner(config)
+    tuned >> winner
+
+    @task.short_circuit
+    def deploy_requested(params: dict) -> bool:
+        return params["deploy_winner"]
+
+    gate = deploy_requested()
+    deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
+                              "{{ params.smoke_request }}")
+    winner >> gate >> deployment
+
+
+sdxl_lora_tune()

@@ -1,0 +1,188 @@
+"""SageMaker automatic model tuning beside the grid: the request, its ranges and a resumable operator.
+
+A tuning job's trials share one training definition, built from the same request builder as a
+grid trial (requests.training_request), so both strategies train the same job and compare by the
+same validation loss. Learning rate is a continuous, logarithmic range, max train steps an integer
+range and rank a categorical one; the objective is the payload's `val_loss`, minimized.
+"""
+
+from __future__ import annotations
+
+from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
+from botocore.exceptions import ClientError
+
+from ml.metrics import METRIC_DEFINITIONS
+from sdxl_lora import requests
+from sdxl_lora.naming import run_token, slug
+from sdxl_lora.settings import Settings
+
+OBJECTIVE = {"Type": "Minimize", "MetricName": "val_loss"}
+STRATEGIES = ("Bayesian", "Random", "Hyperband")
+TUNED = ("learning_rate", "max_train_steps", "rank")
+MAX_NAME_LENGTH = 32  # HyperParameterTuningJobName
+MAX_ATTEMPTS = 20
+# CreateTrainingJob members that a HyperParameterTrainingJobDefinition also has (botocore's model).
+DEFINITION_MEMBERS = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "VpcConfig", "OutputDataConfig",
+                      "ResourceConfig", "StoppingCondition", "EnableNetworkIsolation",
+                      "EnableInterContainerTrafficEncryption", "EnableManagedSpotTraining", "CheckpointConfig",
+                      "RetryStrategy", "Environment")
+ALGORITHM_MEMBERS = ("TrainingImage", "TrainingInputMode", "AlgorithmName", "MetricDefinitions")
+# Every trial gets the definition's CheckpointConfig.S3Uri as it is: one prefix for all trials would let
+# a trial resume another's checkpoint. Tuning trials therefore run without one (a spot interruption
+# restarts a trial from its first step).
+LEFT_OUT = ("CheckpointConfig",)
+
+
+class TuningError(ValueError):
+    pass
+
+
+def tuning_job_name(prefix: str, run_id: str) -> str:
+    """<prefix>-<run token>, short enough for SageMaker's 32 characters even with an attempt suffix."""
+    suffix = f"-{run_token(run_id)}"
+    return slug(prefix)[:MAX_NAME_LENGTH - len(suffix) - len("-a20")].rstrip("-") + suffix
+
+
+def parameter_ranges(learning_rate_min: float, learning_rate_max: float, max_train_steps_min: int,
+                     max_train_steps_max: int, ranks: list[int]) -> dict:
+    if not 0 < learning_rate_min <= learning_rate_max:
+        raise TuningError(f"learning rate range: need 0 < learning_rate_min <= learning_rate_max, got "
+                          f"[{learning_rate_min:g}, {learning_rate_max:g}]")
+    if not 1 <= max_train_steps_min <= max_train_steps_max:
+        raise TuningError(f"max train steps range: need 1 <= max_train_steps_min <= max_train_steps_max, got "
+                          f"[{max_train_steps_min}, {max_train_steps_max}]")
+    if not ranks or len(set(ranks)) != len(ranks) or any(int(r) < 1 for r in ranks):
+        raise TuningError(f"ranks: need distinct positive integers, got {ranks}")
+    if len(ranks) > 28:  # SageMaker counts each categorical value; 30 in all with the two other ranges
+        raise TuningError(f"ranks: at most 28 values (SageMaker searches at most 30 hyperparameter values in "
+                          f"all), got {len(ranks)}")
+    return {
+        "ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": repr(float(learning_rate_min)),
+                                       "MaxValue": repr(float(learning_rate_max)), "ScalingType": "Logarithmic"}],
+        "IntegerParameterRanges": [{"Name": "max_train_steps", "MinValue": str(int(max_train_steps_min)),
+                                    "MaxValue": str(int(max_train_steps_max)), "ScalingType": "Linear"}],
+        "CategoricalParameterRanges": [{"Name": "rank", "Values": [str(int(r)) for r in ranks]}],
+    }
+
+
+def capped_parallel_jobs(requested: int, pool_size: int) -> int:
+    """Never more trials at once than the sagemaker_training pool admits training jobs."""
+    if requested < 1 or pool_size < 1:
+        raise TuningError(f"max parallel jobs and the training pool size must be at least 1, got {requested} and "
+                          f"{pool_size}")
+    return min(requested, pool_size)
+
+
+def training_definition(training_request: dict) -> dict:
+    """A HyperParameterTrainingJobDefinition from a CreateTrainingJob request (requests.training_request)."""
+    known = {"TrainingJobName", "HyperParameters", "Tags", *DEFINITION_MEMBERS}
+    unknown = sorted(set(training_request) - known)
+    if unknown:
+        raise TuningError(f"the training request has fields a tuning job's training definition cannot carry: "
+                          f"{unknown}")
+    algorithm = training_request["AlgorithmSpecification"]
+    unknown = sorted(set(algorithm) - set(ALGORITHM_MEMBERS))
+    if unknown:
+        raise TuningError(f"AlgorithmSpecification has fields a tuning job cannot carry: {unknown}")
+    definition = {k: v for k, v in training_request.items() if k in DEFINITION_MEMBERS and k not in LEFT_OUT}
+    definition["StaticHyperParameters"] = {k: v for k, v in training_request["HyperParameters"].items()
+                                           if k not in TUNED}
+    return definition
+
+
+def tuning_request(settings: Settings, name: str, dataset_uri: str, static_hyperparameters: dict, ranges: dict,
+                   strategy: str, max_jobs: int, max_parallel_jobs: int, early_stopping: bool = False,
+                   random_seed: int | None = None, job_tags: list[dict] | None = None) -> dict:
+    if strategy not in STRATEGIES:
+        raise TuningError(f"strategy must be one of {', '.join(STRATEGIES)} (a grid is sdxl_lora_grid_search), "
+                          f"got {strategy!r}")
+    if strategy == "Hyperband" and early_stopping:
+        raise TuningError("early stopping must be off with the Hyperband strategy, which stops trials itself")
+    if max_jobs < 1:
+        raise TuningError(f"max jobs must be at least 1, got {max_jobs}")
+    if not float(static_hyperparameters.get("validation_split") or 0) > 0:
+        raise TuningError("the objective val_loss needs held-out images: set validation_split above 0 in the "
+                          "hyperparameters")
+    if OBJECTIVE["MetricName"] not in {m["Name"] for m in METRIC_DEFINITIONS}:
+        raise TuningError(f"the payload's MetricDefinitions do not define {OBJECTIVE['MetricName']}")
+    static = {k: v for k, v in static_hyperparameters.items() if k not in TUNED}
+    training = requests.training_request(settings, name, dataset_uri, static)
+    config = {
+        "Strategy": strategy,
+        "HyperParameterTuningJobObjective": dict(OBJECTIVE),
+        "ResourceLimits": {"MaxNumberOfTrainingJobs": int(max_jobs),
+                           "MaxParallelTrainingJobs": min(int(max_parallel_jobs), int(max_jobs))},
+        "ParameterRanges": ranges,
+        "TrainingJobEarlyStoppingType": "Auto" if early_stopping else "Off",
+    }
+    if random_seed is not None:
+        config["RandomSeed"] = int(random_seed)
+    return {"HyperParameterTuningJobName": name, "HyperParameterTuningJobConfig": config,
+            "TrainingJobDefinition": training_definition(training), "Tags": job_tags or []}
+
+
+def trial_values(summary: dict, static: dict[str, str]) -> tuple[float, int, int]:
+    """(learning rate, max train steps, rank) of a trial: its tuned values over the static ones."""
+    values = {**static, **summary.get("TunedHyperParameters", {})}
+    try:
+        return (float(values["learning_rate"].strip('"')), int(float(values["max_train_steps"].strip('"'))),
+                int(float(values["rank"].strip('"'))))
+    except (KeyError, ValueError) as error:
+        raise TuningError(f"trial {summary.get('TrainingJobName')}: cannot read its hyperparameters: {error}") from None
+
+
+class ResumableSageMakerTuningOperator(SageMakerTuningOperator):
+    """The provider's tuning operator, safe to retry: tuning job names are deterministic per run.
+
+    On a retry it looks the name up first: InProgress or Stopping -> waits for that job;
+    Completed -> uses it; Failed or Stopped -> starts the next attempt (`<name>-a2`, ...). When
+    the task is killed, the tuning job it waits for is stopped, which stops its trials.
+    """
+
+    def _describe(self, name: str) -> dict | None:
+        try:
+            return self.hook.describe_tuning_job(name)
+        except ClientError as error:
+            if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
+                return None
+            raise
+
+    def execute(self, context):
+        base = self.config["HyperParameterTuningJobName"]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            name = _attempt_name(base, attempt)
+            description = self._describe(name)
+            self.config["HyperParameterTuningJobName"] = name
+            if description is None:
+                return super().execute(context)
+            status = description["HyperParameterTuningJobStatus"]
+            if status in self.hook.non_terminal_states:
+                self.log.info("tuning job %s is already %s (an earlier try started it): waiting for it", name, status)
+                description = self.hook.check_status(name, "HyperParameterTuningJobStatus",
+                                                     self.hook.describe_tuning_job, self.check_interval,
+                                                     self.max_ingestion_time)
+                return {"Tuning": serialize(description)}
+            if status == "Completed":
+                self.log.info("tuning job %s already completed (an earlier try started it): using it", name)
+                return {"Tuning": serialize(description)}
+            self.log.info("tuning job %s ended %s: starting the next attempt", name, status)
+        raise RuntimeError(f"{base}: {MAX_ATTEMPTS} attempts already exist; not starting another")
+
+    def on_kill(self) -> None:
+        name = self.config.get("HyperParameterTuningJobName")
+        description = self._describe(name) if name else None
+        if description and description["HyperParameterTuningJobStatus"] == "InProgress":
+            self.log.info("stopping tuning job %s and its trials", name)
+            self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+
+
+def _attempt_name(base: str, attempt: int) -> str:
+    if attempt == 1:
+        return base
+    suffix = f"-a{attempt}"
+    return base[:MAX_NAME_LENGTH - len(suffix)].rstrip("-") + suffix
+
+
+def attempt_names(base: str) -> list[str]:
+    """Every name a run's tuning job may have, first attempt first."""
+    return [_attempt_name(base, attempt) for attempt in range(1, MAX_ATTEMPTS + 1)]
