@@ -2,13 +2,16 @@
 
 - GET /ping: 200 once the model is loaded; 503 while it loads, or with the reason when loading failed.
 - POST /invocations: one JSON request through ml.inference's input_fn, predict_fn and output_fn.
-  A bad request gets its 4xx status and {"error": ...}; a failure while predicting gets 500 and
-  the server carries on.
+  A bad request gets its 4xx status and {"error": ...} naming the problem (checked before the
+  request queues for the pipeline); a failure while predicting gets 500 and the server carries on.
+  The answer is JSON, or a PNG/JPEG per Accept (seed and timings then in
+  X-Amzn-SageMaker-Custom-Attributes).
 - Port $SAGEMAKER_BIND_TO_PORT or 8080 on 0.0.0.0 unless told otherwise; the LoRA is read from
   /opt/ml/model (under $SAGEMAKER_BASE_DIR when set), the base model from $BASE_MODEL.
 - SIGTERM (or SIGINT): stop accepting connections, let in-flight requests finish, exit 0.
 
-The model loads on a background thread, so the port answers /ping (503) from the start.
+The model loads and warms up on a background thread, so the port answers /ping (503) from the start
+and 200 only once a first generation has run.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from ml.contract import ContainerPaths
 log = logging.getLogger("sdxl_lora.serve")
 
 DEFAULT_PORT = 8080
-MAX_BODY_BYTES = 1 << 20  # a request is a prompt and a few numbers
 DRAIN_SECONDS = 60  # how long SIGTERM waits for in-flight requests before exiting anyway
 
 
@@ -39,7 +41,7 @@ class ModelSlot:
     """The model once loaded, or why it could not be."""
 
     def __init__(self) -> None:
-        self.model: inference.LoadedModel | None = None
+        self.model: inference.Engine | None = None
         self.error: str | None = None
 
     def load(self, model_dir: Path) -> None:
@@ -62,6 +64,7 @@ class ModelSlot:
 
 class Handler(BaseHTTPRequestHandler):
     server: "InferenceServer"
+    timeout = 30  # seconds a client may take to send its request: a stalled one never holds a thread for long
 
     def handle_one_request(self) -> None:
         self.started = time.monotonic()
@@ -79,31 +82,48 @@ class Handler(BaseHTTPRequestHandler):
         slot = self.server.slot
         if slot.model is None:
             return self._send_json(503, slot.state())
+        extra = {}
         try:
-            data = inference.input_fn(self._read_body(), self.headers.get("Content-Type"))
+            media = inference.negotiate(self.headers.get("Accept"))
+            data = inference.input_fn(self._read_body(slot.model.limits), self.headers.get("Content-Type"))
+            inference.check_media(media, data)
             prediction = inference.predict_fn(data, slot.model)
-            body = inference.output_fn(prediction, self.headers.get("Accept"))
+            body = inference.output_fn(prediction, media)
+            if media != inference.JSON:
+                extra["X-Amzn-SageMaker-Custom-Attributes"] = inference.custom_attributes(prediction)
         except inference.RequestError as error:
             return self._send_json(error.status, {"error": str(error)})
         except Exception as error:
             log.exception("invocation failed")
             return self._send_json(500, {"error": f"inference failed: {type(error).__name__}: {error}"})
-        self._send(200, body.encode(), "application/json")
+        self._send(200, body.encode() if isinstance(body, str) else body, media, extra)
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, limits: inference.Limits) -> bytes:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if self.headers.get("Transfer-Encoding"):
+            raise inference.RequestError("chunked request bodies are not supported; send a Content-Length",
+                                         status=411)
+        if length is None or not length.strip().isdigit():
             raise inference.RequestError("a Content-Length header is required", status=411)
-        if int(length) > MAX_BODY_BYTES:
-            raise inference.RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
-        return self.rfile.read(int(length))
+        if int(length) > limits.max_body_bytes:
+            raise inference.RequestError(f"request body is {int(length)} bytes, larger than the "
+                                         f"{limits.max_body_bytes} allowed", status=413)
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            raise inference.RequestError(f"request body did not arrive within {self.timeout} s", status=408) from None
+        if len(body) < int(length):
+            raise inference.RequestError(f"request body ended after {len(body)} of {int(length)} bytes")
+        return body
 
     def _send_json(self, status: int, payload: dict) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json")
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
