@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import inference, serve
+from ml import adapters, inference, serve
 from ml.inference import RequestError, parse_request
 
 FAST = {"prompt": "storyboard frame, a red circle", "width": 32, "height": 32, "num_inference_steps": 2, "seed": 7}
@@ -137,14 +137,19 @@ def lora_job_dir(tmp_path_factory, base_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(lora_job_dir, base_model):
-    """One server with the LoRA for the module's HTTP tests; its URL."""
+def server_process(lora_job_dir, base_model):
+    """One server with the LoRA for the module's HTTP tests."""
     process = ServerProcess(lora_job_dir, str(base_model))
     try:
         process.wait_ready()
-        yield process.url
+        yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_process) -> str:
+    return server_process.url
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +181,7 @@ def local_server():
 def test_a_prompt_alone_takes_the_defaults_and_a_random_seed():
     request = parse_request({"prompt": "a cat", "width": None})
     assert (request.width, request.height, request.num_inference_steps, request.guidance_scale) == (None,) * 4
-    assert (request.num_images_per_prompt, request.lora_scale) == (1, 1.0)
+    assert (request.num_images_per_prompt, request.lora_scale, request.adapter) == (1, 1.0, None)
     assert 0 <= request.seed <= inference.MAX_SEED
     assert parse_request({"prompt": "a cat", "lora_scale": 1}).lora_scale == 1.0
 
@@ -187,7 +192,9 @@ def test_a_prompt_alone_takes_the_defaults_and_a_random_seed():
     ({"prompt": "  "}, "prompt"),
     ({"prompt": "x", "negative_prompt": ["blur"]}, "negative_prompt"),
     ({"prompt": "x", "width": 30}, "width"),
-    ({"prompt": "x", "width": 4096}, "width"),
+    ({"prompt": "x", "width": 8192}, "width"),
+    ({"prompt": "x", "width": 2048, "height": 2048}, "budget"),
+    ({"prompt": "x" * 2001}, "prompt is 2001 characters"),
     ({"prompt": "x", "height": "64"}, "height"),
     ({"prompt": "x", "height": 0}, "height"),
     ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
@@ -196,10 +203,16 @@ def test_a_prompt_alone_takes_the_defaults_and_a_random_seed():
     ({"prompt": "x", "num_inference_steps": True}, "num_inference_steps"),
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
-    ({"prompt": "x", "num_images_per_prompt": 9}, "num_images_per_prompt"),
+    ({"prompt": "x", "num_images_per_prompt": 5}, "num_images_per_prompt"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "lora_scale": 2.5}, "lora_scale"),
     ({"prompt": "x", "lora_scale": float("nan")}, "lora_scale"),
+    ({"prompt": "x", "lora_scale": -0.1}, "lora_scale"),
+    ({"prompt": "x", "adapter": ""}, "adapter"),
+    ({"prompt": "x", "adapter": 3}, "adapter"),
+    ({"prompt": "x", "adapter": {}}, "adapter"),
+    ({"prompt": "x", "adapter": {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}}, "adapter"),
+    ({"prompt": "x", "adapter": {"a": 2.5}}, "adapter weight of a"),
     ({"prompt": "x", "steps": 3, "cfg": 1}, "unknown field(s): cfg, steps"),
 ])
 def test_invalid_requests_are_refused_naming_the_field(body, named):
@@ -225,21 +238,28 @@ def test_input_fn_reads_json_with_a_charset():
     assert inference.input_fn(b'{"prompt": "a cat"}', "application/json; charset=utf-8").prompt == "a cat"
 
 
-def test_output_fn_answers_json_unless_the_client_accepts_only_something_else():
-    prediction = inference.Prediction(images=[Image.new("RGB", (8, 8))], seed=1, lora_scale=0.5,
-                                      inference_seconds=0.25)
-    for accept in (None, "", "*/*", "application/json", "image/png, application/json;q=0.9"):
+def test_output_fn_answers_json_png_or_jpeg_as_the_client_accepts():
+    prediction = inference.Prediction(images=[Image.new("RGB", (8, 8), (200, 10, 10))], seed=1, adapter="ink",
+                                      lora_scale=0.5, inference_seconds=0.25)
+    for accept in (None, "", "*/*", "application/json", "image/png;q=0.5, application/json;q=0.9"):
         answer = json.loads(inference.output_fn(prediction, accept))
-        assert answer["seed"] == 1 and answer["lora_scale"] == 0.5 and decode(answer["images"][0]).shape == (8, 8, 3)
+        assert answer["seed"] == 1 and answer["lora_scale"] == 0.5 and answer["adapter"] == "ink"
+        assert answer["image_format"] == "png" and decode(answer["images"][0]).shape == (8, 8, 3)
+    for accept, kind in (("image/png", "PNG"), ("image/jpeg", "JPEG"), ("image/jpeg, application/json;q=0.5", "JPEG"),
+                         ("image/*", "PNG")):
+        image = Image.open(io.BytesIO(inference.output_fn(prediction, accept)))
+        assert image.format == kind and image.size == (8, 8)
+    assert inference.custom_attributes(prediction) == "seed=1,adapter=ink,lora_scale=0.5,inference_seconds=0.25"
     with pytest.raises(RequestError) as refused:
-        inference.output_fn(prediction, "image/png")
-    assert refused.value.status == 406
+        inference.output_fn(prediction, "text/html")
+    assert refused.value.status == 406 and "text/html" in str(refused.value)
 
 
 def test_the_lora_file_name_is_the_one_training_writes():
     from ml.train import LORA_WEIGHTS
 
     assert inference.LORA_WEIGHTS == LORA_WEIGHTS
+    assert adapters.LORA_WEIGHTS == LORA_WEIGHTS
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,22 +272,25 @@ def test_ping_is_503_while_loading_or_failed_and_200_when_ready(local_server):
     assert call(url, "/invocations", FAST)[0] == 503
     slot.error = "model could not be loaded: BASE_MODEL /nowhere does not exist"
     assert call(url, "/ping") == (503, {"status": "failed", "error": slot.error})
-    slot.model = inference.LoadedModel(pipeline=None, adapter=None, lock=threading.Lock())
+    slot.model = object()  # anything loaded
     assert call(url, "/ping") == (200, {"status": "ready"})
     assert call(url, "/elsewhere")[0] == 404
 
 
-def test_a_failure_while_predicting_is_a_500_and_the_server_carries_on(local_server):
+def test_a_failure_while_predicting_is_a_500_and_the_next_request_is_served(local_server, tmp_path, monkeypatch,
+                                                                           base_model):
     slot, url = local_server
-
-    def broken_pipeline(**kwargs):
-        raise RuntimeError("out of memory")
-
-    slot.model = inference.LoadedModel(pipeline=broken_pipeline, adapter=None, lock=threading.Lock())
+    monkeypatch.setenv("BASE_MODEL", str(base_model))
+    slot.model = inference.model_fn(tmp_path)
+    expected = render(url)[0]
+    unet = slot.model.pipeline.unet
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", mock.Mock(side_effect=RuntimeError("out of memory")))
     status, answer = call(url, "/invocations", FAST)
     assert status == 500 and "RuntimeError: out of memory" in answer["error"]
+    monkeypatch.setattr(unet, "forward", forward)
     assert call(url, "/ping")[0] == 200
-    assert not slot.model.lock.locked()
+    assert np.array_equal(render(url)[0], expected)
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,8 +320,8 @@ def test_a_model_dir_without_a_lora_serves_the_base_model(tmp_path, monkeypatch,
     monkeypatch.setenv("BASE_MODEL", str(base_model))
     with caplog.at_level("WARNING", logger="sdxl_lora.inference"):
         model = inference.model_fn(tmp_path)
-    assert model.adapter is None
-    assert "serving the base model" in caplog.text
+    assert model.default_adapter is None and model.bank.fused == ()
+    assert "get the base model" in caplog.text
 
 
 def test_base_model_from_s3_is_downloaded_once_and_loaded(tmp_path, monkeypatch, base_model):
@@ -334,8 +357,11 @@ def test_the_lora_written_by_the_training_job_is_served(make_job, monkeypatch, b
     assert job.returncode == 0, job.stdout
     monkeypatch.setenv("BASE_MODEL", str(base_model))
     model = inference.model_fn(job.model)
-    assert model.pipeline.get_list_adapters() == {part: [inference.ADAPTER_NAME]
-                                                  for part in ("unet", "text_encoder", "text_encoder_2")}
+    layers = model.bank.cache["default"].layers
+    owners = {name for name in ("unet", "text_encoder", "text_encoder_2")
+              for layer in layers if any(m is layer.module for m in getattr(model.pipeline, name).modules())}
+    assert owners == {"unet", "text_encoder", "text_encoder_2"}
+    assert model.pipeline.get_list_adapters() == {}  # fused: no PEFT layer stays in the forward pass
     prediction = inference.predict_fn(parse_request({**FAST, "lora_scale": 0.5}), model)
     assert len(prediction.images) == 1 and prediction.images[0].size == (32, 32) and prediction.lora_scale == 0.5
 
@@ -388,7 +414,7 @@ def test_concurrent_requests_each_get_their_own_lora_scale(server, base_images):
     ({"width": 32}, {}, 400, "prompt"),
     (b"{not json", {}, 400, "JSON"),
     (FAST, {"Content-Type": "text/csv"}, 415, "text/csv"),
-    (FAST, {"Accept": "image/png"}, 406, "image/png"),
+    (FAST, {"Accept": "text/html"}, 406, "text/html"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_problem(server, body, headers, status, named):
     answer_status, answer = call(server, "/invocations", body, headers)
