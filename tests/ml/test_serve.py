@@ -100,7 +100,7 @@ class ServerProcess:
                 self.process.kill()
 
 
-def write_random_lora(base_model: Path, model_dir: Path) -> None:
+def write_random_lora(base_model: Path, model_dir: Path, seed: int = 0) -> None:
     """A LoRA on the UNet and both text encoders with random (not no-op) weights, saved the way
     `sdxl-lora train` saves its LoRA: a training run this short would barely change an image."""
     import torch
@@ -112,7 +112,7 @@ def write_random_lora(base_model: Path, model_dir: Path) -> None:
     from ml.train import LORA_WEIGHTS, TEXT_LORA_TARGETS, UNET_LORA_TARGETS
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(base_model)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     layers = {}
     for name, targets in (("unet", UNET_LORA_TARGETS), ("text_encoder", TEXT_LORA_TARGETS),
                           ("text_encoder_2", TEXT_LORA_TARGETS)):
