@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -446,3 +447,126 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path, base_m
         process.process.kill()
     assert response.status == 200 and len(answer["images"]) == 1 and answer["lora_scale"] is None
     assert "POST /invocations 200" in process.output().split("SIGTERM received")[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad requests through HTTP, and many random ones
+
+
+@pytest.mark.parametrize("body, status, named", [
+    ({**FAST, "prompt": ""}, 400, "prompt must not be empty"),
+    ({**FAST, "prompt": "x" * 100}, 400, "prompt is 102 tokens"),
+    ({**FAST, "height": 36}, 400, "height must be a multiple of 8"),
+    ({**FAST, "width": 4096, "height": 4096}, 400, "budget"),
+    ({**FAST, "num_inference_steps": 500}, 400, "num_inference_steps"),
+    ({**FAST, "guidance_scale": 51}, 400, "guidance_scale"),
+    ({**FAST, "num_images_per_prompt": 20}, 400, "num_images_per_prompt"),
+    ({**FAST, "lora_scale": 3}, 400, "lora_scale"),
+    ({**FAST, "adapter": "nobody"}, 404, "unknown adapter 'nobody'"),
+    ({**FAST, "num_images_per_prompt": 2}, 406, "one image"),  # with Accept: image/jpeg
+])
+def test_each_kind_of_bad_request_gets_its_4xx(server, body, status, named):
+    headers = {"Accept": "image/jpeg"} if status == 406 else {}
+    answer_status, answer = call(server, "/invocations", body, headers)
+    assert (answer_status, named in answer["error"]) == (status, True), answer
+
+
+def raw_post(url: str, body: bytes, headers: dict, send: bytes | None = None) -> tuple[int, dict]:
+    """POST with exactly these headers; send (default: body) is what really goes over the wire."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    try:
+        connection.putrequest("POST", "/invocations", skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        connection.send(body if send is None else send)
+        if send is not None:
+            connection.sock.shutdown(socket.SHUT_WR)  # the client is done, whatever it declared
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_jpeg_answer_carries_seed_and_timings_in_custom_attributes(server):
+    request = urllib.request.Request(server + "/invocations", data=json.dumps(FAST).encode(),
+                                     headers={"Content-Type": "application/json", "Accept": "image/jpeg"})
+    with OPENER.open(request, timeout=120) as response:
+        assert response.headers["Content-Type"] == "image/jpeg"
+        attributes = dict(pair.split("=", 1) for pair in response.headers["X-Amzn-SageMaker-Custom-Attributes"].split(","))
+        image = Image.open(io.BytesIO(response.read()))
+    assert image.format == "JPEG" and image.size == (32, 32)
+    assert attributes["seed"] == "7" and attributes["adapter"] == "default" and float(attributes["inference_seconds"]) > 0
+
+
+def test_the_body_size_limit_and_content_length_are_enforced(server):
+    body = json.dumps(FAST).encode()
+    status, answer = raw_post(server, b"", {"Content-Type": "application/json", "Content-Length": str(10 << 20)},
+                              send=b"")
+    assert status == 413 and "larger than the 1048576 allowed" in answer["error"]
+    status, answer = raw_post(server, body, {"Content-Type": "application/json"})
+    assert status == 411
+    status, answer = raw_post(server, body, {"Content-Type": "application/json", "Content-Length": str(len(body) + 50)},
+                              send=body)
+    assert status == 400 and f"ended after {len(body)} of {len(body) + 50} bytes" in answer["error"]
+
+
+JUNK_NUMBERS = ["", [], {}, True, -7, 10**30, "9", float("inf")]
+JUNK_TEXT = [[], {}, True, -7, 10**30, "x" * 3000]
+JUNK_ADAPTERS = ["", [], {}, True, -7, "no-such-adapter", {"default": -1}, "s3://", "../../etc", "x.ckpt"]
+
+
+def pick(rng: np.random.Generator, choices: list):
+    return choices[int(rng.integers(0, len(choices)))]
+
+
+def malformed_request(rng: np.random.Generator) -> tuple[bytes, dict]:
+    """One random request the server must refuse: its body and headers."""
+    headers = {"Content-Type": "application/json"}
+    kind = rng.integers(0, 7)
+    if kind == 0:  # bytes
+        body = rng.bytes(int(rng.integers(0, 300)))
+    elif kind == 1:  # JSON that is not an object
+        body = json.dumps(pick(rng, [[1, 2], "prompt", 3.5, None, True, [{"prompt": "x"}]])).encode()
+    elif kind == 2:  # deeply nested
+        depth = int(rng.integers(1000, 100_000))
+        body = b"[" * depth + b"]" * depth
+    elif kind == 3:  # a valid request with junk in 1 to 3 fields, or an unknown field
+        request = dict(FAST)
+        for _ in range(int(rng.integers(1, 4))):
+            name = pick(rng, list(FAST) + ["adapter", "lora_scale", "bogus"])
+            request[name] = pick(rng, JUNK_TEXT if name == "prompt" else JUNK_ADAPTERS if name == "adapter"
+                                 else JUNK_NUMBERS)
+        body = json.dumps(request).encode()
+    elif kind == 4:  # a content type it does not read
+        body = json.dumps(FAST).encode()
+        headers["Content-Type"] = pick(rng, ["text/plain", "application/x-www-form-urlencoded", "image/png"])
+    elif kind == 5:  # truncated JSON
+        text = json.dumps({**FAST, "prompt": "a red circle"}).encode()
+        body = text[:int(rng.integers(1, len(text) - 1))]
+    else:  # an Accept it cannot answer
+        body = json.dumps(FAST).encode()
+        headers["Accept"] = pick(rng, ["text/html", "application/xml", "video/mp4"])
+    headers["Content-Length"] = str(len(body))
+    return body, headers
+
+
+def test_hundreds_of_random_malformed_requests_leave_the_server_serving_in_bounded_memory(server_process):
+    import psutil
+
+    url = server_process.url
+    before_image = render(url)[0]
+    server = psutil.Process(server_process.process.pid)
+    rss_before = server.memory_info().rss
+    rng = np.random.default_rng(11)
+    statuses = Counter()
+    for _ in range(250):
+        body, headers = malformed_request(rng)
+        status, answer = raw_post(url, body, headers)
+        assert 400 <= status < 500 and answer["error"], (status, answer, body[:200], headers)
+        statuses[status] += 1
+    assert server_process.process.poll() is None
+    assert call(url, "/ping")[0] == 200
+    assert np.array_equal(render(url)[0], before_image)
+    assert server.memory_info().rss - rss_before < 64 << 20, statuses
+    assert {400, 406, 415} <= set(statuses)
