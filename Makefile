@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test airflow bench-train bench-dags constraints clean
+.PHONY: demo test airflow bench-train bench-dags bench-serve constraints clean
 
 $(READY): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench-train: $(READY)
 
 bench-dags: $(READY)
 	$(BIN)/python benchmarks/bench_dags.py $(ARGS)
+
+bench-serve: $(READY)
+	$(BIN)/python benchmarks/bench_serve.py $(ARGS)
 
 # Re-resolve the pinned set after changing pyproject.toml (needs a fresh venv).
 constraints:
