@@ -1,12 +1,15 @@
 """
 ### SDXL LoRA deployment
 
-Deploys a trained LoRA (`model.tar.gz` from a training job) to a SageMaker endpoint:
-Model -> EndpointConfig -> Endpoint (created, or updated when it already exists), then a smoke-test
-invocation that must return an image. If any step fails, what this run created is removed and an
-existing endpoint goes back to the config it served before.
+Deploys a trained LoRA (`model.tar.gz` from a training job) to a SageMaker endpoint as a new
+production variant beside the ones serving now: Model -> EndpointConfig (serving variants plus the
+candidate at weight 0) -> Endpoint (created, or updated when it already exists) -> a smoke-test
+invocation of the candidate through TargetVariant, which must return an image -> traffic shift:
+`candidate_weight` 1 sends it everything, less starts an A/B test. Promote or roll back an A/B
+test later with `sdxl_lora_traffic` (weights only). If any step fails, what this run created is
+removed and an existing endpoint goes back to the config it served before.
 
-The endpoint runs `sdxl-lora serve`: requests carry a per-request `lora_scale`.
+The endpoint runs `sdxl-lora serve`: requests name an adapter and a per-request `lora_scale`.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ DAG_ID = "sdxl_lora_deploy"
                                 description="The training job's model artifacts (ModelArtifacts.S3ModelArtifacts)."),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(),
+        "candidate_weight": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
+                                  description="Share of the traffic the new variant gets after its smoke test: 1 "
+                                              "replaces what serves now, less runs an A/B test beside it."),
     },
 )
 def sdxl_lora_deploy():
-    deploy_group("{{ params.model_data_url }}", "{{ params.endpoint_name or '' }}", "{{ params.smoke_request }}")
+    deploy_group("{{ params.model_data_url }}", "{{ params.endpoint_name or '' }}", "{{ params.smoke_request }}",
+                 candidate_weight="{{ params.candidate_weight }}")
 
 
 sdxl_lora_deploy()

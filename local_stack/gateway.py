@@ -56,6 +56,7 @@ class SageMaker:
             "CreateEndpoint": hosting.create_endpoint,
             "DescribeEndpoint": hosting.describe_endpoint,
             "UpdateEndpoint": hosting.update_endpoint,
+            "UpdateEndpointWeightsAndCapacities": hosting.update_endpoint_weights_and_capacities,
             "DeleteEndpoint": hosting.delete_endpoint,
             "ListEndpoints": hosting.list_endpoints,
         }
@@ -123,13 +124,15 @@ class Gateway:
 
     def _invoke(self, environ, start_response, endpoint: str):
         try:
-            status, body, content_type, variant = self.sagemaker.hosting.invoke(
+            status, body, content_type, variant, attributes = self.sagemaker.hosting.invoke(
                 endpoint, self._body(environ), environ.get("CONTENT_TYPE", ""), environ.get("HTTP_ACCEPT", ""),
                 environ.get("HTTP_X_AMZN_SAGEMAKER_TARGET_VARIANT"))
         except ApiError as error:
             return _error(start_response, error)
-        return _respond(start_response, status, body, {"Content-Type": content_type,
-                                                       "x-Amzn-Invoked-Production-Variant": variant})
+        headers = {"Content-Type": content_type, "x-Amzn-Invoked-Production-Variant": variant}
+        if attributes:
+            headers["X-Amzn-SageMaker-Custom-Attributes"] = attributes
+        return _respond(start_response, status, body, headers)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -25,6 +25,7 @@ from local_stack.errors import ApiError, check_name, not_found, require, validat
 from local_stack.runner import ContainerProcess, LogSink, command_for
 
 PING_TIMEOUT_SECONDS = 300.0
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"  # passed between caller and container both ways
 
 
 def free_port() -> int:
@@ -152,6 +153,34 @@ class HostingService:
         threading.Thread(target=self._deploy, args=(endpoint, config, True), daemon=True).start()
         return {"EndpointArn": endpoint.description["EndpointArn"]}
 
+    def update_endpoint_weights_and_capacities(self, request: dict) -> dict:
+        """New traffic weights for running variants: no process restarts, InService again at once."""
+        require(request, "EndpointName", "DesiredWeightsAndCapacities")
+        endpoint = self._endpoint(request["EndpointName"])
+        desired = request["DesiredWeightsAndCapacities"]
+        with self.lock:
+            status = endpoint.description["EndpointStatus"]
+            if status != "InService":
+                raise validation(f"Cannot update in-progress endpoint \"{endpoint.description['EndpointArn']}\" "
+                                 f"(status {status}).")
+            variants = {variant.name: variant for variant in endpoint.variants}
+            for change in desired:
+                require(change, "VariantName")
+                if change["VariantName"] not in variants:
+                    raise validation(f"The variant name(s) [{change['VariantName']}] is/are not present in "
+                                     f"endpoint \"{endpoint.name}\".")
+                if float(change.get("DesiredWeight", 0)) < 0:
+                    raise validation("DesiredWeight must be at least 0")
+            weights = {name: variant.weight for name, variant in variants.items()}
+            weights.update({c["VariantName"]: float(c["DesiredWeight"]) for c in desired if "DesiredWeight" in c})
+            if not sum(weights.values()):
+                raise validation("At least one variant must have a weight greater than 0.")
+            for name, weight in weights.items():
+                variants[name].weight = weight
+            endpoint.description.update({"LastModifiedTime": time.time(), "ProductionVariants": [
+                _variant_summary(variant) for variant in endpoint.variants]})
+        return {"EndpointArn": endpoint.description["EndpointArn"]}
+
     def describe_endpoint(self, request: dict) -> dict:
         endpoint = self._endpoint(request.get("EndpointName"))
         with self.lock:
@@ -188,8 +217,9 @@ class HostingService:
     # -- runtime ------------------------------------------------------------------------------
 
     def invoke(self, name: str, body: bytes, content_type: str, accept: str,
-               target_variant: str | None) -> tuple[int, bytes, str, str]:
-        """Route to a variant by weight (or TargetVariant); returns status, body, content type, variant."""
+               target_variant: str | None) -> tuple[int, bytes, str, str, str | None]:
+        """Route to a variant by weight (or TargetVariant); returns status, body, content type, variant and the
+        container's custom attributes."""
         with self.lock:
             endpoint = self.endpoints.get(name)
             if endpoint is None:
@@ -203,14 +233,17 @@ class HostingService:
             if chosen is None:
                 raise _runtime_validation(f"Target variant {target_variant} not found for Endpoint {name}")
         else:
-            weighted = [v for v in variants if v.weight > 0] or variants
-            chosen = random.choices(weighted, weights=[v.weight or 1 for v in weighted])[0]
+            weighted = [v for v in variants if v.weight > 0]  # a variant at weight 0 gets no traffic
+            if not weighted:
+                raise _runtime_validation(f"Endpoint {name} has no variant with traffic weight above 0.")
+            chosen = random.choices(weighted, weights=[v.weight for v in weighted])[0]
         request = urllib.request.Request(f"http://127.0.0.1:{chosen.port}/invocations", data=body, method="POST",
                                          headers={"Content-Type": content_type or "application/json",
                                                   "Accept": accept or "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=600) as response:
-                return response.status, response.read(), response.headers.get_content_type(), chosen.name
+                return (response.status, response.read(), response.headers.get_content_type(), chosen.name,
+                        response.headers.get(CUSTOM_ATTRIBUTES))
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")
             raise ApiError("ModelError", f"Received client error ({error.code}) from primary with message "

@@ -1,6 +1,14 @@
 """The deployment tasks, shared by sdxl_lora_deploy and the DAGs that deploy what they trained.
 
-plan -> Model -> EndpointConfig -> Endpoint (create, or update when it exists) -> smoke test.
+plan -> Model -> EndpointConfig -> Endpoint (create, or update when it exists) -> smoke test
+-> traffic shift -> serving record.
+
+An endpoint holds several production variants. A deployment adds the new model as a variant
+(the candidate) beside those serving now, at weight 0; the smoke test reaches it directly with
+TargetVariant, and only then does traffic shift (UpdateEndpointWeightsAndCapacities): all of it
+(candidate_weight 1), or a share for an A/B test. Variants left at weight 0 by an earlier
+promotion are dropped by the next deployment. Promote or roll back an A/B test by changing
+weights (`traffic_group`, the sdxl_lora_traffic DAG); no instance restarts.
 If anything after the plan fails, rollback removes what this run created and puts an existing
 endpoint back on the config it served before, then fails the run.
 """
@@ -20,32 +28,95 @@ SMOKE_REQUEST = {"prompt": "storyboard frame, ink outline, a red circle on the l
                  "num_inference_steps": 4, "seed": 0, "lora_scale": 0.8}
 
 
-@task
-def plan(model_data_url: str, endpoint_name: str | None, run_id: str) -> dict:
-    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+def variant_name(model_data_url: str, run_id: str) -> str:
+    """A stable, valid variant name per deployed model and run (what TargetVariant names)."""
+    from sdxl_lora import naming
+
+    return f"v-{naming.run_token(run_id)}-{naming.run_token(model_data_url)}"
+
+
+def target_weights(serving: dict[str, float], candidate: str, candidate_weight: float) -> dict[str, float]:
+    """Weights after the shift: the candidate gets its share, the serving variants split the rest
+    in their current proportions (all of it when the candidate takes everything: they go to 0)."""
+    if not 0 < candidate_weight <= 1:
+        raise ValueError(f"candidate_weight must be in (0, 1], got {candidate_weight}")
+    total = sum(serving.values())
+    weights = {name: round((1 - candidate_weight) * weight / total, 6) if total else 0.0
+               for name, weight in serving.items()}
+    weights[candidate] = candidate_weight if weights and total else 1.0
+    return weights
+
+
+def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_id: str,
+                    current: dict | None, candidate_weight: float = 1.0) -> dict:
+    """The request dicts of one deployment (pure: tests call it). current: DescribeEndpoint and its
+    config's variants, {"config": name, "variants": [{"VariantName", "ModelName", "CurrentWeight"}]}, or None."""
     from sdxl_lora import naming, requests
+
+    token = naming.run_token(model_data_url)
+    model_name = naming.job_name("sdxl-lora-model", run_id, token)
+    config_name = naming.job_name("sdxl-lora-config", run_id, token)
+    candidate = variant_name(model_data_url, run_id)
+    # Variants that serve traffic stay beside the candidate; those at weight 0 (promoted away from) go.
+    serving = {v["VariantName"]: (v["ModelName"], float(v["CurrentWeight"]))
+               for v in (current or {}).get("variants", []) if float(v["CurrentWeight"]) > 0}
+    variants = {**serving, candidate: (model_name, 0.0 if serving else 1.0)}
+    config = requests.endpoint_config_request(settings, config_name, variants)
+    return {
+        "model": requests.model_request(settings, model_name, model_data_url),
+        "endpoint_config": config,
+        "endpoint": {"Endpoint": {"EndpointName": endpoint, "EndpointConfigName": config_name}},
+        "previous_config": (current or {}).get("config"),
+        "candidate": candidate,
+        "weights": target_weights({name: weight for name, (_, weight) in serving.items()}, candidate,
+                                  candidate_weight),
+    }
+
+
+def current_deployment(client, endpoint: str) -> dict | None:
+    """The endpoint's config and variants with their current weights; None when there is no endpoint."""
+    from botocore.exceptions import ClientError
+
+    try:
+        described = client.describe_endpoint(EndpointName=endpoint)
+    except ClientError as error:
+        if error.response["Error"]["Code"] == "ValidationException":
+            return None
+        raise
+    config = client.describe_endpoint_config(EndpointConfigName=described["EndpointConfigName"])
+    weights = {v["VariantName"]: v.get("CurrentWeight", 0.0) for v in described.get("ProductionVariants", [])}
+    return {"config": described["EndpointConfigName"],
+            "variants": [{"VariantName": v["VariantName"], "ModelName": v["ModelName"],
+                          "CurrentWeight": weights.get(v["VariantName"], v.get("InitialVariantWeight", 1.0))}
+                         for v in config["ProductionVariants"]]}
+
+
+@task
+def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, run_id: str | None = None) -> dict:
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()
     endpoint = endpoint_name or settings.endpoint_name
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
-    try:
-        previous = client.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
-    except client.exceptions.ClientError:
-        previous = None
-    model_name = naming.job_name("sdxl-lora-model", run_id, naming.run_token(model_data_url))
-    config_name = naming.job_name("sdxl-lora-config", run_id, naming.run_token(model_data_url))
-    return {
-        "model": requests.model_request(settings, model_name, model_data_url),
-        "endpoint_config": requests.endpoint_config_request(settings, config_name, {"AllTraffic": (model_name, 1.0)}),
-        "endpoint": {"Endpoint": {"EndpointName": endpoint, "EndpointConfigName": config_name}},
-        "previous_config": previous,
-    }
+    return plan_deployment(settings, model_data_url, endpoint, run_id, current_deployment(client, endpoint),
+                           float(candidate_weight or 1.0))
+
+
+def check_image(name: str, response: dict) -> dict:
+    """The smoke test's verdict on one InvokeEndpoint answer: JSON with a decodable PNG."""
+    import base64
+    import json
+
+    body = json.loads(response["Body"].read())
+    image = base64.b64decode(body["images"][0])
+    if not image.startswith(b"\x89PNG"):
+        raise ValueError(f"endpoint {name} answered without a PNG image")
+    return body
 
 
 @task
 def smoke_test(deployment: dict, request: dict) -> dict:
-    """One real invocation: the endpoint must answer with a decodable image."""
-    import base64
+    """One real invocation of the candidate variant (TargetVariant), before any traffic reaches it."""
     import json
 
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
@@ -54,13 +125,51 @@ def smoke_test(deployment: dict, request: dict) -> dict:
     runtime = AwsBaseHook(aws_conn_id=settings.aws_conn_id, client_type="sagemaker-runtime").conn
     name = deployment["endpoint"]["Endpoint"]["EndpointName"]
     response = runtime.invoke_endpoint(EndpointName=name, ContentType="application/json", Accept="application/json",
-                                       Body=json.dumps(request))
-    body = json.loads(response["Body"].read())
-    image = base64.b64decode(body["images"][0])
-    if not image.startswith(b"\x89PNG"):
-        raise ValueError(f"endpoint {name} answered without a PNG image")
+                                       TargetVariant=deployment["candidate"], Body=json.dumps(request))
+    body = check_image(name, response)
+    if response["InvokedProductionVariant"] != deployment["candidate"]:
+        raise ValueError(f"the smoke test reached variant {response['InvokedProductionVariant']}, "
+                         f"not the candidate {deployment['candidate']}")
     return {"endpoint": name, "variant": response["InvokedProductionVariant"], "seed": body["seed"],
             "inference_seconds": body.get("inference_seconds")}
+
+
+def set_weights(client, endpoint: str, weights: dict[str, float], check_interval: float, timeout: float = 3600) -> dict:
+    """UpdateEndpointWeightsAndCapacities, then wait for InService; the variants' weights after it."""
+    import time
+
+    described = client.describe_endpoint(EndpointName=endpoint)
+    known = {v["VariantName"]: v.get("CurrentWeight") for v in described.get("ProductionVariants", [])}
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ValueError(f"endpoint {endpoint} has no variant(s) {', '.join(unknown)}; it has {', '.join(sorted(known))}")
+    if any(weight < 0 for weight in weights.values()) or not sum({**known, **weights}.values()):
+        raise ValueError(f"weights must be at least 0 and not all 0, got {weights}")
+    if all(known[name] == weight for name, weight in weights.items()):
+        return known
+    client.update_endpoint_weights_and_capacities(EndpointName=endpoint, DesiredWeightsAndCapacities=[
+        {"VariantName": name, "DesiredWeight": float(weight)} for name, weight in weights.items()])
+    deadline = time.monotonic() + timeout
+    while True:
+        described = client.describe_endpoint(EndpointName=endpoint)
+        if described["EndpointStatus"] == "InService":
+            return {v["VariantName"]: v.get("CurrentWeight") for v in described["ProductionVariants"]}
+        if described["EndpointStatus"] == "Failed" or time.monotonic() > deadline:
+            raise RuntimeError(f"endpoint {endpoint} is {described['EndpointStatus']} after the weight change: "
+                               f"{described.get('FailureReason', '')}")
+        time.sleep(check_interval)
+
+
+@task
+def shift_traffic(deployment: dict, smoke: dict) -> dict:
+    """After a passing smoke test: the candidate gets its share of the traffic."""
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+    settings = Settings.resolve()
+    client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
+    weights = set_weights(client, smoke["endpoint"], deployment["weights"], settings.check_interval_seconds)
+    print(f"traffic on {smoke['endpoint']}: {weights}")
+    return weights
 
 
 def serving_record_uri(settings: Settings, endpoint: str) -> str:
@@ -68,7 +177,7 @@ def serving_record_uri(settings: Settings, endpoint: str) -> str:
 
 
 @task
-def record_serving(deployment: dict, smoke: dict) -> None:
+def record_serving(deployment: dict, smoke: dict, weights: dict) -> None:
     """What the endpoint serves now, for later runs to compare their adapters against."""
     import json
 
@@ -76,16 +185,21 @@ def record_serving(deployment: dict, smoke: dict) -> None:
 
     settings = Settings.resolve()
     record = {"endpoint": smoke["endpoint"], "model_data_url": deployment["model"]["PrimaryContainer"]["ModelDataUrl"],
-              "endpoint_config": deployment["endpoint_config"]["EndpointConfigName"]}
+              "endpoint_config": deployment["endpoint_config"]["EndpointConfigName"],
+              "candidate_variant": deployment["candidate"], "weights": weights}
     S3Hook(aws_conn_id=settings.aws_conn_id).load_string(json.dumps(record), serving_record_uri(settings, smoke["endpoint"]),
                                                          replace=True)
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED)
-def rollback(deployment: dict) -> None:
-    """Undo this run: the previous config serves again (or the new endpoint goes), new resources go."""
+def rollback(deployment: dict | None) -> None:
+    """Undo this run: the previous config serves again (or the new endpoint goes), new resources go.
+    Nothing to undo when the plan itself failed (no deployment)."""
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
+    if not deployment:
+        print("nothing was deployed: nothing to roll back")
+        return
     settings = Settings.resolve()
     hook = SageMakerHook(aws_conn_id=settings.aws_conn_id)
     client = hook.conn
@@ -112,11 +226,12 @@ def _ignore_missing(call, **kwargs) -> None:
             raise
 
 
-def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy") -> TaskGroup:
+def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
+                 candidate_weight=1.0) -> TaskGroup:
     """The deployment tasks as a group; arguments may be XComArgs or templated strings."""
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
-        deployment = plan(model_data_url, endpoint_name)
+        deployment = plan(model_data_url, endpoint_name, candidate_weight)
         model = SageMakerModelOperator(task_id="create_model", config=deployment["model"],
                                        aws_conn_id=settings.aws_conn_id)
         config = SageMakerEndpointConfigOperator(task_id="create_endpoint_config",
@@ -127,8 +242,23 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
                                              check_interval=settings.check_interval_seconds,
                                              aws_conn_id=settings.aws_conn_id)
         smoke = smoke_test(deployment, smoke_request)
-        record = record_serving(deployment, smoke)
+        shifted = shift_traffic(deployment, smoke)
+        record = record_serving(deployment, smoke, shifted)
         undo = rollback(deployment)
-        deployment >> model >> config >> endpoint >> smoke >> record >> undo
-        [model, config, endpoint, smoke] >> undo
+        deployment >> model >> config >> endpoint >> smoke >> shifted >> record >> undo
+        [deployment, model, config, endpoint, smoke, shifted] >> undo
     return group
+
+
+@task
+def change_traffic(endpoint_name: str | None, weights: dict) -> dict:
+    """Promote or roll back by weights: {variant: weight} on a running endpoint, no instance restarted."""
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+    settings = Settings.resolve()
+    endpoint = endpoint_name or settings.endpoint_name
+    client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
+    after = set_weights(client, endpoint, {name: float(w) for name, w in weights.items()},
+                        settings.check_interval_seconds)
+    print(f"traffic on {endpoint}: {after}")
+    return after
