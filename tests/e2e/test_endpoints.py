@@ -93,6 +93,37 @@ def test_target_variant_routes_every_request(endpoint, runtime):
     assert "nobody" in caught.value.response["Error"]["Message"]
 
 
+def test_weights_move_traffic_without_restarts_and_target_variant_still_reaches_a_weight_0_variant(
+        endpoint, runtime, sagemaker):
+    def weights(**values: float) -> None:
+        sagemaker.update_endpoint_weights_and_capacities(EndpointName=endpoint, DesiredWeightsAndCapacities=[
+            {"VariantName": name, "DesiredWeight": weight} for name, weight in values.items()])
+        described = wait_for_endpoint(sagemaker, endpoint)
+        assert {v["VariantName"]: v["CurrentWeight"] for v in described["ProductionVariants"]} == values
+
+    weights(lora=0.0, base=1.0)  # roll the A/B test back: everything to base
+    try:
+        assert {_invoke(runtime, endpoint)[1] for _ in range(15)} == {"base"}
+        response = runtime.invoke_endpoint(EndpointName=endpoint, ContentType="application/json",
+                                           TargetVariant="lora", Body=json.dumps(REQUEST))
+        assert response["InvokedProductionVariant"] == "lora"
+        weights(lora=1.0, base=0.0)  # promote
+        assert {_invoke(runtime, endpoint)[1] for _ in range(15)} == {"lora"}
+        with pytest.raises(ClientError) as refused:
+            weights(lora=0.0, base=0.0)
+        assert refused.value.response["Error"]["Code"] == "ValidationException"
+    finally:
+        weights(lora=3.0, base=1.0)
+
+
+def test_a_jpeg_answer_and_its_custom_attributes_come_back_through_invoke_endpoint(endpoint, runtime):
+    response = runtime.invoke_endpoint(EndpointName=endpoint, ContentType="application/json", Accept="image/jpeg",
+                                       TargetVariant="lora", Body=json.dumps({**REQUEST, "adapter": "default"}))
+    assert response["ContentType"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response["Body"].read())).format == "JPEG"
+    assert "seed=1,adapter=default,lora_scale=0.8" in response["CustomAttributes"]
+
+
 def test_a_bad_request_is_a_model_error_naming_the_field(endpoint, runtime):
     with pytest.raises(ClientError) as caught:
         _invoke(runtime, endpoint, width=33)
