@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ml import buckets
+from ml.buckets import Placement
 from ml.contract import JobError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -21,6 +23,32 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class Example:
     path: Path
     caption: str
+    # Recorded by `sdxl-lora prepare` when it fitted the image to an aspect-ratio bucket; None for a
+    # plain imagefolder, whose images training crops to squares.
+    placement: Placement | None = None
+    latents: Path | None = None  # the prepare job's cached VAE latents of this image
+
+
+def _pair(row: dict, key: str, number: int, name: str) -> tuple[int, int]:
+    value = row[key]
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v >= 0 for v in value)):
+        raise JobError(f"{name} channel metadata.jsonl line {number}: {key} must be [height, width] or [top, left] "
+                       f"in pixels, got {value!r}")
+    return tuple(value)
+
+
+def _placement(row: dict, number: int, name: str) -> Placement | None:
+    if "bucket" not in row:
+        return None
+    original, bucket = _pair(row, "original_size", number, name), _pair(row, "bucket", number, name)
+    if min(original) < 1 or min(bucket) < 1:
+        raise JobError(f"{name} channel metadata.jsonl line {number}: original_size and bucket must be positive")
+    placement = buckets.place(original, bucket)  # how prepare placed it, which the crop recorded confirms
+    crop = _pair(row, "crop", number, name) if "crop" in row else placement.crop
+    if crop != placement.crop:
+        resized = (max(placement.resized[0], crop[0] + bucket[0]), max(placement.resized[1], crop[1] + bucket[1]))
+        placement = Placement(original, resized, crop, bucket)
+    return placement
 
 
 def load_imagefolder(channel: Path, caption_column: str = "text", name: str = "train") -> list[Example]:
@@ -40,7 +68,8 @@ def load_imagefolder(channel: Path, caption_column: str = "text", name: str = "t
         path = channel / row["file_name"]
         if not path.is_file():
             raise JobError(f"{name} channel metadata.jsonl line {number} names {row['file_name']}, which is missing")
-        examples.append(Example(path, str(row[caption_column])))
+        latents = channel / row["latents"] if row.get("latents") else None
+        examples.append(Example(path, str(row[caption_column]), _placement(row, number, name), latents))
     if not examples:
         raise JobError(f"{name} channel metadata.jsonl lists no images")
     return examples
@@ -112,3 +141,30 @@ def flipped(prepared: Prepared, resolution: int) -> Prepared:
     top, left = prepared.crop_top_left
     mirrored_left = prepared.resized_width - left - resolution
     return Prepared(prepared.pixels.flip(-1), prepared.original_size, (top, mirrored_left), prepared.resized_width)
+
+
+def preprocess_bucketed(example: Example, target: tuple[int, int]) -> tuple["object", Placement]:
+    """A prepared image at the training resolution's bucket `target`: as stored when prepare wrote it at
+    this size, else placed into it again (resized, minimally cropped) with the crop composed."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    recorded = example.placement
+    try:
+        with Image.open(example.path) as opened:
+            image = opened.convert("RGB")
+    except OSError as error:
+        raise JobError(f"cannot read image {example.path.name}: {error}") from None
+    if (image.height, image.width) != recorded.bucket:
+        raise JobError(f"image {example.path.name} is {image.height}x{image.width} but metadata.jsonl records its "
+                       f"bucket as {recorded.bucket[0]}x{recorded.bucket[1]}")
+    placement = recorded
+    if target != recorded.bucket:
+        placement = buckets.rescale(recorded, target)
+        again = buckets.place(recorded.bucket, target)
+        image = image.resize((again.resized[1], again.resized[0]), Image.Resampling.BILINEAR)
+        top, left = again.crop
+        image = image.crop((left, top, left + target[1], top + target[0]))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), placement

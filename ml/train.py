@@ -27,15 +27,18 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ml import latents as latents_module
 from ml import metrics
+from ml.buckets import bucket_sizes, nearest_bucket
 from ml.contract import ContainerPaths, JobError, exit_now
-from ml.data import Example, flipped, load_imagefolder, preprocess, split_validation
+from ml.data import Example, flipped, load_imagefolder, preprocess, preprocess_bucketed, split_validation
 from ml.hyperparameters import Hyperparameters, parse
 
 log = logging.getLogger("sdxl_lora.train")
@@ -95,9 +98,10 @@ _ORDER, _NOISE, _CROP = 1, 2, 3
 class Frozen:
     """Per-image tensors computed once with the frozen VAE (and frozen text encoders)."""
 
-    latent_mean: torch.Tensor  # [n, flips, 4, h, w], already multiplied by the VAE's scaling factor
-    latent_std: torch.Tensor
+    latent_mean: list[torch.Tensor]  # per image [flips, 4, h, w] (h, w: its bucket), times the VAE's scaling factor
+    latent_std: list[torch.Tensor]
     time_ids: torch.Tensor  # [n, flips, 6]
+    buckets: tuple[tuple[int, int], ...]  # per image (height, width): a batch never mixes two
     prompt_embeds: torch.Tensor | None  # [n, 77, 2048] when the text encoders are frozen
     pooled_embeds: torch.Tensor | None
     input_ids: torch.Tensor | None  # [n, 2, 77] when they are trained
@@ -170,27 +174,74 @@ def _time_ids(prepared, resolution: int) -> torch.Tensor:
     return torch.tensor([*prepared.original_size, *prepared.crop_top_left, resolution, resolution], dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class LatentSource:
+    """Where the latents come from: the training resolution's buckets, and the prepare job's cache
+    when it was made with this VAE (fingerprint None: no usable cache)."""
+
+    sizes: list[tuple[int, int]]
+    fingerprint: str | None
+
+
+def latent_source(examples: list[Example], hp: Hyperparameters, base: str, vae) -> LatentSource:
+    from diffusers import UNet2DConditionModel
+
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    fingerprint = None
+    if any(e.latents for e in examples):
+        fingerprint = latents_module.vae_fingerprint(base)
+    return LatentSource(bucket_sizes(hp.resolution, multiple), fingerprint)
+
+
 @torch.no_grad()
 def cache_frozen(examples: list[Example], hp: Hyperparameters, vae, tokenizers, text_encoders, device, flips: int,
-                 stop: StopFlag, center_crop: bool) -> Frozen:
-    means, stds, time_ids = [], [], []
+                 stop: StopFlag, center_crop: bool, source: LatentSource) -> Frozen:
+    """Latents (from the prepare job's cache when it matches, else encoded here), time ids and, for
+    frozen text encoders, the prompt embeddings of every image."""
+    means, stds, time_ids, keys = [], [], [], []
     crop_generator = _generator(hp.seed, _CROP)
+    reused = 0
     for example in examples:
         stop.check()
-        prepared = preprocess(example.path, hp.resolution, center_crop, crop_generator)
-        versions = [prepared] + ([flipped(prepared, hp.resolution)] if flips == 2 else [])
-        pixels = torch.stack([v.pixels for v in versions]).to(device, dtype=vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        means.append(dist.mean.float().cpu() * vae.config.scaling_factor)
-        stds.append(dist.std.float().cpu() * vae.config.scaling_factor)
-        time_ids.append(torch.stack([_time_ids(v, hp.resolution) for v in versions]))
+        if example.placement is None:  # a plain imagefolder: square crops at the resolution
+            prepared = preprocess(example.path, hp.resolution, center_crop, crop_generator)
+            versions = [prepared] + ([flipped(prepared, hp.resolution)] if flips == 2 else [])
+            pixels = torch.stack([v.pixels for v in versions])
+            ids = [_time_ids(v, hp.resolution) for v in versions]
+            key = (hp.resolution, hp.resolution)
+        else:
+            key = nearest_bucket(*example.placement.bucket, source.sizes)
+            cached = None
+            if source.fingerprint and example.latents and key == example.placement.bucket:
+                cached = latents_module.load(example.latents, source.fingerprint, key, flips)
+            placement = example.placement
+            if cached is None:
+                image, placement = preprocess_bucketed(example, key)
+                pixels = torch.stack([image, image.flip(-1)][:flips])
+            versions = [placement, placement.mirrored()][:flips]
+            ids = [torch.tensor(v.time_ids(), dtype=torch.float32) for v in versions]
+            if cached is not None:
+                means.append(cached[0])
+                stds.append(cached[1])
+                time_ids.append(torch.stack(ids))
+                keys.append(key)
+                reused += 1
+                continue
+        mean, std = latents_module.encode(vae, pixels.to(device))
+        means.append(mean)
+        stds.append(std)
+        time_ids.append(torch.stack(ids))
+        keys.append(key)
+    if reused:
+        log.info("took the latents of %d of %d images from the dataset's cache", reused, len(examples))
     input_ids = tokenize(tokenizers, [e.caption for e in examples])
     prompt_embeds = pooled = None
     if not hp.train_text_encoder:
         prompt_embeds, pooled = encode_text(text_encoders, input_ids, device)
         prompt_embeds, pooled = prompt_embeds.float().cpu(), pooled.float().cpu()
         input_ids = None
-    return Frozen(torch.stack(means), torch.stack(stds), torch.stack(time_ids), prompt_embeds, pooled, input_ids)
+    return Frozen(means, stds, torch.stack(time_ids), tuple(keys), prompt_embeds, pooled, input_ids)
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,35 +335,44 @@ def _check_device_support(hp: Hyperparameters) -> None:
 
 
 @functools.lru_cache(maxsize=2)  # the stream reads one epoch at a time
-def _epoch_order(seed: int, random_flip: bool, epoch: int, count: int, rank: int,
-                 world: int) -> tuple[list[int], list[int]]:
-    """This process's image order and flip choices for an epoch."""
+def _epoch_batches(seed: int, random_flip: bool, epoch: int, groups: tuple, batch_size: int, rank: int,
+                   world: int) -> list[list[tuple[int, int]]]:
+    """This process's micro-batches of (image, flip) pairs for an epoch: images shuffled, grouped by
+    bucket in that order, cut into batches, and the batches shuffled, so a batch never mixes buckets
+    and every image comes once per epoch. Processes take every world-th batch (padded to equal counts)."""
     generator = _generator(seed, _ORDER, epoch)
+    count = len(groups)
     order = torch.randperm(count, generator=generator).tolist()
     flips = (torch.rand(count, generator=generator) < 0.5).long().tolist() if random_flip else [0] * count
+    by_bucket: dict = {}
+    for image in order:
+        by_bucket.setdefault(groups[image], []).append((image, flips[image]))
+    batches = [members[start:start + batch_size] for members in by_bucket.values()
+               for start in range(0, len(members), batch_size)]
+    if len(by_bucket) > 1:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
     if world > 1:
-        padded = order + order[: (-len(order)) % world]
-        order = padded[rank::world]
-    return order, [flips[i] for i in order]
+        batches = (batches + batches[: (-len(batches)) % world])[rank::world]
+    return batches
 
 
-def micro_batch(hp: Hyperparameters, index: int, count: int, rank: int, world: int) -> list[tuple[int, int]]:
-    """(image, flip) pairs of the index-th micro-batch of the endless stream of epochs."""
-    per_epoch = micro_batches_per_epoch(hp, count, world)
+def micro_batch(hp: Hyperparameters, index: int, groups: tuple, rank: int, world: int) -> list[tuple[int, int]]:
+    """(image, flip) pairs of the index-th micro-batch of the endless stream of epochs; groups holds
+    each image's bucket."""
+    per_epoch = micro_batches_per_epoch(hp, groups, world)
     epoch, position = divmod(index, per_epoch)
-    order, flips = _epoch_order(hp.seed, hp.random_flip, epoch, count, rank, world)
-    start = position * hp.train_batch_size
-    return list(zip(order[start:start + hp.train_batch_size], flips[start:start + hp.train_batch_size]))
+    return _epoch_batches(hp.seed, hp.random_flip, epoch, groups, hp.train_batch_size, rank, world)[position]
 
 
-def micro_batches_per_epoch(hp: Hyperparameters, count: int, world: int) -> int:
-    return math.ceil(math.ceil(count / world) / hp.train_batch_size)
+def micro_batches_per_epoch(hp: Hyperparameters, groups: tuple, world: int) -> int:
+    sizes = Counter(groups).values()
+    return math.ceil(sum(math.ceil(size / hp.train_batch_size) for size in sizes) / world)
 
 
-def total_steps(hp: Hyperparameters, count: int, world: int) -> int:
+def total_steps(hp: Hyperparameters, groups: tuple, world: int) -> int:
     if hp.max_train_steps is not None:
         return hp.max_train_steps
-    return math.ceil(hp.num_train_epochs * micro_batches_per_epoch(hp, count, world) / hp.gradient_accumulation_steps)
+    return math.ceil(hp.num_train_epochs * micro_batches_per_epoch(hp, groups, world) / hp.gradient_accumulation_steps)
 
 
 def conditioning(frozen: Frozen, images: list[int], text_encoders, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +383,8 @@ def conditioning(frozen: Frozen, images: list[int], text_encoders, device) -> tu
 
 
 def sample_latents(frozen: Frozen, pairs: list[tuple[int, int]], generator: torch.Generator) -> torch.Tensor:
-    mean = torch.stack([frozen.latent_mean[i, f] for i, f in pairs])
-    std = torch.stack([frozen.latent_std[i, f] for i, f in pairs])
+    mean = torch.stack([frozen.latent_mean[i][f] for i, f in pairs])
+    std = torch.stack([frozen.latent_std[i][f] for i, f in pairs])
     return mean + std * torch.randn(mean.shape, generator=generator)
 
 
@@ -334,7 +394,7 @@ def validation_loss(unet, scheduler, frozen: Frozen, text_encoders, device, dtyp
     Seeded independently of the trial, so every trial and the base model are scored on
     exactly the same latents, noise and timesteps.
     """
-    count = frozen.latent_mean.shape[0]
+    count = len(frozen.latent_mean)
     k = VALIDATION_TIMESTEPS
     train_steps = scheduler.config.num_train_timesteps
     timesteps = torch.tensor([int((j + 0.5) * train_steps / k) for j in range(k)], device=device)
@@ -421,10 +481,12 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         model.to(device)
     flips = 2 if hp.random_flip else 1
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
-    train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device, flips, stop, hp.center_crop)
+    source = latent_source(examples, hp, base, vae)
+    train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device, flips, stop, hp.center_crop,
+                               source)
     # Held-out images are always center-cropped and never flipped, so every trial scores the same pixels.
     val_cache = cache_frozen(val_examples, hp, vae, tokenizers, text_encoders, device, 1, stop,
-                             center_crop=True) if val_examples else None
+                             center_crop=True, source=source) if val_examples else None
     del vae
     if not hp.train_text_encoder:
         del text_encoders
@@ -476,7 +538,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     else:
         # fused: one kernel for all LoRA tensors instead of a loop of small ops per tensor
         optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
-    max_steps = total_steps(hp, len(train_examples), world)
+    max_steps = total_steps(hp, train_cache.buckets, world)
     lr_scheduler = get_scheduler(hp.lr_scheduler, optimizer=optimizer, num_warmup_steps=hp.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -494,7 +556,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         global_step = resumed_from = progress["global_step"]
         log.info("resumed from %s at step %d", checkpoint.name, global_step)
 
-    per_epoch = micro_batches_per_epoch(hp, len(train_examples), world)
+    per_epoch = micro_batches_per_epoch(hp, train_cache.buckets, world)
     log.info("training: %d images, %d micro-batches per epoch, %d optimizer steps, %d process(es) on %s",
              len(train_examples), per_epoch, max_steps, world, device)
     losses: list[dict] = []
@@ -513,7 +575,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             step_loss = 0.0
             for micro in range(hp.gradient_accumulation_steps):
                 index = global_step * hp.gradient_accumulation_steps + micro
-                pairs = micro_batch(hp, index, len(train_examples), rank, world)
+                pairs = micro_batch(hp, index, train_cache.buckets, rank, world)
                 generator = _generator(hp.seed, _NOISE, index, rank)
                 with accelerator.accumulate(*trained):
                     latents = sample_latents(train_cache, pairs, generator)

@@ -55,27 +55,34 @@ def test_an_unreadable_image_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_image_once_per_epoch(world):
-    hp = parse({"train_batch_size": "3", "seed": "5"})
-    count = 10
-    per_epoch = micro_batches_per_epoch(hp, count, world)
+@pytest.mark.parametrize("groups", [(0,) * 10, (0, 1, 0, 2, 1, 0, 0, 1, 2, 0)], ids=["one bucket", "three buckets"])
+def test_every_image_once_per_epoch_and_no_batch_mixes_buckets(world, groups):
+    hp = parse({"train_batch_size": "3", "seed": "5", "random_flip": "true"})
+    per_epoch = micro_batches_per_epoch(hp, groups, world)
     for epoch in range(2):
         seen = Counter()
         for rank in range(world):
             for index in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-                seen.update(i for i, _ in micro_batch(hp, index, count, rank, world))
-        assert set(seen) == set(range(count))
-        assert sum(seen.values()) == count + (-count) % world  # shards are padded to equal length
+                batch = micro_batch(hp, index, groups, rank, world)
+                assert len({groups[i] for i, _ in batch}) == 1
+                assert len(batch) <= 3
+                seen.update(i for i, _ in batch)
+        assert set(seen) == set(range(len(groups)))
+        batches = sum(-(-list(groups).count(g) // 3) for g in set(groups))
+        assert per_epoch == -(-batches // world)  # ranks get equal counts, the short ones padded
 
 
 def test_epochs_reshuffle_and_the_order_is_a_function_of_the_seed():
     hp = parse({"train_batch_size": "10", "seed": "5"})
-    first, second = micro_batch(hp, 0, 10, 0, 1), micro_batch(hp, 1, 10, 0, 1)
+    groups = (0,) * 10
+    first, second = micro_batch(hp, 0, groups, 0, 1), micro_batch(hp, 1, groups, 0, 1)
     assert first != second
-    assert micro_batch(parse({"train_batch_size": "10", "seed": "5"}), 1, 10, 0, 1) == second
+    assert micro_batch(parse({"train_batch_size": "10", "seed": "5"}), 1, groups, 0, 1) == second
 
 
 def test_step_count_from_epochs():
     hp = parse({"num_train_epochs": "58", "train_batch_size": "1", "gradient_accumulation_steps": "4"})
-    assert total_steps(hp, 100, 1) == 58 * 25
-    assert total_steps(parse({"max_train_steps": "1500", "num_train_epochs": "58"}), 100, 1) == 1500
+    assert total_steps(hp, (0,) * 100, 1) == 58 * 25
+    assert total_steps(parse({"max_train_steps": "1500", "num_train_epochs": "58"}), (0,) * 100, 1) == 1500
+    # Batches do not cross buckets: 5 + 5 images in batches of 2 make 6 batches, not 5.
+    assert total_steps(parse({"num_train_epochs": "1", "train_batch_size": "2"}), (0,) * 5 + (1,) * 5, 1) == 6
