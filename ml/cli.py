@@ -38,6 +38,14 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_captioner(args: argparse.Namespace) -> int:
+    from ml import tiny_captioner
+
+    path = tiny_captioner.build(args.out_dir, seed=args.seed)
+    print(f"tiny InstructBLIP captioner written to {path}")
+    return 0
+
+
 def _synthetic_data(args: argparse.Namespace) -> int:
     from ml import synthetic
 
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("out_dir")
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=_tiny_model)
+
+    command = commands.add_parser("tiny-captioner", help="write a tiny random InstructBLIP captioner (offline)")
+    command.add_argument("out_dir")
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=_tiny_captioner)
 
     command = commands.add_parser("synthetic-data", help="write a synthetic storyboard dataset (imagefolder)")
     command.add_argument("out_dir")
