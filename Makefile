@@ -13,10 +13,10 @@ $(READY): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(READY)
-	$(BIN)/sdxl-lora demo --workdir outputs/demo
+	$(BIN)/sdxl-lora-ops demo --workdir outputs/demo
 
 airflow: $(READY)
-	$(BIN)/sdxl-lora airflow --workdir outputs/airflow
+	$(BIN)/sdxl-lora-ops airflow --workdir outputs/airflow
 
 test: $(READY)
 	$(BIN)/python -m pytest

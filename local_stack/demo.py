@@ -1,6 +1,6 @@
-"""`sdxl-lora demo`: the whole pipeline through the real DAGs, against the local stack.
+"""`sdxl-lora-ops demo`: the whole pipeline through the real DAGs, against the local stack.
 
-Starts `sdxl-lora local-stack`, gives Airflow a home of its own (SQLite, the project's dags and
+Starts `sdxl-lora-ops local-stack`, gives Airflow a home of its own (SQLite, the project's dags and
 plugins, the `sagemaker_training` pool, `aws_default` pointing at the stack), stages a tiny SDXL and
 synthetic storyboard frames in S3, then runs sdxl_dataset_prepare -> sdxl_lora_grid_search (which
 deploys its winner) with `airflow dags test`, prints the leaderboard, invokes the endpoint with
@@ -39,8 +39,8 @@ def _step(message: str) -> None:
 def _start_stack(workdir: Path, port: int) -> subprocess.Popen:
     log = workdir / "local-stack.log"
     with log.open("w") as out:
-        stack = subprocess.Popen([sys.executable, "-m", "ml.cli", "local-stack", "--port", str(port), "--workdir",
-                                  str(workdir / "stack")], stdout=out, stderr=subprocess.STDOUT)
+        stack = subprocess.Popen([sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(port),
+                                  "--workdir", str(workdir / "stack")], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while "\nready\n" not in log.read_text():
         if stack.poll() is not None or time.monotonic() > deadline:

@@ -1,4 +1,4 @@
-"""`sdxl-lora local-stack`: serve the stand-in until Ctrl-C or SIGTERM, then stop every child."""
+"""`sdxl-lora-ops local-stack`: serve the stand-in until Ctrl-C or SIGTERM, then stop every child."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
-"""`sdxl-lora`: one command for every job verb and local tool.
+"""`sdxl-lora`: the job images' entrypoint, with the payload verbs only.
 
+train and serve are what SageMaker runs (`docker run IMAGE train|serve`), prepare is the
+processing job's entrypoint, and the tiny-model builders make offline inputs. The local
+tools (the local stack, the Airflow UI, the pipeline demo, submit) are `sdxl-lora-ops`
+(local_stack/cli.py), so nothing here imports local_stack/ or the orchestration set.
 Each subcommand imports what it needs when it runs, so `sdxl-lora --help` and the
 container verbs start fast.
 """
@@ -55,30 +59,9 @@ def _synthetic_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    if args.train_only:
-        from ml import demo
-
-        return demo.main(args.workdir, steps=args.steps)
-    from local_stack import demo as pipeline_demo
-
-    return pipeline_demo.main(args.workdir)
-
-
-def _airflow(args: argparse.Namespace) -> int:
-    from local_stack import demo as pipeline_demo
-
-    return pipeline_demo.ui(args.workdir, port=args.port)
-
-
-def _local_stack(args: argparse.Namespace) -> int:
-    from local_stack import main
-
-    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdxl-lora", description="SDXL LoRA fine-tuning jobs for SageMaker.")
+    parser = argparse.ArgumentParser(prog="sdxl-lora",
+                                     description="SDXL LoRA fine-tuning jobs for SageMaker: the container verbs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     command = commands.add_parser("train", help="training-container entrypoint (SageMaker runs `IMAGE train`)",
@@ -120,31 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--sidecar-captions", action="store_true", help="write .txt captions, not metadata.jsonl")
     command.set_defaults(handler=_synthetic_data)
 
-    command = commands.add_parser("local-stack", help="serve S3, CloudWatch Logs and SageMaker on one loopback port",
-                                  description="A docker-free stand-in for AWS that really runs the jobs.")
-    command.add_argument("--port", type=int, default=4566)
-    command.add_argument("--workdir", default=".local-stack", help="where jobs and endpoints keep their files")
-    command.add_argument("--max-concurrent-jobs", type=int, default=4,
-                         help="training (and, separately, processing) jobs allowed to run at once")
-    command.add_argument("--spot-interruption-at", metavar="REGEX",
-                         help="interrupt each managed-spot training job once, at its first log line matching REGEX")
-    command.set_defaults(handler=_local_stack)
-
-    command = commands.add_parser("airflow", help="the Airflow UI against a local stack with staged data",
-                                  description="Starts the local stack, stages a tiny SDXL and raw frames, and runs "
-                                              "`airflow standalone` with the pool and the aws_default connection.")
-    command.add_argument("--workdir", default="outputs/airflow")
-    command.add_argument("--port", type=int, default=8080)
-    command.set_defaults(handler=_airflow)
-
-    command = commands.add_parser("demo", help="the whole pipeline through the DAGs, on this machine",
-                                  description="prepare -> grid search -> deploy -> invoke, through the real DAGs "
-                                              "against the local stack, on a tiny SDXL.")
-    command.add_argument("--workdir", default="outputs/demo")
-    command.add_argument("--train-only", action="store_true",
-                         help="only run one training job in a SageMaker-style directory, without Airflow")
-    command.add_argument("--steps", type=int, default=40, help="optimizer steps with --train-only")
-    command.set_defaults(handler=_demo)
     return parser
 
 

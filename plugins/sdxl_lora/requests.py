@@ -7,6 +7,8 @@ from ml.metrics import METRIC_DEFINITIONS
 from sdxl_lora.naming import slug
 from sdxl_lora.settings import Settings
 
+BASE_MODEL_CHANNEL = "base_model"
+
 # The original system's production hyperparameters (its grid search's winner: 2e-4, rank 4).
 PRODUCTION_HYPERPARAMETERS = {
     "resolution": 1024, "train_batch_size": 1, "learning_rate": 2e-4, "lr_scheduler": "constant",
@@ -22,8 +24,27 @@ def tags(**values: str) -> list[dict[str, str]]:
     return [{"Key": f"sdxl-lora:{key}", "Value": slug(str(value))[:256] or "-"} for key, value in values.items()]
 
 
+def _require_local_base_model(settings: Settings) -> None:
+    if settings.network_isolation and not settings.base_model_uri:
+        raise ValueError("setting network_isolation needs base_model_uri: an isolated container cannot fetch "
+                         "SDXL from the Hugging Face Hub, so stage it in S3 first (docs/aws.md)")
+
+
+def _security(settings: Settings, request: dict) -> dict:
+    """VpcConfig and the isolation/encryption flags, added only when set (the local stack has neither)."""
+    vpc = settings.vpc_config()
+    if vpc:
+        request["VpcConfig"] = vpc
+    if settings.network_isolation:
+        request["EnableNetworkIsolation"] = True
+    if settings.inter_container_encryption:
+        request["EnableInterContainerTrafficEncryption"] = True
+    return request
+
+
 def training_request(settings: Settings, job_name: str, dataset_uri: str, hyperparameters: dict,
                      job_tags: list[dict] | None = None) -> dict:
+    _require_local_base_model(settings)
     channels = [("train", dataset_uri)]
     if settings.base_model_uri:
         channels.append(("base_model", settings.base_model_uri))
@@ -49,12 +70,16 @@ def training_request(settings: Settings, job_name: str, dataset_uri: str, hyperp
         request["EnableManagedSpotTraining"] = True
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(settings.max_wait_seconds,
                                                                    settings.max_runtime_seconds)
-    return request
+    if settings.volume_kms_key_id:
+        request["ResourceConfig"]["VolumeKmsKeyId"] = settings.volume_kms_key_id
+    if settings.output_kms_key_id:
+        request["OutputDataConfig"]["KmsKeyId"] = settings.output_kms_key_id
+    return _security(settings, request)
 
 
 def processing_request(settings: Settings, job_name: str, raw_uri: str, processed_uri: str,
                        job_tags: list[dict] | None = None) -> dict:
-    return {
+    request = {
         "ProcessingJobName": job_name,
         "RoleArn": settings.role_arn,
         "AppSpecification": {"ImageUri": settings.processing_image, "ContainerEntrypoint": ["sdxl-lora", "prepare"]},
@@ -69,21 +94,34 @@ def processing_request(settings: Settings, job_name: str, raw_uri: str, processe
         "StoppingCondition": {"MaxRuntimeInSeconds": settings.max_runtime_seconds},
         "Tags": job_tags or [],
     }
+    if settings.volume_kms_key_id:
+        request["ProcessingResources"]["ClusterConfig"]["VolumeKmsKeyId"] = settings.volume_kms_key_id
+    if settings.output_kms_key_id:
+        request["ProcessingOutputConfig"]["KmsKeyId"] = settings.output_kms_key_id
+    network = _security(settings, {})  # processing jobs carry the same fields in NetworkConfig
+    if network:
+        request["NetworkConfig"] = network
+    return request
 
 
 def model_request(settings: Settings, model_name: str, model_data_url: str) -> dict:
+    _require_local_base_model(settings)
     environment = {"BASE_MODEL": settings.base_model_uri} if settings.base_model_uri else {}
-    return {
-        "ModelName": model_name,
-        "PrimaryContainer": {"Image": settings.inference_image, "ModelDataUrl": model_data_url,
-                             "Environment": environment},
-        "ExecutionRoleArn": settings.role_arn,
-    }
+    container = {"Image": settings.inference_image, "ModelDataUrl": model_data_url, "Environment": environment}
+    if settings.network_isolation:
+        # An isolated container cannot read s3:// itself: SageMaker downloads the base model beside the LoRA.
+        container["AdditionalModelDataSources"] = [{"ChannelName": BASE_MODEL_CHANNEL, "S3DataSource": {
+            "S3Uri": settings.base_model_uri.rstrip("/") + "/", "S3DataType": "S3Prefix", "CompressionType": "None"}}]
+        environment["BASE_MODEL"] = f"/opt/ml/additional-model-data-sources/{BASE_MODEL_CHANNEL}"
+    request = {"ModelName": model_name, "PrimaryContainer": container, "ExecutionRoleArn": settings.role_arn}
+    request = _security(settings, request)
+    request.pop("EnableInterContainerTrafficEncryption", None)  # not a CreateModel field
+    return request
 
 
 def endpoint_config_request(settings: Settings, config_name: str, variants: dict[str, tuple[str, float]]) -> dict:
     """variants: variant name -> (model name, traffic weight); several make an A/B test."""
-    return {
+    request = {
         "EndpointConfigName": config_name,
         "ProductionVariants": [
             {"VariantName": variant, "ModelName": model, "InitialInstanceCount": 1,
@@ -91,3 +129,6 @@ def endpoint_config_request(settings: Settings, config_name: str, variants: dict
             for variant, (model, weight) in variants.items()
         ],
     }
+    if settings.endpoint_kms_key_id:
+        request["KmsKeyId"] = settings.endpoint_kms_key_id
+    return request

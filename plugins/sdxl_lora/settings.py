@@ -37,6 +37,14 @@ class Settings:
     aws_conn_id: str = "aws_default"
     check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status
     deferrable: bool = False  # wait in the triggerer instead of a worker slot
+    # Security on AWS (docs/aws.md). Empty or false by default: the local stack has no VPC or KMS.
+    subnet_ids: str = ""  # comma-separated private subnets: jobs and endpoints run in your VPC
+    security_group_ids: str = ""  # comma-separated; required together with subnet_ids
+    network_isolation: bool = False  # no network in the containers; needs base_model_uri (nothing from the Hub)
+    inter_container_encryption: bool = False  # encrypt traffic between the instances of a multi-host job
+    volume_kms_key_id: str = ""  # storage volumes of training and processing (not for local-NVMe instances)
+    output_kms_key_id: str = ""  # model artifacts, processed datasets and checkpoints written to S3
+    endpoint_kms_key_id: str = ""  # the endpoint's storage volume (not for local-NVMe instances)
 
     @classmethod
     def from_environment(cls) -> "Settings":
@@ -78,10 +86,23 @@ class Settings:
     def checkpoints(self, job: str) -> str:
         return self.uri("checkpoints", job)
 
+    def vpc_config(self) -> dict | None:
+        """SageMaker's VpcConfig, or None to run outside a VPC; half a configuration is an error."""
+        subnets = _split(self.subnet_ids)
+        groups = _split(self.security_group_ids)
+        if bool(subnets) != bool(groups):
+            raise ValueError("settings subnet_ids and security_group_ids: set both (a VPC needs subnets and "
+                             f"security groups) or neither; got subnets {subnets} and security groups {groups}")
+        return {"Subnets": subnets, "SecurityGroupIds": groups} if subnets else None
+
     def max_status_checks(self) -> int:
         """Enough status checks to outlast the longest job (spot: waiting plus running)."""
         longest = max(self.max_wait_seconds, self.max_runtime_seconds)
         return -(-longest // self.check_interval_seconds) + 1
+
+
+def _split(values: str) -> list[str]:
+    return [value.strip() for value in values.split(",") if value.strip()]
 
 
 def _convert(name: str, kind, raw: str):

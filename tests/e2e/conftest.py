@@ -35,7 +35,7 @@ class Stack:
         self.log = workdir.parent / "local-stack.log"  # a file: an unread pipe would fill and stall the stack
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ml.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
+                [sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
                  "--max-concurrent-jobs", "3", "--spot-interruption-at", SPOT_PATTERN],
                 stdout=out, stderr=subprocess.STDOUT, text=True, cwd=cwd)
         deadline = time.monotonic() + 120

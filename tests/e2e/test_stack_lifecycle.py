@@ -12,7 +12,7 @@ from ml import synthetic, tiny_model
 
 
 def test_a_taken_port_is_a_clear_error(stack, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "ml.cli", "local-stack", "--port", str(stack.port),
+    done = subprocess.run([sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(stack.port),
                            "--workdir", str(tmp_path / "second")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{stack.port}" in done.stderr + done.stdout
