@@ -141,11 +141,12 @@ class Captioner:
             raise JobError(f"caption setting prompt is {prompt_tokens} Q-Former tokens long; "
                            f"{self.model_name} takes at most {limit}")
 
-    def caption(self, images: list) -> list[str]:
+    def caption(self, images: list, first_batch: int = 0) -> list[str]:
         """One caption per PIL RGB image, in order; "" where the model wrote nothing.
 
         Images go through generate() settings.batch_size at a time, the prompt repeated for each.
-        Captions are stripped and collapsed to one line.
+        Captions are stripped and collapsed to one line. Batch k is seeded as batch first_batch + k, so
+        a caller captioning a larger sequence in pieces gets what one call would give.
         """
         from PIL import Image
 
@@ -158,7 +159,7 @@ class Captioner:
         size = self.settings.batch_size
         captions: list[str] = []
         for batch_index, start in enumerate(range(0, len(images), size)):
-            captions.extend(self._caption_batch(images[start:start + size], batch_index))
+            captions.extend(self._caption_batch(images[start:start + size], first_batch + batch_index))
         return captions
 
     def _caption_batch(self, images: list, batch_index: int) -> list[str]:

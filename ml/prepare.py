@@ -344,7 +344,7 @@ def prepare(options: Options) -> dict:
         image.save(target, format="PNG", icc_profile=None)
         rows[candidate.order] = row
 
-    for candidate in write_captions(options, caption_settings, [c for c in mine if not c.caption]):
+    for candidate in write_captions(options, caption_settings, [c for c in candidates if not c.caption]):
         (options.output_dir / candidate.file_name).unlink()
         del rows[candidate.order]
         rejected.append({"file": candidate.name, "reason": NO_CAPTION, "detail": "the captioner wrote nothing",
@@ -424,27 +424,31 @@ def _caption_settings(options: Options):
 
 
 def write_captions(options: Options, settings, uncaptioned: list[Candidate]) -> list[Candidate]:
-    """InstructBLIP captions for the images that have none, in batches, from the written PNGs; returns
-    the images it could not caption (an empty caption)."""
-    if not uncaptioned:
+    """InstructBLIP captions, from the written PNGs, for this shard's batches of all the uncaptioned
+    images (batch b is this shard's when b mod N is its index, as `shares` decided); returns the images
+    it could not caption (an empty caption)."""
+    size = settings.batch_size
+    batches = [(b, uncaptioned[start:start + size]) for b, start in enumerate(range(0, len(uncaptioned), size))
+               if b % options.num_shards == options.shard_index]
+    if not batches:
         return []
     from PIL import Image
 
     from ml.captioning import Captioner
 
-    log.info("captioning %d images with %s in batches of %d", len(uncaptioned), options.captioner,
-             settings.batch_size)
+    mine = [c for _, batch in batches for c in batch]
+    log.info("captioning %d images with %s in batches of %d", len(mine), options.captioner, size)
     captioner = Captioner(options.captioner, settings)
-    for start in range(0, len(uncaptioned), settings.batch_size):
-        batch = uncaptioned[start:start + settings.batch_size]
+    for number, batch in batches:
         images = []
         for candidate in batch:
             with Image.open(options.output_dir / candidate.file_name) as opened:
                 images.append(opened.convert("RGB"))
-        for candidate, caption in zip(batch, captioner.caption(images)):
+        # Seeded by its number among all batches, so the captions do not depend on the number of shards.
+        for candidate, caption in zip(batch, captioner.caption(images, first_batch=number)):
             candidate.caption, candidate.caption_source = caption, CAPTIONER_SOURCE
             log.info("caption %s: %s", candidate.file_name, caption)
-    return [c for c in uncaptioned if not c.caption]
+    return [c for c in mine if not c.caption]
 
 
 def count_long_captions(base: str | None, captions: list[str]) -> int | None:

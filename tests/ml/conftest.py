@@ -93,3 +93,11 @@ def make_job(tmp_path, base_model, dataset):
         return job
 
     return make
+
+
+@pytest.fixture(scope="session")
+def captioner_model(tmp_path_factory) -> Path:
+    """The tiny random InstructBLIP (`sdxl-lora tiny-captioner`)."""
+    from ml import tiny_captioner
+
+    return tiny_captioner.build(tmp_path_factory.mktemp("captioner") / "instructblip", seed=0)

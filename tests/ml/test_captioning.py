@@ -24,11 +24,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def tiny_captioner_dir(tmp_path_factory):
-    return tiny_captioner.build(tmp_path_factory.mktemp("captioner") / "instructblip", seed=0)
-
-
 def _frames(count, size=(160, 90)):
     """Distinct RGB frames of a size other than the model's, so the processor must resize them."""
     frames = []
@@ -58,14 +53,14 @@ def _digests(root):
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_tiny_captioner_is_an_instructblip_vicuna_layout_the_real_classes_load(tiny_captioner_dir):
+def test_tiny_captioner_is_an_instructblip_vicuna_layout_the_real_classes_load(captioner_model):
     for name in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json",
                  "tokenizer.json", "tokenizer_config.json", "qformer_tokenizer/tokenizer.json"):
-        assert (tiny_captioner_dir / name).is_file(), name
-    assert sum(p.stat().st_size for p in tiny_captioner_dir.rglob("*") if p.is_file()) < 2 * 2**20
+        assert (captioner_model / name).is_file(), name
+    assert sum(p.stat().st_size for p in captioner_model.rglob("*") if p.is_file()) < 2 * 2**20
 
-    processor = InstructBlipProcessor.from_pretrained(tiny_captioner_dir)
-    model = InstructBlipForConditionalGeneration.from_pretrained(tiny_captioner_dir)
+    processor = InstructBlipProcessor.from_pretrained(captioner_model)
+    model = InstructBlipForConditionalGeneration.from_pretrained(captioner_model)
     assert isinstance(processor.tokenizer, LlamaTokenizer) and isinstance(processor.qformer_tokenizer, BertTokenizer)
     assert isinstance(model.language_model, LlamaForCausalLM) and model.config.text_config.model_type == "llama"
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -83,10 +78,10 @@ def test_tiny_captioner_is_an_instructblip_vicuna_layout_the_real_classes_load(t
         ["[CLS]", "describe", "the", "frame", "[SEP]"]
 
 
-def test_same_seed_same_bytes_other_seed_other_weights(tiny_captioner_dir, tmp_path):
-    assert _digests(tiny_captioner.build(tmp_path / "again", seed=0)) == _digests(tiny_captioner_dir)
+def test_same_seed_same_bytes_other_seed_other_weights(captioner_model, tmp_path):
+    assert _digests(tiny_captioner.build(tmp_path / "again", seed=0)) == _digests(captioner_model)
     other = _digests(tiny_captioner.build(tmp_path / "other", seed=1))
-    assert {k for k, v in other.items() if _digests(tiny_captioner_dir)[k] != v} == {"model.safetensors"}
+    assert {k for k, v in other.items() if _digests(captioner_model)[k] != v} == {"model.safetensors"}
 
 
 def test_cli_writes_a_loadable_captioner(tmp_path, capsys):
@@ -96,7 +91,7 @@ def test_cli_writes_a_loadable_captioner(tmp_path, capsys):
     assert Captioner(tmp_path / "c", GREEDY).caption(_frames(1))[0]
 
 
-def test_original_settings_are_the_defaults_and_generate_at_least_min_length_new_tokens(tiny_captioner_dir):
+def test_original_settings_are_the_defaults_and_generate_at_least_min_length_new_tokens(captioner_model):
     settings = CaptionSettings()
     assert (settings.max_length, settings.min_length, settings.do_sample, settings.num_beams, settings.temperature,
             settings.top_p, settings.repetition_penalty, settings.length_penalty) == (512, 81, True, 5, 1.0, 0.9, 1.5,
@@ -104,7 +99,7 @@ def test_original_settings_are_the_defaults_and_generate_at_least_min_length_new
     assert DEFAULT_MODEL == "Salesforce/instructblip-vicuna-7b"
     assert all(word in settings.prompt.lower() for word in ("composition", "style", "narrative"))
 
-    captioner = Captioner(tiny_captioner_dir, settings)
+    captioner = Captioner(captioner_model, settings)
     assert captioner.model.dtype == torch.float32 and not captioner.model.training
     calls = _spy(captioner)
     captions = captioner.caption(_frames(3))
@@ -118,8 +113,8 @@ def test_original_settings_are_the_defaults_and_generate_at_least_min_length_new
         assert 81 <= int((new != pad).sum()) <= 512  # min/max count the caption's own tokens, not the prompt
 
 
-def test_one_caption_per_image_in_order_and_images_matter(tiny_captioner_dir):
-    captioner = Captioner(tiny_captioner_dir, GREEDY)
+def test_one_caption_per_image_in_order_and_images_matter(captioner_model):
+    captioner = Captioner(captioner_model, GREEDY)
     frames = _frames(4)
     captions = captioner.caption(frames)
     assert len(captions) == 4
@@ -130,8 +125,8 @@ def test_one_caption_per_image_in_order_and_images_matter(tiny_captioner_dir):
     assert captioner.caption([]) == []
 
 
-def test_batches_call_generate_once_per_batch_with_the_prompt_per_image(tiny_captioner_dir):
-    captioner = Captioner(tiny_captioner_dir, dataclasses.replace(GREEDY, batch_size=4))
+def test_batches_call_generate_once_per_batch_with_the_prompt_per_image(captioner_model):
+    captioner = Captioner(captioner_model, dataclasses.replace(GREEDY, batch_size=4))
     calls = _spy(captioner)
     frames = _frames(10)
     captions = captioner.caption(frames)
@@ -142,13 +137,13 @@ def test_batches_call_generate_once_per_batch_with_the_prompt_per_image(tiny_cap
         text = captioner.processor.tokenizer.decode(call["input_ids"][0], skip_special_tokens=True)
         assert text == GREEDY.prompt
     # Batched greedy decoding writes what one image at a time writes.
-    assert captions == Captioner(tiny_captioner_dir, GREEDY).caption(frames)
+    assert captions == Captioner(captioner_model, GREEDY).caption(frames)
 
 
-def test_min_and_max_length_bound_the_generated_tokens(tiny_captioner_dir):
+def test_min_and_max_length_bound_the_generated_tokens(captioner_model):
     for low, high in ((12, 12), (30, 45)):
         settings = CaptionSettings(min_length=low, max_length=high, batch_size=3)
-        captioner = Captioner(tiny_captioner_dir, settings)
+        captioner = Captioner(captioner_model, settings)
         calls = _spy(captioner)
         captioner.caption(_frames(3))
         pad = captioner.processor.tokenizer.pad_token_id
@@ -158,22 +153,22 @@ def test_min_and_max_length_bound_the_generated_tokens(tiny_captioner_dir):
             assert len(new) <= high
 
 
-def test_sampling_is_deterministic_per_seed_and_independent_of_earlier_calls(tiny_captioner_dir):
+def test_sampling_is_deterministic_per_seed_and_independent_of_earlier_calls(captioner_model):
     settings = CaptionSettings(min_length=8, max_length=16, batch_size=2, seed=7)
     frames = _frames(5)
-    first = Captioner(tiny_captioner_dir, settings)
+    first = Captioner(captioner_model, settings)
     captions = first.caption(frames)
     assert first.caption(frames) == captions
 
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    fresh = Captioner(tiny_captioner_dir, settings)
+    fresh = Captioner(captioner_model, settings)
     fresh.caption(_frames(2)[::-1])  # an unrelated earlier call
     assert fresh.caption(frames) == captions
     assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is left alone
 
-    other = Captioner(tiny_captioner_dir, dataclasses.replace(settings, seed=8)).caption(frames)
+    other = Captioner(captioner_model, dataclasses.replace(settings, seed=8)).caption(frames)
     assert other != captions
 
 
@@ -199,14 +194,14 @@ def test_bad_settings_are_job_errors_naming_the_field(field, value):
         CaptionSettings(**{field: value})
 
 
-def test_bad_device_prompt_and_images_are_job_errors(tiny_captioner_dir):
+def test_bad_device_prompt_and_images_are_job_errors(captioner_model):
     with pytest.raises(JobError, match="captioning device 'gpu0' is invalid"):
-        Captioner(tiny_captioner_dir, GREEDY, device="gpu0")
+        Captioner(captioner_model, GREEDY, device="gpu0")
     with pytest.raises(JobError, match="prompt is .* Q-Former tokens long"):
-        Captioner(tiny_captioner_dir, dataclasses.replace(GREEDY, prompt="frame " * 600))
+        Captioner(captioner_model, dataclasses.replace(GREEDY, prompt="frame " * 600))
     with pytest.raises(JobError, match="must be a CaptionSettings"):
-        Captioner(tiny_captioner_dir, {"batch_size": 2})
-    captioner = Captioner(tiny_captioner_dir, GREEDY)
+        Captioner(captioner_model, {"batch_size": 2})
+    captioner = Captioner(captioner_model, GREEDY)
     with pytest.raises(JobError, match="image 1 to caption is in mode RGBA, expected RGB"):
         captioner.caption([_frames(1)[0], Image.new("RGBA", (40, 40))])
     with pytest.raises(JobError, match="image 0 to caption is a str, not a PIL image"):

@@ -229,3 +229,86 @@ def test_output_is_deterministic_and_paths_outside_opt_ml_are_used_as_given(tmp_
     lines = [json.loads(line) for line in first[Path("metadata.jsonl")].decode().splitlines()]
     assert [row["file_name"] for row in lines] == sorted(row["file_name"] for row in lines)
     assert set(lines[0]) == {"file_name", "text", "original_size", "crop", "bucket"}
+
+
+def uncaptioned_frames(raw: Path, count: int) -> None:
+    synthetic.write_dataset(raw, count=count, width=96, height=54)
+    (raw / "metadata.jsonl").unlink()  # frames as the original system got them: no captions at all
+
+
+def test_uncaptioned_frames_are_captioned_by_instructblip_in_batches(tmp_path, captioner_model):
+    raw = raw_dir(tmp_path)
+    uncaptioned_frames(raw, 3)
+    (raw / "frame-0001.txt").write_text("a caption someone wrote\n")
+    done = run_prepare(tmp_path, *FAST, "--captioner", str(captioner_model), "--caption-batch-size", "2",
+                       "--max-length", "40", "--min-length", "12", "--caption-prefix", "sbstyle")
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = rows(tmp_path)
+    assert written["frame-0001.png"]["text"] == "sbstyle, a caption someone wrote"
+    for name in ("frame-0000.png", "frame-0002.png"):
+        caption = written[name]["text"]
+        assert caption.startswith("sbstyle, ") and len(caption) > len("sbstyle, ")
+    report = manifest(tmp_path)
+    assert report["counts"]["captions_from"] == {"instructblip": 2, "sidecar": 1}
+    assert {i["file_name"]: i["caption_source"] for i in report["images"]} == {
+        "frame-0000.png": "instructblip", "frame-0001.png": "sidecar", "frame-0002.png": "instructblip"}
+    assert report["settings"]["caption"]["max_length"] == 40
+    assert "captioning 2 images with" in done.stdout and "in batches of 2" in done.stdout
+
+
+def test_recaption_replaces_existing_captions(tmp_path, captioner_model):
+    raw = raw_dir(tmp_path)
+    uncaptioned_frames(raw, 1)
+    (raw / "frame-0000.txt").write_text("old caption\n")
+    done = run_prepare(tmp_path, *FAST, "--captioner", str(captioner_model), "--recaption", "--max-length", "30",
+                       "--min-length", "5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert rows(tmp_path)["frame-0000.png"]["text"] != "old caption"
+    assert manifest(tmp_path)["counts"]["captions_from"] == {"instructblip": 1}
+
+
+def test_a_captioner_that_cannot_load_fails_naming_it(tmp_path):
+    uncaptioned_frames(raw_dir(tmp_path), 1)
+    done = run_prepare(tmp_path, *FAST, "--captioner", str(tmp_path / "no-such-model"))
+    assert done.returncode == 1
+    assert "no-such-model" in failure(tmp_path).splitlines()[0]
+
+
+def test_a_sharded_run_writes_exactly_what_a_single_instance_does(tmp_path, captioner_model):
+    raw = raw_dir(tmp_path)
+    uncaptioned_frames(raw, 5)
+    (raw / "frame-0003.txt").write_text("captioned by hand\n")
+    (raw / "broken.png").write_bytes(b"not an image")
+    (raw / "copy.png").write_bytes((raw / "frame-0000.png").read_bytes())
+    common = (*FAST, "--captioner", str(captioner_model), "--caption-batch-size", "2", "--max-length", "30",
+              "--min-length", "5")
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert run_prepare(tmp_path, "--output", str(single), *common).returncode == 0
+    for index in (1, 0):
+        done = run_prepare(tmp_path, "--output", str(sharded), *common, "--num-shards", "2", "--shard-index",
+                           str(index))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"part {index + 1} of 2 written" in done.stdout
+    assert not (sharded / "metadata.jsonl").exists()  # nothing final until every part is there
+    done = run_prepare(tmp_path, "--merge", str(sharded))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+                if p.is_file() and p.parent.name != "parts" and p.name != "manifest.json"}
+
+    assert files(sharded) == files(single)
+    merged, alone = (json.loads((d / "manifest.json").read_text()) for d in (sharded, single))
+    assert merged["shards"] == 2 and alone["shards"] == 1
+    assert {**merged, "shards": 1} == alone
+
+
+def test_a_merge_with_a_part_missing_fails_naming_it(tmp_path):
+    uncaptioned_frames(raw_dir(tmp_path), 2)
+    output = tmp_path / "out"
+    done = run_prepare(tmp_path, "--output", str(output), *FAST, "--captioner", "none", "--num-shards", "2",
+                       "--shard-index", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_prepare(tmp_path, "--merge", str(output))
+    assert done.returncode == 1
+    assert failure(tmp_path).splitlines()[0].startswith("expected 2 parts, found shards [0]; missing [1]")
