@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from ml import prepare
 
-    return prepare.main(args.input, args.output, args.resolution, args.caption_column)
+    return prepare.main(args)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -75,15 +75,49 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--port", type=int, default=None, help="port (default: $SAGEMAKER_BIND_TO_PORT or 8080)")
     command.set_defaults(handler=_serve)
 
-    command = commands.add_parser("prepare", help="processing-job entrypoint: raw images to the training imagefolder",
-                                  description="Captions from sidecar .txt files or the input's metadata.jsonl; "
-                                              "/opt/ml paths resolve under $SAGEMAKER_BASE_DIR.")
-    command.add_argument("--input", default="/opt/ml/processing/input/raw", help="raw images (searched recursively)")
+    command = commands.add_parser(
+        "prepare", help="processing-job entrypoint: raw images to a checked, captioned, bucketed dataset",
+        description="Checks every input file, captions images without a sidecar .txt or metadata.jsonl row with "
+                    "InstructBLIP, fits each to its SDXL aspect-ratio bucket, optionally caches VAE latents, and "
+                    "writes an imagefolder with metadata.jsonl and manifest.json. /opt/ml paths resolve under "
+                    "$SAGEMAKER_BASE_DIR.")
+    command.add_argument("--input", default="/opt/ml/processing/input/raw", help="raw files (searched recursively)")
     command.add_argument("--output", default="/opt/ml/processing/output/dataset",
-                         help="where the PNGs, metadata.jsonl and prepare_summary.json go")
-    command.add_argument("--resolution", type=int, default=1024,
-                         help="downscale so the short side is at most this many pixels (never upscale)")
+                         help="where the PNGs, metadata.jsonl and manifest.json go")
+    command.add_argument("--captioner", default="Salesforce/instructblip-vicuna-7b", metavar="MODEL",
+                         help="InstructBLIP model directory or Hub id; 'none' rejects uncaptioned images instead")
+    command.add_argument("--recaption", action="store_true", help="caption every image, ignoring existing captions")
+    command.add_argument("--caption-prefix", default="", help="prepended to every caption, e.g. a trigger word")
     command.add_argument("--caption-column", default="text", help="caption column of the input's metadata.jsonl")
+    captions = command.add_argument_group("caption generation (defaults: the original system's settings)")
+    captions.add_argument("--prompt", help="the instruction given to InstructBLIP")
+    for name, kind in (("max-length", int), ("min-length", int), ("num-beams", int), ("temperature", float),
+                       ("top-p", float), ("repetition-penalty", float), ("length-penalty", float)):
+        captions.add_argument(f"--{name}", type=kind)
+    captions.add_argument("--no-sample", action="store_true", help="beam search without sampling")
+    captions.add_argument("--caption-batch-size", type=int, help="images per generate() call (default 8)")
+    command.add_argument("--resolution", type=int, default=1024,
+                         help="bucket scale: SDXL's 1024-pixel buckets scaled to this (without buckets: the short "
+                              "side is downscaled to at most this)")
+    command.add_argument("--no-buckets", action="store_true",
+                         help="keep each image's aspect ratio uncropped; training then crops squares")
+    command.add_argument("--bucket-multiple", type=int,
+                         help="bucket sides are multiples of this (default: from --base-model, else 32)")
+    command.add_argument("--min-size", type=int, default=256, help="reject images whose short side is smaller")
+    command.add_argument("--max-pixels", type=int, default=89_478_485,
+                         help="reject images with more pixels (decompression-bomb limit)")
+    command.add_argument("--min-images", type=int, default=1, help="fail when fewer usable images remain")
+    command.add_argument("--base-model", metavar="DIR",
+                         help="diffusers SDXL directory: its VAE for --latent-cache, its tokenizer to count long "
+                              "captions, its bucket multiple")
+    command.add_argument("--latent-cache", action="store_true",
+                         help="store each image's VAE latents with the dataset (needs --base-model)")
+    command.add_argument("--version", default="", help="dataset version, recorded in manifest.json")
+    command.add_argument("--input-key", default="", help="the orchestrator's key of the input, recorded in manifest.json")
+    command.add_argument("--num-shards", type=int, help="instances sharing the work (default: the job's hosts)")
+    command.add_argument("--shard-index", type=int, help="this instance's share (default: from the job's hosts)")
+    command.add_argument("--merge", metavar="DIR",
+                         help="only merge the parts that several shards wrote under DIR into one manifest")
     command.set_defaults(handler=_prepare)
 
     command = commands.add_parser("tiny-model", help="write a tiny random SDXL pipeline (offline)")
