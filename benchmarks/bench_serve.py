@@ -135,12 +135,6 @@ class Original:
         self.loaded = True
         return self.clock.now() - started
 
-    def to_base(self) -> None:
-        if self.loaded:
-            self.pipeline.unfuse_lora()
-            self.pipeline.unload_lora_weights()
-            self.loaded = False
-
 
 def timed(clock: Clock, function) -> float:
     started = clock.now()
@@ -177,6 +171,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
           f"{first:.3f} s, next {second:.3f} s", flush=True)
 
     original = Original(load_pipeline(base_model), model_dir, clock)
+    base = load_pipeline(base_model)  # never touched by a LoRA
     unfused = load_pipeline(base_model)
     for name in ADAPTERS:
         path = adapter_file(model_dir, name)
@@ -204,8 +199,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             unfused.set_adapters([name], adapter_weights=[scale])
             rows["unfused_image"].append(timed(clock, lambda: generate(unfused, args, seed)))
 
-            original.to_base()
-            rows["base_image"].append(timed(clock, lambda: generate(original.pipeline, args, seed)))
+            rows["base_image"].append(timed(clock, lambda: generate(base, args, seed)))
             previous = (name, scale)
         print(f"round {round_ + 1}/{args.repeats} done", flush=True)
     medians = {key: statistics.median(values) for key, values in rows.items()}
