@@ -18,6 +18,11 @@ demo: $(READY)
 airflow: $(READY)
 	$(BIN)/sdxl-lora-ops airflow --workdir outputs/airflow
 
+# Build and push the job images to ECR: make images REGION=eu-west-1 ACCOUNT=111122223333 [PREFIX=sdxl-lora] [TAG=...]
+images: $(READY)
+	PYTHON=$(BIN)/python containers/build_and_push.sh --region "$(REGION)" --account "$(ACCOUNT)" \
+	  $(if $(PREFIX),--prefix "$(PREFIX)") $(if $(TAG),--tag "$(TAG)")
+
 test: $(READY)
 	$(BIN)/python -m pytest
 

@@ -17,7 +17,7 @@ import sys
 def _local_stack(args: argparse.Namespace) -> int:
     from local_stack import main
 
-    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at)
+    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at, host=args.host)
 
 
 def _airflow(args: argparse.Namespace) -> int:
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("local-stack", help="serve S3, CloudWatch Logs and SageMaker on one loopback port",
                                   description="A docker-free stand-in for AWS that really runs the jobs.")
     command.add_argument("--port", type=int, default=4566)
+    command.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (0.0.0.0 in docker-compose, so other services reach it)")
     command.add_argument("--workdir", default=".local-stack", help="where jobs and endpoints keep their files")
     command.add_argument("--max-concurrent-jobs", type=int, default=4,
                          help="training (and, separately, processing) jobs allowed to run at once")

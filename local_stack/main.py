@@ -13,11 +13,12 @@ from local_stack.gateway import LocalStack
 from local_stack.jobs import Options
 
 
-def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at: str | None) -> int:
+def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at: str | None,
+        host: str = "127.0.0.1") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns everything else
     options = Options(max_concurrent_jobs=max_concurrent_jobs, spot_interruption_pattern=spot_interruption_at)
-    stack = LocalStack(Path(workdir), port=port, options=options)
+    stack = LocalStack(Path(workdir), port=port, host=host, options=options)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,65 @@
+"""docker-compose.yaml and its AWS override: `docker-compose config` (Debian's docker-compose 1.29) and the
+Compose specification's JSON schema (the compose_spec.json that package ships), plus the layout."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = shutil.which("docker-compose")
+SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
+AWS_ENV = {"SDXL_LORA_AWS_CONNECTION": '{"conn_type": "aws"}', "AWS_DEFAULT_REGION": "eu-west-1",
+           "SDXL_LORA_BUCKET": "b", "SDXL_LORA_ROLE_ARN": "role", "SDXL_LORA_PROCESSING_IMAGE": "p",
+           "SDXL_LORA_TRAINING_IMAGE": "t", "SDXL_LORA_INFERENCE_IMAGE": "i", "SDXL_LORA_BASE_MODEL_URI": "s3://b/m/"}
+needs_compose = pytest.mark.skipif(not COMPOSE, reason="docker-compose not installed (apt-get install docker-compose)")
+
+
+def compose(*args, env=None):
+    return subprocess.run([COMPOSE, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("SDXL_LORA_")}, **(env or {})})
+
+
+@needs_compose
+def test_compose_config_accepts_the_local_stack_file():
+    done = compose("config")
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert {"postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+            "airflow-triggerer", "airflow-worker", "airflow-init", "local-stack"} <= set(services)
+    init = " ".join(services["airflow-init"]["command"])
+    assert "pools set sagemaker_training" in init and "--include-deferred" in init
+    assert "connections add aws_default" in init
+    connection = json.loads(services["airflow-init"]["environment"]["SDXL_LORA_AWS_CONNECTION"])
+    assert connection["extra"]["endpoint_url"] == "http://local-stack:4566"
+    mounts = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in services["airflow-scheduler"]["volumes"]}
+    assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/airflow.cfg"} <= mounts
+
+
+@needs_compose
+def test_aws_override_needs_the_settings_and_drops_the_local_stack():
+    refused = compose("-f", "docker-compose.yaml", "-f", "docker-compose.aws.yaml", "config")
+    assert refused.returncode != 0 and "set SDXL_LORA_AWS_CONNECTION" in refused.stderr
+    done = compose("-f", "docker-compose.yaml", "-f", "docker-compose.aws.yaml", "config", env=AWS_ENV)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert services["local-stack"]["profiles"] == ["local-only"]  # not started unless asked for
+    environment = services["airflow-worker"]["environment"]
+    assert environment["SDXL_LORA_AWS_CONNECTION"] == '{"conn_type": "aws"}'
+    assert environment["SDXL_LORA_NETWORK_ISOLATION"] == "true"
+
+
+@pytest.mark.skipif(not SCHEMA.exists(), reason="the Compose spec schema comes with Debian's docker-compose")
+@pytest.mark.parametrize("name", ["docker-compose.yaml", "docker-compose.aws.yaml"])
+def test_files_validate_against_the_compose_specification_schema(name):
+    import jsonschema
+
+    document = yaml.safe_load((ROOT / name).read_text())
+    jsonschema.validate(document, json.loads(SCHEMA.read_text()))
+    broken = {**document, "services": {"x": {"image": "a", "ports": "not-a-list"}}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json.loads(SCHEMA.read_text()))

@@ -1,0 +1,106 @@
+"""docs/iam/: the Airflow role's policy allows every API call the DAGs and the provider's operators make."""
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+
+import airflow.providers.amazon.aws as provider
+
+ROOT = Path(__file__).resolve().parents[2]
+IAM = ROOT / "docs" / "iam"
+PROVIDER = Path(provider.__file__).parent
+CALL = re.compile(r"\b(?:client|conn|runtime|get_conn\(\))\.([a-z_]+)\(")
+# S3Hook methods the DAGs use -> the S3 actions behind them; a new method fails the test until mapped.
+S3_HOOK_ACTIONS = {"load_string": ["s3:PutObject"], "read_key": ["s3:GetObject"],
+                   "list_prefixes": ["s3:ListBucket"], "check_for_key": ["s3:GetObject"],
+                   "list_keys": ["s3:ListBucket"], "load_file": ["s3:PutObject"]}
+# SageMakerHook features no DAG uses (AutoML, notebooks, pipelines, model registry, experiments, batch
+# transform): their calls are left out of the policy on purpose, and the DAGs must not use them.
+UNUSED_PROVIDER_FEATURES = ("auto_ml", "notebook_instance", "pipeline_execution", "model_package", "experiment",
+                            "transform_job")
+
+
+def action(method: str, service: str = "sagemaker") -> str:
+    return f"{service}:" + "".join(part.title() for part in method.split("_"))
+
+
+def sources(*folders: str):
+    for folder in folders:
+        yield from (ROOT / folder).rglob("*.py")
+
+
+def required_actions() -> set[str]:
+    actions = {"iam:PassRole", "logs:DescribeLogStreams", "logs:GetLogEvents"}  # job logs in task logs
+    for path in sources("dags", "plugins"):
+        text = path.read_text()
+        for method in CALL.findall(text):
+            if method in ("get_paginator", "get_waiter"):
+                continue
+            actions.add(action(method, "sagemaker-runtime" if method == "invoke_endpoint" else "sagemaker"))
+        for method in re.findall(r"\bs3\.([a-z_]+)\(", text):
+            assert method in S3_HOOK_ACTIONS, f"{path.name}: S3Hook.{method} is not mapped to S3 actions"
+            actions.update(S3_HOOK_ACTIONS[method])
+        for paginated in re.findall(r"get_paginator\(\"([a-z_]+)\"\)", text):
+            actions.add(action(paginated))
+    provider_text = "".join((PROVIDER / part).read_text() for part in
+                            ("hooks/sagemaker.py", "operators/sagemaker.py", "triggers/sagemaker.py"))
+    for method in set(CALL.findall(provider_text)) - {"get_paginator", "get_waiter"}:
+        if not any(feature in method for feature in UNUSED_PROVIDER_FEATURES):
+            actions.add(action(method))
+    # sagemaker-runtime's InvokeEndpoint is authorised as sagemaker:InvokeEndpoint
+    return {a.replace("sagemaker-runtime:", "sagemaker:") for a in actions}
+
+
+def allowed(policy: dict, wanted: str) -> bool:
+    for statement in policy["Statement"]:
+        if statement["Effect"] != "Allow":
+            continue
+        listed = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        if any(fnmatch.fnmatchcase(wanted.lower(), pattern.lower()) for pattern in listed):
+            return True
+    return False
+
+
+def load(name: str) -> dict:
+    return json.loads((IAM / name).read_text())
+
+
+def test_the_dags_use_no_provider_feature_the_policy_leaves_out():
+    text = "".join(p.read_text() for p in sources("dags", "plugins"))
+    for name in ("AutoML", "Notebook", "Pipeline", "RegisterModelVersion", "CreateExperiment", "Transform"):
+        assert f"SageMaker{name}" not in text
+
+
+def test_airflow_policy_allows_every_call_of_the_dags_and_the_operators():
+    actions = required_actions()
+    assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:CreateEndpoint",
+            "sagemaker:InvokeEndpoint", "s3:PutObject", "iam:PassRole"} <= actions  # the scan found them
+    policy = load("airflow-policy.json")
+    missing = sorted(a for a in actions if not allowed(policy, a))
+    assert not missing, f"docs/iam/airflow-policy.json does not allow {missing}"
+
+
+def test_the_check_fails_for_an_action_the_policy_lacks():
+    policy = load("airflow-policy.json")
+    assert not allowed(policy, "sagemaker:CreateAutoMLJob")
+    assert not allowed(policy, "s3:DeleteBucket")
+
+
+def test_policies_are_least_privilege():
+    for path in IAM.glob("*.json"):
+        for statement in json.loads(path.read_text())["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert not any(a == "*" or a.endswith(":*") for a in actions), f"{path.name}: a service wildcard"
+    passrole = [s for s in load("airflow-policy.json")["Statement"] if s["Action"] == "iam:PassRole"]
+    assert passrole[0]["Condition"]["StringEquals"]["iam:PassedToService"] == "sagemaker.amazonaws.com"
+    assert "*" not in passrole[0]["Resource"]
+
+
+def test_execution_role_can_run_the_jobs():
+    policy = load("sagemaker-execution-policy.json")
+    for wanted in ("s3:GetObject", "s3:PutObject", "s3:ListBucket", "ecr:BatchGetImage", "ecr:GetAuthorizationToken",
+                   "logs:PutLogEvents", "cloudwatch:PutMetricData", "ec2:CreateNetworkInterface", "kms:Decrypt"):
+        assert allowed(policy, wanted), wanted
+    trust = load("sagemaker-trust-policy.json")["Statement"][0]
+    assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
