@@ -340,12 +340,15 @@ class JobService:
             if why != "interrupted":
                 break
             attempt += 1
-            # A spot interruption: the instance is gone, a new one restores the checkpoints from S3.
+            # A spot interruption: the instance is gone, a new one restores the checkpoints from S3
+            # (without a CheckpointConfig it starts from scratch).
             self._transition(job, "Interrupted", "Spot capacity was reclaimed; the job will restart")
             job.log_lines.clear()
-            shutil.rmtree(local_checkpoints, ignore_errors=True)
-            download_prefix(s3, checkpoint["S3Uri"], local_checkpoints)
-            self._transition(job, "Restarting", "Restarting the training job from its last checkpoint")
+            shutil.rmtree(local_checkpoints or container_path(job.base, "/opt/ml/checkpoints"), ignore_errors=True)
+            if checkpoint:
+                download_prefix(s3, checkpoint["S3Uri"], local_checkpoints)
+            self._transition(job, "Restarting", "Restarting the training job from its last checkpoint" if checkpoint
+                             else "Restarting the training job from the start (no CheckpointConfig)")
             self._transition(job, "Training", "Training in progress.")
         if why == "timeout":
             self._transition(job, "MaxRuntimeExceeded", "Job stopped: MaxRuntimeInSeconds exceeded")
