@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import pytest
@@ -21,6 +22,18 @@ def tuning_request(name: str, staged: dict, strategy: str, ranges: dict, limits:
             "HyperParameterTuningJobConfig": {"Strategy": strategy, "HyperParameterTuningJobObjective": OBJECTIVE,
                                               "ResourceLimits": limits, "ParameterRanges": ranges},
             "TrainingJobDefinition": definition}
+
+
+@pytest.fixture
+def operator(stack, monkeypatch):
+    """The DAG's tuning operator, with an aws_default connection to the stack."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        {"conn_type": "aws", "login": "testing", "password": "testing",
+         "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}}))
+    from sdxl_lora.tuning import ResumableSageMakerTuningOperator
+
+    return lambda name: ResumableSageMakerTuningOperator(task_id="tune", config={"HyperParameterTuningJobName": name},
+                                                         check_interval=1)
 
 
 def wait_for_tuning(sagemaker, name: str, **kw) -> dict:
@@ -60,7 +73,15 @@ def test_grid_runs_every_combination_within_max_parallel_and_names_the_best(sage
     assert trial["ModelArtifacts"]["S3ModelArtifacts"].endswith(f"{trial['TrainingJobName']}/output/model.tar.gz")
 
 
-def test_stopping_a_tuning_job_stops_its_trials(stack, sagemaker, staged):
+def test_a_retried_tune_task_reuses_its_completed_tuning_job(sagemaker, operator):
+    result = operator("e2e-grid").execute({})  # after test_grid_...: e2e-grid has completed
+    assert result["Tuning"]["HyperParameterTuningJobStatus"] == "Completed"
+    names = [s["HyperParameterTuningJobName"] for s in sagemaker.list_hyper_parameter_tuning_jobs(
+        NameContains="e2e-grid")["HyperParameterTuningJobSummaries"]]
+    assert names == ["e2e-grid"]  # no second tuning job
+
+
+def test_stopping_a_tuning_job_stops_its_trials(stack, sagemaker, staged, operator):
     ranges = {"ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": "0.0001", "MaxValue": "0.01",
                                              "ScalingType": "Logarithmic"}],
               "IntegerParameterRanges": [{"Name": "rank", "MinValue": "2", "MaxValue": "4"}]}
@@ -80,7 +101,7 @@ def test_stopping_a_tuning_job_stops_its_trials(stack, sagemaker, staged):
         value = float(trial["TunedHyperParameters"]["learning_rate"])
         assert 0.0001 <= value <= 0.01 and trial["TunedHyperParameters"]["rank"] in ("2", "3", "4")
 
-    sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="e2e-stop")
+    operator("e2e-stop").on_kill()  # what a killed tune task does: StopHyperParameterTuningJob
     assert sagemaker.describe_hyper_parameter_tuning_job(
         HyperParameterTuningJobName="e2e-stop")["HyperParameterTuningJobStatus"] in ("Stopping", "Stopped")
     done = wait_for_tuning(sagemaker, "e2e-stop", timeout=180)
