@@ -110,7 +110,9 @@ def sdxl_lora_tune():
         for name in tuning.attempt_names(config["HyperParameterTuningJobName"]):  # the latest attempt
             try:
                 tuning_job = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-            except client.exceptions.ClientError:
+            except client.exceptions.ClientError as error:
+                if error.response["Error"]["Code"] not in ("ResourceNotFound", "ValidationException"):
+                    raise
                 break
         if tuning_job is None:
             raise RuntimeError(f"tuning job {config['HyperParameterTuningJobName']} was never created")
@@ -126,7 +128,8 @@ def sdxl_lora_tune():
         strategy = config["HyperParameterTuningJobConfig"]["Strategy"]
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
         s3.load_string(selection.leaderboard_json(results), f"{folder}/leaderboard.json", replace=True)
-        title = f"{DAG_ID} {run_id}: tuning job {name} ({strategy}, {tuning_job['HyperParameterTuningJobStatus']})"
+        status = tuning_job["HyperParameterTuningJobStatus"]
+        title = f"{DAG_ID} {run_id}: tuning job {name} ({strategy}, {status})"
         s3.load_string(selection.leaderboard_markdown(results, title), f"{folder}/leaderboard.md", replace=True)
         best = selection.winner(results)
         if best is None:

@@ -158,7 +158,8 @@ class TuningService:
             scored.sort(key=lambda s: s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"], reverse=descending)
             summaries = scored + [s for s in summaries if s not in scored]
         else:
-            key = {"Name": "TrainingJobName", "CreationTime": "CreationTime", "Status": "TrainingJobStatus"}.get(sort_by)
+            key = {"Name": "TrainingJobName", "CreationTime": "CreationTime",
+                   "Status": "TrainingJobStatus"}.get(sort_by)
             if key is None:
                 raise validation(f"1 validation error detected: Value '{sort_by}' at 'sortBy' failed to satisfy "
                                  "constraint: Member must satisfy enum value set: [Name, CreationTime, Status, "
