@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: demo test airflow bench-train bench-dags bench-serve constraints clean
+.PHONY: demo test airflow bench-train bench-dags bench-serve bench-prepare constraints clean
 
 $(READY): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-dags: $(READY)
 
 bench-serve: $(READY)
 	$(BIN)/python benchmarks/bench_serve.py $(ARGS)
+
+bench-prepare: $(READY)
+	$(BIN)/python benchmarks/bench_prepare.py $(ARGS)
 
 # Re-resolve the pinned set after changing pyproject.toml (needs a fresh venv).
 constraints:

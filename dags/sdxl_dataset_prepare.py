@@ -2,23 +2,38 @@
 ### SDXL dataset preparation
 
 Turns raw images at `raw_dataset/<version>/` into a training dataset at `proc_dataset/<version>/`
-(an imagefolder with metadata.jsonl) with a SageMaker Processing job running `sdxl-lora prepare`.
-The processed dataset is an outlet Asset, so `sdxl_lora_train` can run when a new version lands.
+with a SageMaker Processing job running `sdxl-lora prepare`: every file checked (each rejected one
+reported with its reason), uncaptioned images captioned by InstructBLIP, each image fitted to its
+SDXL aspect-ratio bucket, optionally the VAE latents cached. The result is an imagefolder with
+metadata.jsonl and `manifest.json`, whose summary this DAG prints in the `publish` task's log.
 
 `version` defaults to the run's logical date, so a backfill over dates prepares one version per
-date. A version whose processed dataset already exists is skipped unless `force` is set.
+date. A version is skipped when its raw files (their S3 ETags) and the options are unchanged since
+it was last prepared; `force` prepares it again. With `instance_count` above 1 the instances share
+the captioning and `publish` merges their parts into one manifest. The processed dataset is an
+outlet Asset (its event names the version), so `sdxl_lora_train` can run when a new version lands.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, Param, chain, dag, task
 from sdxl_lora.dag_common import dag_arguments, run_date, version_param
+from sdxl_lora.datasets import OPTIONS
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
 SETTINGS = Settings.from_environment()
 PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/", extra={"layout": "proc_dataset/<version>/"})
+log = logging.getLogger(__name__)
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
 
 
 @dag(
@@ -26,37 +41,109 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/", extra={"layout": "
     schedule=None,
     params={
         "version": version_param("Dataset version (raw_dataset/<version>/); empty: the run's logical date."),
-        "force": Param(False, type="boolean", description="Prepare again even when the processed dataset exists."),
+        "force": Param(False, type="boolean", description="Prepare again even when inputs and options are unchanged."),
+        "resolution": Param(OPTIONS["resolution"], type="integer", minimum=32, maximum=4096, multipleOf=8,
+                            description="Bucket scale: SDXL's 1024-pixel aspect-ratio buckets scaled to this. "
+                                        "Use the training resolution, so the latent cache matches."),
+        "min_size": Param(OPTIONS["min_size"], type="integer", minimum=0, maximum=4096,
+                          description="Reject images whose short side is smaller (pixels)."),
+        "min_images": Param(OPTIONS["min_images"], type="integer", minimum=1,
+                            description="Fail when fewer usable images remain."),
+        "recaption": Param(OPTIONS["recaption"], type="boolean",
+                           description="Caption every image with InstructBLIP, ignoring sidecar and metadata captions."),
+        "caption_prefix": Param(OPTIONS["caption_prefix"], type="string", maxLength=100,
+                                description="Prepended to every caption, e.g. a trigger word."),
+        "caption_prompt": Param(OPTIONS["caption_prompt"], type="string", maxLength=1000,
+                                description="InstructBLIP's instruction; empty: composition, style and narrative."),
+        "caption_batch_size": Param(OPTIONS["caption_batch_size"], type="integer", minimum=1, maximum=64,
+                                    description="Images per InstructBLIP generate() call."),
+        "latent_cache": Param(OPTIONS["latent_cache"], type="boolean",
+                              description="Store each image's VAE latents with the dataset (needs base_model_uri)."),
+        "instance_count": Param(OPTIONS["instance_count"], type="integer", minimum=1, maximum=20,
+                                description="Processing instances sharing the captioning."),
     },
 )
 def sdxl_dataset_prepare():
-    @task.short_circuit
-    def needs_preparing(**context) -> bool:
+    @task
+    def plan(**context) -> dict:
+        """The version, its options and their content key; whether it must be prepared."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from sdxl_lora import datasets
 
         settings = Settings.resolve()
         params = context["params"]
         version = params["version"] or run_date(context)
-        done = S3Hook(aws_conn_id=settings.aws_conn_id).check_for_key(
-            settings.processed_dataset(version) + "metadata.jsonl")
-        if done and not params["force"]:
-            print(f"{settings.processed_dataset(version)} already exists: skipping (set force to redo it)")
-            return False
-        return True
+        options = {name: params[name] for name in OPTIONS}
+        raw = settings.raw_dataset(version)
+        s3 = S3Hook(aws_conn_id=settings.aws_conn_id).get_conn()
+        bucket, prefix = _split(raw)
+        objects = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                   for o in page.get("Contents", [])]
+        if not objects:
+            raise ValueError(f"{raw} holds no files: upload the raw images of version {version} there first")
+        key = datasets.input_key(settings, raw, objects, options)
+        previous = None
+        bucket, manifest_key = _split(settings.processed_dataset(version) + "manifest.json")
+        try:
+            previous = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()).get("input_key")
+        except s3.exceptions.NoSuchKey:
+            pass
+        run = params["force"] or previous != key
+        if not run:
+            log.info("%s is prepared from these %d files with these options already (key %s): skipping; set force "
+                     "to prepare it again", settings.processed_dataset(version), len(objects), key)
+        elif previous:
+            log.info("the inputs or options of version %s changed since it was prepared: preparing it again", version)
+        return {"version": version, "key": key, "options": options, "run": run, "files": len(objects)}
+
+    @task.short_circuit
+    def changed(planned: dict) -> bool:
+        return planned["run"]
 
     @task
-    def build_request(**context) -> dict:
-        from sdxl_lora import naming, requests
+    def build_request(planned: dict, **context) -> dict:
+        """The processing job's request; what an earlier preparation of this version left is removed
+        first, so the version holds one preparation's files and parts only."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from sdxl_lora import datasets, naming, requests
 
         settings = Settings.resolve()
-        run_id = context["run_id"]
-        version = context["params"]["version"] or run_date(context)
+        run_id, version, options = context["run_id"], planned["version"], planned["options"]
+        hook = S3Hook(aws_conn_id=settings.aws_conn_id)
+        bucket, prefix = _split(settings.processed_dataset(version))
+        stale = hook.list_keys(bucket_name=bucket, prefix=prefix)
+        if stale:
+            log.info("removing %d files of the earlier preparation of version %s", len(stale), version)
+            hook.delete_objects(bucket, stale)
         name = naming.job_name("sdxl-lora-prepare", run_id, naming.slug(version))
-        return requests.processing_request(settings, name, settings.raw_dataset(version),
-                                           settings.processed_dataset(version),
-                                           requests.tags(dag=DAG_ID, run=run_id, version=version))
+        inputs = datasets.prepare_inputs(settings, settings.raw_dataset(version), options["latent_cache"])
+        arguments = datasets.prepare_arguments(settings, {k: v for k, v in options.items() if k != "instance_count"},
+                                               version, planned["key"])
+        return requests.processing_request(settings, name, inputs, settings.processed_dataset(version),
+                                           requests.tags(dag=DAG_ID, run=run_id, version=version), arguments,
+                                           instance_count=options["instance_count"])
 
-    request = build_request()
+    @task(outlets=[PROCESSED_DATASET])
+    def publish(planned: dict, outlet_events=None) -> dict:
+        """Merge the instances' parts (several instances) and print the manifest's summary."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from ml import manifest
+
+        settings = Settings.resolve()
+        hook = S3Hook(aws_conn_id=settings.aws_conn_id)
+        bucket, prefix = _split(settings.processed_dataset(planned["version"]))
+        if planned["options"]["instance_count"] > 1:
+            keys = hook.list_keys(bucket_name=bucket, prefix=prefix + manifest.PARTS + "/")
+            rows, merged = manifest.merge([json.loads(hook.read_key(key, bucket_name=bucket)) for key in keys])
+            hook.load_string(manifest.metadata_text(rows), prefix + manifest.METADATA, bucket, replace=True)
+            hook.load_string(json.dumps(merged, indent=2) + "\n", prefix + manifest.MANIFEST, bucket, replace=True)
+        merged = json.loads(hook.read_key(prefix + manifest.MANIFEST, bucket_name=bucket))
+        log.info("manifest s3://%s/%s%s\n%s", bucket, prefix, manifest.MANIFEST, manifest.summary(merged))
+        outlet_events[PROCESSED_DATASET].extra = {"version": planned["version"]}
+        return merged["counts"]
+
+    planned = plan()
+    request = build_request(planned)
     prepare = SageMakerProcessingOperator(
         task_id="prepare",
         config=request,
@@ -67,9 +154,8 @@ def sdxl_dataset_prepare():
         max_attempts=SETTINGS.max_status_checks(),
         action_if_job_exists="fail",  # the name is per run and version: an existing job means a retry
         deferrable=SETTINGS.deferrable,
-        outlets=[PROCESSED_DATASET],
     )
-    needs_preparing() >> request >> prepare
+    chain(planned, changed(planned), request, prepare, publish(planned))
 
 
 sdxl_dataset_prepare()

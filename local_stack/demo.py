@@ -26,6 +26,8 @@ BUCKET, PREFIX, VERSION, ENDPOINT = "sdxl-lora-local", "sdxl-finetune-lora", "de
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"prompt": "storyboard frame, ink outline, a red circle on the left, flat colours, hard shadow",
          "width": 64, "height": 64, "num_inference_steps": 8, "seed": 7, "lora_scale": 0.8}
+# Prepared at the training resolution, so the trials use the cached latents of the 16:9 bucket.
+PREPARE = {"version": VERSION, "resolution": 64, "min_size": 64, "latent_cache": True}
 GRID = {"dataset_version": VERSION, "learning_rates": [0.001, 0.003], "max_train_steps": [20, 40], "ranks": [4],
         "hyperparameters": {"resolution": 64, "train_batch_size": 2, "validation_split": 0.25,
                             "checkpointing_steps": 10, "random_flip": True},
@@ -71,24 +73,36 @@ def _airflow(env: dict, log: Path, *args: str) -> None:
         raise SystemExit(f"airflow {' '.join(args[:3])} failed; see {log}")
 
 
-def _stage(s3, workdir: Path) -> str:
-    from ml import synthetic, tiny_model
+def _stage(s3, workdir: Path) -> tuple[str, str]:
+    """A tiny SDXL, a tiny InstructBLIP and 16 uncaptioned 16:9 frames in S3; returns the models' URIs."""
+    from ml import synthetic, tiny_captioner, tiny_model
 
     s3.create_bucket(Bucket=BUCKET)
     base = workdir / "tiny-sdxl"
     if not (base / "model_index.json").exists():
         tiny_model.build(base)
-    raw = synthetic.write_dataset(workdir / "raw", count=16, sidecar_captions=True)
-    for prefix, folder in ((f"{PREFIX}/base_model", base), (f"{PREFIX}/raw_dataset/{VERSION}", raw)):
+    captioner = workdir / "tiny-instructblip"
+    if not (captioner / "config.json").exists():
+        tiny_captioner.build(captioner)
+    raw = synthetic.write_dataset(workdir / "raw", count=16)
+    (raw / "metadata.jsonl").unlink()  # as the original system's frames came: no captions at all
+    for prefix, folder in ((f"{PREFIX}/base_model", base), (f"{PREFIX}/captioner", captioner),
+                           (f"{PREFIX}/raw_dataset/{VERSION}", raw)):
         for path in folder.rglob("*"):
             if path.is_file():
                 s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
-    return f"s3://{BUCKET}/{PREFIX}/base_model/"
+    return f"s3://{BUCKET}/{PREFIX}/base_model/", f"s3://{BUCKET}/{PREFIX}/captioner/"
+
+
+def _first_caption(s3) -> str:
+    rows = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/{VERSION}/metadata.jsonl")["Body"].read()
+    return json.loads(rows.decode().splitlines()[0])["text"]
 
 
 def _prepare_airflow(root: Path, endpoint_url: str, s3) -> tuple[dict, Path]:
-    base_model_uri = _stage(s3, root)
+    base_model_uri, captioner_uri = _stage(s3, root)
     env = _airflow_env(root, endpoint_url, base_model_uri)
+    env["SDXL_LORA_CAPTIONER_URI"] = captioner_uri
     log = root / "airflow.log"
     log.write_text("")
     _step(f"setting up Airflow in {root / 'airflow'} (log: {log})")
@@ -153,10 +167,16 @@ def main(workdir: str) -> int:
                                       aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                                       aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
                    for name in ("s3", "sagemaker-runtime")}
-        _step("staging a tiny SDXL and 16 synthetic storyboard frames in S3")
+        _step("staging a tiny SDXL, a tiny InstructBLIP and 16 uncaptioned storyboard frames in S3")
         env, log = _prepare_airflow(root, endpoint_url, clients["s3"])
-        _step("sdxl_dataset_prepare: a SageMaker Processing job prepares raw_dataset/demo")
-        _airflow(env, log, "dags", "test", "sdxl_dataset_prepare", "-c", json.dumps({"version": VERSION}))
+        _step("sdxl_dataset_prepare: a SageMaker Processing job checks, captions and buckets raw_dataset/demo")
+        _airflow(env, log, "dags", "test", "sdxl_dataset_prepare", "-c", json.dumps(PREPARE))
+        manifest = json.loads(clients["s3"].get_object(
+            Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/{VERSION}/manifest.json")["Body"].read())
+        counts = manifest["counts"]
+        print(f"{counts['images_written']} images, captions from {counts['captions_from']}, "
+              f"buckets {counts['buckets']}, {counts['latents_cached']} latents cached; first caption: "
+              f"{_first_caption(clients['s3'])!r}")
         _step("sdxl_lora_grid_search: 2 learning rates x 2 step counts x 1 rank, then deploy the winner")
         _airflow(env, log, "dags", "test", "sdxl_lora_grid_search", "-c", json.dumps(GRID))
         s3 = clients["s3"]

@@ -77,18 +77,22 @@ def training_request(settings: Settings, job_name: str, dataset_uri: str, hyperp
     return _security(settings, request)
 
 
-def processing_request(settings: Settings, job_name: str, raw_uri: str, processed_uri: str,
-                       job_tags: list[dict] | None = None) -> dict:
+def processing_request(settings: Settings, job_name: str, inputs: list[tuple[str, str, str]], processed_uri: str,
+                       job_tags: list[dict] | None = None, arguments: list[str] | None = None,
+                       instance_count: int = 1) -> dict:
+    """inputs: (name, S3 URI, local path). Every instance gets every input (FullyReplicated): prepare
+    shards its work itself, because sidecar captions must travel with their images."""
     request = {
         "ProcessingJobName": job_name,
         "RoleArn": settings.role_arn,
-        "AppSpecification": {"ImageUri": settings.processing_image, "ContainerEntrypoint": ["sdxl-lora", "prepare"]},
-        "ProcessingResources": {"ClusterConfig": {"InstanceCount": 1,
+        "AppSpecification": {"ImageUri": settings.processing_image, "ContainerEntrypoint": ["sdxl-lora", "prepare"],
+                             "ContainerArguments": list(arguments or [])},
+        "ProcessingResources": {"ClusterConfig": {"InstanceCount": instance_count,
                                                   "InstanceType": settings.processing_instance_type,
                                                   "VolumeSizeInGB": 100}},
-        "ProcessingInputs": [{"InputName": "raw", "S3Input": {
-            "S3Uri": raw_uri, "LocalPath": "/opt/ml/processing/input/raw", "S3DataType": "S3Prefix",
-            "S3InputMode": "File"}}],
+        "ProcessingInputs": [{"InputName": name, "S3Input": {
+            "S3Uri": uri, "LocalPath": local, "S3DataType": "S3Prefix", "S3InputMode": "File",
+            "S3DataDistributionType": "FullyReplicated"}} for name, uri, local in inputs],
         "ProcessingOutputConfig": {"Outputs": [{"OutputName": "dataset", "S3Output": {
             "S3Uri": processed_uri, "LocalPath": "/opt/ml/processing/output/dataset", "S3UploadMode": "EndOfJob"}}]},
         "StoppingCondition": {"MaxRuntimeInSeconds": settings.max_runtime_seconds},

@@ -33,6 +33,7 @@ class Settings:
     training_pool_size: int = 4
     retrain_schedule: str = "0 3 * * 1"  # Mondays 03:00
     base_model_uri: str = ""  # s3:// prefix of a diffusers SDXL pipeline; empty: the training default
+    captioner_uri: str = ""  # s3:// prefix of a staged InstructBLIP; empty: Salesforce/instructblip-vicuna-7b from the Hub
     endpoint_name: str = "sdxl-lora"
     aws_conn_id: str = "aws_default"
     check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status

@@ -76,8 +76,11 @@ def test_prepare_params(dagbag):
     assert _validated(dag, {"version": "2026-11-26", "force": True})["force"] is True
     from airflow.sdk.definitions.param import ParamValidationError
 
-    with pytest.raises(ParamValidationError):
-        _validated(dag, {"version": "a b"})
+    for bad in ({"version": "a b"}, {"resolution": 1001}, {"caption_batch_size": 0}, {"instance_count": 0}):
+        with pytest.raises(ParamValidationError):
+            _validated(dag, bad)
+    good = _validated(dag, {"resolution": 64, "min_size": 32, "latent_cache": True, "caption_prefix": "sbstyle"})
+    assert good["resolution"] == 64 and good["latent_cache"] is True
 
 
 def test_parsing_imports_no_heavy_module(tmp_path):

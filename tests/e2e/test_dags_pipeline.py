@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ml import synthetic
+from ml import synthetic, tiny_captioner
 
 ROOT = Path(__file__).parents[2]
 BUCKET, PREFIX = "sdxl-lora-local", "sdxl-finetune-lora"
@@ -30,9 +30,17 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
     subprocess.run([*airflow, "pools", "set", "sagemaker_training", "2", "SageMaker training jobs",
                     "--include-deferred"], env=env, check=True, capture_output=True, timeout=120)
     s3.create_bucket(Bucket=BUCKET)
+    # The original system's raw data: frames without captions, which InstructBLIP (here the tiny one) captions.
     raw = synthetic.write_dataset(tmp_path_factory.mktemp("raw"), count=8, sidecar_captions=True)
-    for path in raw.iterdir():
-        s3.upload_file(str(path), BUCKET, f"{PREFIX}/raw_dataset/v1/{path.name}")
+    for caption in sorted(raw.glob("*.txt"))[:6]:
+        caption.unlink()
+    (raw / "broken.png").write_bytes(b"not an image")
+    captioner = tiny_captioner.build(tmp_path_factory.mktemp("captioner") / "instructblip")
+    for folder, prefix in ((raw, f"{PREFIX}/raw_dataset/v1"), (captioner, f"{PREFIX}/captioner")):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    env["SDXL_LORA_CAPTIONER_URI"] = f"s3://{BUCKET}/{PREFIX}/captioner/"
     return env
 
 
@@ -45,12 +53,24 @@ def _dags_test(env: dict, dag_id: str, conf: dict) -> str:
 
 
 def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3):
-    _dags_test(airflow_env, "sdxl_dataset_prepare", {"version": "v1"})
+    options = {"version": "v1", "resolution": 32, "min_size": 32, "latent_cache": True, "caption_batch_size": 4}
+    prepared = _dags_test(airflow_env, "sdxl_dataset_prepare", options)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/proc_dataset/v1/")["Contents"]}
     assert f"{PREFIX}/proc_dataset/v1/metadata.jsonl" in keys
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/v1/manifest.json")["Body"].read())
+    assert manifest["counts"]["captions_from"] == {"instructblip": 6, "sidecar": 2}
+    assert manifest["counts"]["buckets"] == {"24x40": 8} and manifest["counts"]["latents_cached"] == 8
+    assert manifest["rejected"] == [{"file": "broken.png", "reason": "not_an_image",
+                                     "detail": "not an image format PIL recognises"}]
+    assert "captions from: 6 instructblip, 2 sidecar" in prepared  # the manifest's summary in the task log
 
-    skipped = _dags_test(airflow_env, "sdxl_dataset_prepare", {"version": "v1"})  # already prepared
-    assert "already exists: skipping" in skipped
+    skipped = _dags_test(airflow_env, "sdxl_dataset_prepare", options)  # unchanged inputs and options
+    assert "with these options already" in skipped and "skipping" in skipped
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/raw_dataset/v1/frame-0000.txt", Body=b"a caption added later")
+    again = _dags_test(airflow_env, "sdxl_dataset_prepare", options)  # an edited input is prepared again
+    assert "changed since it was prepared" in again
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/v1/manifest.json")["Body"].read())
+    assert manifest["counts"]["captions_from"] == {"instructblip": 5, "sidecar": 3}
 
     output = _dags_test(airflow_env, "sdxl_lora_grid_search", {
         "dataset_version": "v1", "learning_rates": [0.001, 0.003], "max_train_steps": [6], "ranks": [4],
@@ -63,6 +83,7 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     assert board["winner"] == board["trials"][0]["job_name"]
     assert board["trials"][0]["val_loss"] <= board["trials"][1]["val_loss"]
     assert "-lr-0-001-mts-6-r-4" in output and "-lr-0-003-mts-6-r-4" in output  # the trials' map indexes
+    assert "from the dataset's cache" in output  # the trials reuse the latents prepare cached
 
     winner = board["trials"][0]["model_artifacts"]
     smoke = {"prompt": "storyboard frame, a red circle", "width": 32, "height": 32, "num_inference_steps": 2,

@@ -2,7 +2,7 @@ import json
 
 from ml.hyperparameters import parse
 from ml.metrics import METRIC_DEFINITIONS
-from sdxl_lora import requests
+from sdxl_lora import datasets, requests
 from sdxl_lora.settings import Settings
 
 
@@ -32,11 +32,18 @@ def test_on_demand_training_has_no_spot_fields():
 
 
 def test_processing_request_runs_prepare_between_the_dataset_versions():
-    settings = Settings(bucket="b1", prefix="p")
-    request = requests.processing_request(settings, "prep-1", settings.raw_dataset("2026-11-26"),
-                                          settings.processed_dataset("2026-11-26"))
+    settings = Settings(bucket="b1", prefix="p", captioner_uri="s3://b1/p/captioner/")
+    inputs = datasets.prepare_inputs(settings, settings.raw_dataset("2026-11-26"), latent_cache=False)
+    arguments = datasets.prepare_arguments(settings, {"caption_prefix": "sbstyle"}, "2026-11-26", "k1")
+    request = requests.processing_request(settings, "prep-1", inputs, settings.processed_dataset("2026-11-26"),
+                                          arguments=arguments, instance_count=2)
     assert request["AppSpecification"]["ContainerEntrypoint"] == ["sdxl-lora", "prepare"]
-    assert request["ProcessingInputs"][0]["S3Input"]["S3Uri"] == "s3://b1/p/raw_dataset/2026-11-26/"
+    assert request["AppSpecification"]["ContainerArguments"] == arguments
+    assert request["ProcessingResources"]["ClusterConfig"]["InstanceCount"] == 2
+    assert [(i["InputName"], i["S3Input"]["S3Uri"], i["S3Input"]["S3DataDistributionType"])
+            for i in request["ProcessingInputs"]] == [
+        ("raw", "s3://b1/p/raw_dataset/2026-11-26/", "FullyReplicated"),
+        ("captioner", "s3://b1/p/captioner/", "FullyReplicated")]
     assert request["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["S3Uri"] == "s3://b1/p/proc_dataset/2026-11-26/"
 
 

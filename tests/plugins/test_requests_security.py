@@ -15,7 +15,7 @@ VPC = {"Subnets": ["subnet-aaa", "subnet-bbb"], "SecurityGroupIds": ["sg-111"]}
 def test_local_defaults_add_no_security_fields():
     settings = Settings()
     training = requests.training_request(settings, "j", "s3://b/d/", {})
-    processing = requests.processing_request(settings, "p", "s3://b/r/", "s3://b/o/")
+    processing = requests.processing_request(settings, "p", [("raw", "s3://b/r/", "/opt/ml/processing/input/raw")], "s3://b/o/")
     model = requests.model_request(settings, "m", "s3://b/m.tar.gz")
     config = requests.endpoint_config_request(settings, "c", {"v": ("m", 1.0)})
     for request in (training, processing, model):
@@ -36,7 +36,7 @@ def test_training_request_carries_vpc_isolation_encryption_and_keys():
 
 
 def test_processing_request_carries_them_in_network_config():
-    request = requests.processing_request(SECURE, "p", "s3://b/r/", "s3://b/o/")
+    request = requests.processing_request(SECURE, "p", [("raw", "s3://b/r/", "/opt/ml/processing/input/raw")], "s3://b/o/")
     assert request["NetworkConfig"] == {"VpcConfig": VPC, "EnableNetworkIsolation": True,
                                         "EnableInterContainerTrafficEncryption": True}
     assert request["ProcessingResources"]["ClusterConfig"]["VolumeKmsKeyId"] == KEY
