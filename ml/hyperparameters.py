@@ -1,11 +1,16 @@
-"""The training job's hyperparameters: one table, parsed from SageMaker's string values.
+"""The training job's hyperparameters: one table of types, defaults and bounds, and its presets.
 
 SageMaker writes every hyperparameter as a string, and the SageMaker SDK JSON-encodes
 values before that, so ``"0.0002"``, ``"\\"0.0002\\""``, ``"true"`` and ``"\\"True\\""``
 all arrive for the same intent. ``parse`` accepts them alike, ignores ``sagemaker_*``
 keys, warns about unknown keys and names the key and the value it cannot use.
 
-Pure Python: the DAGs build training requests from this table without torch.
+The same table gives the JSON schema of the DAGs' ``hyperparameters`` Params
+(``hyperparameters_schema``) and of the grid's list items (``value_schema``), so the trigger
+form refuses what the job would refuse, before any job starts. ``PRESETS`` holds the
+production settings and the grid's fixed set derived from them.
+
+Pure Python: the DAGs build training requests and Params from this module without torch.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import dataclasses
 import json
 import logging
 import math
-from typing import Any, Callable
+from typing import Any
 
 from ml.contract import JobError
 
@@ -30,75 +35,117 @@ class HyperparameterError(JobError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
+    """One hyperparameter: its type, default, help and bounds. The bounds are data, so the parser
+    below and the DAGs' trigger forms (json_schema) check the same thing."""
+
     name: str
     kind: type  # bool, int, float or str
     default: Any
     help: str
     optional: bool = False  # None is a valid value ("none", "null" or "" in the string form)
-    check: Callable[[Any], bool] | None = None
-    requirement: str = ""  # says what check demands, for the error message
+    minimum: float | None = None
+    exclusive_minimum: float | None = None
+    maximum: float | None = None
+    exclusive_maximum: float | None = None
+    multiple_of: int | None = None
     choices: tuple[str, ...] = ()
 
+    def value_schema(self) -> dict[str, Any]:
+        """JSON schema of one value (None excluded): what a grid's list Param takes as its items."""
+        schema: dict[str, Any] = {"type": _JSON_TYPES[self.kind]}
+        for key, bound in (("minimum", self.minimum), ("exclusiveMinimum", self.exclusive_minimum),
+                           ("maximum", self.maximum), ("exclusiveMaximum", self.exclusive_maximum),
+                           ("multipleOf", self.multiple_of)):
+            if bound is not None:
+                schema[key] = bound
+        if self.choices:
+            schema["enum"] = list(self.choices)
+        elif self.kind is str and not self.optional:
+            schema["minLength"] = 1  # the parser reads an empty string as "no value"
+        return schema
 
-def _positive(value) -> bool:
-    return value > 0
+    def json_schema(self) -> dict[str, Any]:
+        """JSON schema of the hyperparameter as a property of the DAGs' `hyperparameters` Param."""
+        schema = self.value_schema()
+        if self.optional:
+            schema["type"] = [schema["type"], "null"]
+            if "enum" in schema:
+                schema["enum"] = [*schema["enum"], None]
+        return {**schema, "description": self.help}
+
+    def violation(self, value: float) -> str | None:
+        """What a number breaks of the bounds, or None when it is within them."""
+        if self.multiple_of is not None and value % self.multiple_of:
+            return self.requirement()
+        if ((self.minimum is not None and value < self.minimum)
+                or (self.exclusive_minimum is not None and value <= self.exclusive_minimum)
+                or (self.maximum is not None and value > self.maximum)
+                or (self.exclusive_maximum is not None and value >= self.exclusive_maximum)):
+            return self.requirement()
+        return None
+
+    def requirement(self) -> str:
+        """The bounds in words: 'a multiple of 8, in [8, 4096]', 'in (0, 0.1]', 'at least 1'."""
+        words = [f"a multiple of {self.multiple_of}"] if self.multiple_of is not None else []
+        low = self.minimum if self.minimum is not None else self.exclusive_minimum
+        high = self.maximum if self.maximum is not None else self.exclusive_maximum
+        if low is not None and high is not None:
+            words.append(f"in {'[' if self.minimum is not None else '('}{low:g}, {high:g}"
+                         f"{']' if self.maximum is not None else ')'}")
+        elif low is not None:
+            words.append(f"at least {low:g}" if self.minimum is not None else f"above {low:g}")
+        elif high is not None:
+            words.append(f"at most {high:g}" if self.maximum is not None else f"below {high:g}")
+        return ", ".join(words)
 
 
-def _non_negative(value) -> bool:
-    return value >= 0
-
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+MAX_LEARNING_RATE = 0.1  # far above any LoRA learning rate; a larger one is a typo
+MAX_RANK = 1024
+MAX_TRAIN_STEPS = 100_000
 
 SPECS: tuple[Spec, ...] = (
     Spec("pretrained_model_name_or_path", str, "stabilityai/stable-diffusion-xl-base-1.0",
          "Base SDXL pipeline (Hub id or local directory); ignored when the base_model channel is given."),
-    Spec("resolution", int, 1024, "Square training resolution in pixels (multiple of 8).",
-         check=lambda v: v >= 8 and v % 8 == 0, requirement="a multiple of 8, at least 8"),
-    Spec("train_batch_size", int, 1, "Images per device per micro-batch.", check=_positive, requirement="at least 1"),
-    Spec("learning_rate", float, 2e-4, "Learning rate of the UNet LoRA.", check=_positive, requirement="positive"),
+    Spec("resolution", int, 1024, "Square training resolution in pixels (multiple of 8).", minimum=8, maximum=4096,
+         multiple_of=8),
+    Spec("train_batch_size", int, 1, "Images per device per micro-batch.", minimum=1),
+    Spec("learning_rate", float, 2e-4, "Learning rate of the UNet LoRA.", exclusive_minimum=0,
+         maximum=MAX_LEARNING_RATE),
     Spec("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRAs (default: learning_rate).",
-         optional=True, check=_positive, requirement="positive"),
+         optional=True, exclusive_minimum=0, maximum=MAX_LEARNING_RATE),
     Spec("lr_scheduler", str, "constant", "Learning-rate schedule.", choices=LR_SCHEDULERS),
-    Spec("lr_warmup_steps", int, 0, "Warm-up optimizer steps of the schedule.", check=_non_negative,
-         requirement="0 or more"),
-    Spec("num_train_epochs", int, 1, "Passes over the training images (unless max_train_steps is set).",
-         check=_positive, requirement="at least 1"),
+    Spec("lr_warmup_steps", int, 0, "Warm-up optimizer steps of the schedule.", minimum=0),
+    Spec("num_train_epochs", int, 1, "Passes over the training images (unless max_train_steps is set).", minimum=1),
     Spec("max_train_steps", int, None, "Optimizer steps to train; overrides num_train_epochs.", optional=True,
-         check=_positive, requirement="at least 1"),
-    Spec("checkpointing_steps", int, 500, "Write a resumable checkpoint every N optimizer steps.", check=_positive,
-         requirement="at least 1"),
-    Spec("checkpoints_total_limit", int, 2, "Keep at most this many checkpoints.", check=_positive,
-         requirement="at least 1"),
-    Spec("rank", int, 4, "LoRA rank (dimension of the update matrices).", check=_positive, requirement="at least 1"),
-    Spec("lora_alpha", int, None, "LoRA alpha (scale alpha/rank); default: rank.", optional=True, check=_positive,
-         requirement="at least 1"),
+         minimum=1, maximum=MAX_TRAIN_STEPS),
+    Spec("checkpointing_steps", int, 500, "Write a resumable checkpoint every N optimizer steps.", minimum=1),
+    Spec("checkpoints_total_limit", int, 2, "Keep at most this many checkpoints.", minimum=1),
+    Spec("rank", int, 4, "LoRA rank (dimension of the update matrices).", minimum=1, maximum=MAX_RANK),
+    Spec("lora_alpha", int, None, "LoRA alpha (scale alpha/rank); default: rank.", optional=True, minimum=1),
     Spec("train_text_encoder", bool, False, "Also train LoRAs on both text encoders."),
-    Spec("gradient_accumulation_steps", int, 1, "Micro-batches per optimizer step.", check=_positive,
-         requirement="at least 1"),
+    Spec("gradient_accumulation_steps", int, 1, "Micro-batches per optimizer step.", minimum=1),
     Spec("gradient_checkpointing", bool, False, "Recompute activations in the backward pass to save memory."),
     Spec("enable_xformers_memory_efficient_attention", bool, False,
          "Use xformers attention when xformers is installed (PyTorch SDPA otherwise)."),
     Spec("use_8bit_adam", bool, False, "bitsandbytes 8-bit AdamW (CUDA only)."),
     Spec("mixed_precision", str, "no", "Compute precision of the frozen weights and activations.",
          choices=MIXED_PRECISIONS),
-    Spec("max_grad_norm", float, 1.0, "Gradient clipping norm.", check=_positive, requirement="positive"),
+    Spec("max_grad_norm", float, 1.0, "Gradient clipping norm.", exclusive_minimum=0),
     Spec("snr_gamma", float, None, "Min-SNR loss weighting gamma (5.0 is the paper's value); off when unset.",
-         optional=True, check=_positive, requirement="positive"),
-    Spec("noise_offset", float, 0.0, "Noise offset added to the training noise.", check=_non_negative,
-         requirement="0 or more"),
+         optional=True, exclusive_minimum=0),
+    Spec("noise_offset", float, 0.0, "Noise offset added to the training noise.", minimum=0),
     Spec("center_crop", bool, False, "Center-crop to the resolution (else a random crop, drawn once per image)."),
     Spec("random_flip", bool, False, "Flip images horizontally at random."),
     Spec("caption_column", str, "text", "Column of metadata.jsonl that holds the caption."),
     Spec("seed", int, 42, "Seed of initialisation, data order, noise and timesteps."),
     Spec("validation_prompt", str, None, "Prompt rendered after training into model/samples/.", optional=True),
-    Spec("num_validation_images", int, 4, "Images rendered from validation_prompt.", check=_non_negative,
-         requirement="0 or more"),
-    Spec("num_validation_inference_steps", int, 25, "Denoising steps of the validation images.", check=_positive,
-         requirement="at least 1"),
+    Spec("num_validation_images", int, 4, "Images rendered from validation_prompt.", minimum=0),
+    Spec("num_validation_inference_steps", int, 25, "Denoising steps of the validation images.", minimum=1),
     Spec("validation_split", float, 0.0,
-         "Fraction of images held out and scored with a deterministic validation loss.",
-         check=lambda v: 0 <= v < 1, requirement="in [0, 1)"),
-    Spec("logging_steps", int, 1, "Log step=N loss=X lr=Y every N optimizer steps.", check=_positive,
-         requirement="at least 1"),
+         "Fraction of images held out and scored with a deterministic validation loss.", minimum=0,
+         exclusive_maximum=1),
+    Spec("logging_steps", int, 1, "Log step=N loss=X lr=Y every N optimizer steps.", minimum=1),
     Spec("deepspeed", bool, False,
          "With several GPUs, launch with the shipped DeepSpeed ZeRO-2 accelerate configuration."),
 )
@@ -179,8 +226,10 @@ def _coerce(spec: Spec, raw: Any) -> Any:
         value = str(value)
         if spec.choices and value not in spec.choices:
             raise HyperparameterError(f"{spec.name}: expected one of {', '.join(spec.choices)}, got {raw!r}")
-    if spec.check is not None and not spec.check(value):
-        raise HyperparameterError(f"{spec.name}: must be {spec.requirement}, got {raw!r}")
+    if spec.kind in (int, float):
+        problem = spec.violation(value)
+        if problem:
+            raise HyperparameterError(f"{spec.name}: must be {problem}, got {raw!r}")
     return value
 
 
@@ -212,3 +261,48 @@ def to_sagemaker(values: dict[str, Any]) -> dict[str, str]:
     for key, value in values.items():
         _coerce(SPEC_BY_NAME[key], value)
     return {key: json.dumps(value) if isinstance(value, bool) else str(value) for key, value in values.items()}
+
+
+def hyperparameters_schema(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """JSON schema of a hyperparameters object for an Airflow Param: every hyperparameter but the
+    excluded ones, with its type, bounds and help; any other key is refused."""
+    unknown = sorted(set(exclude) - set(SPEC_BY_NAME))
+    if unknown:
+        raise HyperparameterError(f"unknown hyperparameters: {', '.join(unknown)}")
+    return {"type": "object", "additionalProperties": False,
+            "properties": {spec.name: spec.json_schema() for spec in SPECS if spec.name not in exclude}}
+
+
+def value_schema(name: str) -> dict[str, Any]:
+    """JSON schema of one value of a hyperparameter (None excluded): a grid's list items, a tuning range's ends."""
+    if name not in SPEC_BY_NAME:
+        raise HyperparameterError(f"unknown hyperparameter: {name}")
+    return SPEC_BY_NAME[name].value_schema()
+
+
+# What the grid and automatic tuning vary per trial; every other hyperparameter is fixed for a run.
+SWEPT = ("learning_rate", "max_train_steps", "rank")
+
+# The original system's production settings (its grid search's winner: 2e-4, rank 4), plus a held-out
+# tenth so that every run reports the val_loss that deployment and selection compare.
+PRODUCTION = {
+    "resolution": 1024, "train_batch_size": 1, "learning_rate": 2e-4, "lr_scheduler": "constant",
+    "num_train_epochs": 58, "checkpointing_steps": 500, "rank": 4, "train_text_encoder": True,
+    "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
+    "enable_xformers_memory_efficient_attention": True, "use_8bit_adam": True, "mixed_precision": "fp16",
+    "validation_split": 0.1,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "production": PRODUCTION,
+    # What every grid or tuning trial shares: production minus the swept keys, so a winner is a
+    # recipe for the configuration production trains.
+    "grid": {key: value for key, value in PRODUCTION.items() if key not in SWEPT},
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A copy of a preset (callers may change it)."""
+    if name not in PRESETS:
+        raise HyperparameterError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])

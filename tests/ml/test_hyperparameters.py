@@ -3,7 +3,10 @@ import logging
 
 import pytest
 
-from ml.hyperparameters import SPECS, HyperparameterError, parse, to_sagemaker
+import jsonschema
+
+from ml.hyperparameters import (PRESETS, PRODUCTION, SPEC_BY_NAME, SPECS, SWEPT, HyperparameterError,
+                                hyperparameters_schema, parse, preset, to_sagemaker, value_schema)
 
 
 @pytest.mark.parametrize(
@@ -67,13 +70,14 @@ def test_unknown_keys_warn(caplog):
     "key, raw, words",
     [
         ("learning_rate", "fast", "learning_rate: expected a number"),
-        ("learning_rate", "-1", "learning_rate: must be positive"),
+        ("learning_rate", "-1", "learning_rate: must be in (0, 0.1]"),
         ("rank", "4.5", "rank: expected an integer"),
-        ("rank", "0", "rank: must be at least 1"),
+        ("rank", "0", "rank: must be in [1, 1024]"),
+        ("train_batch_size", "0", "train_batch_size: must be at least 1"),
         ("train_text_encoder", "maybe", "train_text_encoder: expected true or false"),
         ("mixed_precision", "fp8", "mixed_precision: expected one of no, fp16, bf16"),
         ("resolution", "1000.5", "resolution: expected an integer"),
-        ("resolution", "1001", "resolution: must be a multiple of 8"),
+        ("resolution", "1001", "resolution: must be a multiple of 8, in [8, 4096]"),
         ("validation_split", "1.0", "validation_split: must be in [0, 1)"),
         ("learning_rate", "nan", "learning_rate: expected a finite number"),
         ("rank", "None", "rank: a value is required"),
@@ -103,6 +107,93 @@ def test_original_system_hyperparameters_parse():
     hp = parse(as_sent_by_sdk)
     for key, value in original.items():
         assert hp.values[key] == value
+    assert {k: v for k, v in PRODUCTION.items() if k != "validation_split"} == \
+        {k: v for k, v in original.items() if k != "pretrained_model_name_or_path"}
+
+
+# Airflow's Param validates with jsonschema.validate, which picks the newest draft for a schema without $schema.
+FORM = jsonschema.validators.validator_for({})(hyperparameters_schema())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_passes_the_form_and_the_job(name):
+    FORM.validate(preset(name))
+    values = parse(to_sagemaker(preset(name))).as_dict()
+    assert {key: values[key] for key in PRESETS[name]} == PRESETS[name]
+
+
+def test_the_grid_trains_productions_configuration_minus_the_swept_keys():
+    assert {"learning_rate", "rank"} <= set(PRODUCTION) and "max_train_steps" not in PRODUCTION  # epochs instead
+    assert PRESETS["grid"] == {key: value for key, value in PRODUCTION.items() if key not in SWEPT}
+    assert {"train_text_encoder", "use_8bit_adam", "enable_xformers_memory_efficient_attention"} <= set(PRESETS["grid"])
+
+
+def test_preset_returns_a_copy_and_names_unknown_presets():
+    preset("production")["rank"] = 64
+    assert PRESETS["production"]["rank"] == 4
+    with pytest.raises(HyperparameterError, match="unknown preset 'prod'; presets: production, grid"):
+        preset("prod")
+
+
+# JSON values as the trigger form sends them. Good: the form accepts them and the job reads the same value
+# from their SageMaker string form. Bad: the form refuses them and so does the job.
+GOOD = [
+    ("resolution", 8), ("resolution", 1024), ("resolution", 4096), ("resolution", 1024.0),
+    ("learning_rate", 1e-6), ("learning_rate", 0.1), ("learning_rate", 1e-3), ("text_encoder_lr", None),
+    ("rank", 1), ("rank", 1024), ("max_train_steps", None), ("max_train_steps", 100000),
+    ("validation_split", 0), ("validation_split", 0.99), ("mixed_precision", "bf16"), ("lr_scheduler", "cosine"),
+    ("train_text_encoder", True), ("use_8bit_adam", False), ("snr_gamma", 5.0), ("noise_offset", 0),
+    ("validation_prompt", "a storyboard frame"), ("validation_prompt", None), ("seed", -3), ("lora_alpha", 8),
+    ("num_validation_images", 0), ("pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0"),
+]
+BAD = [
+    ("resolution", 1001), ("resolution", 0), ("resolution", 4104), ("resolution", 1024.5), ("resolution", True),
+    ("resolution", None), ("learning_rate", 0), ("learning_rate", -1e-4), ("learning_rate", 0.2),
+    ("learning_rate", "fast"), ("text_encoder_lr", 0), ("rank", 0), ("rank", 1025), ("rank", 4.5),
+    ("max_train_steps", 0), ("max_train_steps", 100001), ("validation_split", 1), ("validation_split", -0.1),
+    ("mixed_precision", "fp8"), ("lr_scheduler", "exponential"), ("train_text_encoder", "maybe"),
+    ("train_batch_size", 0), ("gradient_accumulation_steps", 0), ("max_grad_norm", 0), ("snr_gamma", 0),
+    ("noise_offset", -0.1), ("lora_alpha", 0), ("num_validation_inference_steps", 0), ("logging_steps", 0),
+    ("lr_warmup_steps", -1), ("checkpointing_steps", 0), ("pretrained_model_name_or_path", ""),
+    ("caption_column", None),
+]
+
+
+@pytest.mark.parametrize("key, value", GOOD)
+def test_form_and_job_accept_the_same_good_values(key, value):
+    FORM.validate({key: value})
+    if value is None:  # unset: the default, or what it derives from (text_encoder_lr: learning_rate)
+        expected = parse({}).values[key]
+    else:
+        expected = float(value) if SPEC_BY_NAME[key].kind is float else value
+    assert parse(to_sagemaker({key: value})).values[key] == expected
+
+
+@pytest.mark.parametrize("key, value", BAD)
+def test_form_and_job_refuse_the_same_bad_values(key, value):
+    assert not FORM.is_valid({key: value})
+    with pytest.raises(HyperparameterError, match=key):
+        parse({key: value})
+    with pytest.raises(HyperparameterError, match=key):
+        to_sagemaker({key: value})
+
+
+def test_every_default_passes_the_form_and_unknown_keys_do_not():
+    FORM.validate({spec.name: spec.default for spec in SPECS})
+    assert not FORM.is_valid({"learning_rat": 1e-4})
+
+
+def test_grid_items_take_their_bounds_from_the_table():
+    assert value_schema("rank") == {"type": "integer", "minimum": 1, "maximum": 1024}
+    assert value_schema("learning_rate") == {"type": "number", "exclusiveMinimum": 0, "maximum": 0.1}
+    with pytest.raises(HyperparameterError, match="unknown hyperparameter: rnak"):
+        value_schema("rnak")
+
+
+def test_a_schema_can_leave_out_the_swept_keys():
+    schema = hyperparameters_schema(exclude=SWEPT)
+    assert not set(SWEPT) & set(schema["properties"])
+    assert not jsonschema.validators.validator_for({})(schema).is_valid({"rank": 4})
 
 
 def test_to_sagemaker_round_trips_every_default():
