@@ -109,12 +109,12 @@ def sdxl_dataset_prepare():
 
         settings = Settings.resolve()
         run_id, version, options = context["run_id"], planned["version"], planned["options"]
-        hook = S3Hook(aws_conn_id=settings.aws_conn_id)
+        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
         bucket, prefix = _split(settings.processed_dataset(version))
-        stale = hook.list_keys(bucket_name=bucket, prefix=prefix)
+        stale = s3.list_keys(bucket_name=bucket, prefix=prefix)
         if stale:
             log.info("removing %d files of the earlier preparation of version %s", len(stale), version)
-            hook.delete_objects(bucket, stale)
+            s3.delete_objects(bucket, stale)
         name = naming.job_name("sdxl-lora-prepare", run_id, naming.slug(version))
         inputs = datasets.prepare_inputs(settings, settings.raw_dataset(version), options["latent_cache"])
         arguments = datasets.prepare_arguments(settings, {k: v for k, v in options.items() if k != "instance_count"},
@@ -130,14 +130,14 @@ def sdxl_dataset_prepare():
         from ml import manifest
 
         settings = Settings.resolve()
-        hook = S3Hook(aws_conn_id=settings.aws_conn_id)
+        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
         bucket, prefix = _split(settings.processed_dataset(planned["version"]))
         if planned["options"]["instance_count"] > 1:
-            keys = hook.list_keys(bucket_name=bucket, prefix=prefix + manifest.PARTS + "/")
-            rows, merged = manifest.merge([json.loads(hook.read_key(key, bucket_name=bucket)) for key in keys])
-            hook.load_string(manifest.metadata_text(rows), prefix + manifest.METADATA, bucket, replace=True)
-            hook.load_string(json.dumps(merged, indent=2) + "\n", prefix + manifest.MANIFEST, bucket, replace=True)
-        merged = json.loads(hook.read_key(prefix + manifest.MANIFEST, bucket_name=bucket))
+            keys = s3.list_keys(bucket_name=bucket, prefix=prefix + manifest.PARTS + "/")
+            rows, merged = manifest.merge([json.loads(s3.read_key(key, bucket_name=bucket)) for key in keys])
+            s3.load_string(manifest.metadata_text(rows), prefix + manifest.METADATA, bucket, replace=True)
+            s3.load_string(json.dumps(merged, indent=2) + "\n", prefix + manifest.MANIFEST, bucket, replace=True)
+        merged = json.loads(s3.read_key(prefix + manifest.MANIFEST, bucket_name=bucket))
         log.info("manifest s3://%s/%s%s\n%s", bucket, prefix, manifest.MANIFEST, manifest.summary(merged))
         outlet_events[PROCESSED_DATASET].extra = {"version": planned["version"]}
         return merged["counts"]

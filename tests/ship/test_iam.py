@@ -17,7 +17,7 @@ S3_HOOK_ACTIONS = {"load_string": ["s3:PutObject"], "read_key": ["s3:GetObject"]
                    "list_prefixes": ["s3:ListBucket"], "check_for_key": ["s3:GetObject"],
                    "list_keys": ["s3:ListBucket"], "load_file": ["s3:PutObject"], "get_object": ["s3:GetObject"],
                    "put_object": ["s3:PutObject"], "head_object": ["s3:GetObject"],
-                   "list_objects_v2": ["s3:ListBucket"]}
+                   "list_objects_v2": ["s3:ListBucket"], "delete_objects": ["s3:DeleteObject"]}
 # SageMakerHook features no DAG uses (AutoML, notebooks, pipelines, model registry, experiments, batch
 # transform): their calls are left out of the policy on purpose, and the DAGs must not use them.
 UNUSED_PROVIDER_FEATURES = ("auto_ml", "notebook_instance", "pipeline_execution", "model_package", "experiment",
