@@ -275,8 +275,9 @@ class JobService:
                                                 for k, v in found.items()]
             else:
                 d["ProcessingEndTime"] = now
-                if status == "Completed":
-                    d["ExitMessage"] = ""
+                # As AWS does: the first KB of the container's /opt/ml/output/message, in any final status.
+                message = job.base / "output" / "message"
+                d["ExitMessage"] = message.read_text(errors="replace")[:1024] if message.is_file() else ""
 
     def _environment(self, job: Job) -> dict[str, str]:
         env = dict(job.request.get("Environment", {}))

@@ -86,7 +86,7 @@ def summary(manifest: dict) -> str:
     counts = manifest["counts"]
     long = counts["captions_over_77_tokens"]
     lines = [
-        f"dataset version {manifest['version']}: {counts['images_written']} images from {counts['files_found']} files "
+        f"dataset version {manifest['version'] or '(none given)'}: {counts['images_written']} images from {counts['files_found']} files "
         f"({manifest['shards']} shard(s))",
         f"rejected {counts['rejected']}: {describe_rejections(manifest)}",
         "captions from: " + (", ".join(f"{n} {source}" for source, n in counts["captions_from"].items()) or "none"),

@@ -392,6 +392,12 @@ def merge_directory(output_dir: Path) -> dict:
     return merged
 
 
+def write_exit_message(paths: ContainerPaths, text: str) -> None:
+    """/opt/ml/output/message: SageMaker shows its first KB as the processing job's ExitMessage."""
+    paths.output.mkdir(parents=True, exist_ok=True)
+    (paths.output / "message").write_text(text[:1024])
+
+
 def validate(options: Options) -> None:
     if not options.input_dir.is_dir():
         raise JobError(f"input directory {options.input_dir} is missing")
@@ -511,7 +517,8 @@ def main(args) -> int:
     paths = ContainerPaths.from_env()
     try:
         if args.merge:
-            merge_directory(container_path(paths, args.merge))
+            merged = merge_directory(container_path(paths, args.merge))
+            write_exit_message(paths, manifest.summary(merged))
             return 0
         index, count = shard_from_resource_config(paths)
         caption = {key: getattr(args, key) for key in (
@@ -534,10 +541,16 @@ def main(args) -> int:
             version=args.version, input_key=args.input_key,
             num_shards=args.num_shards if args.num_shards is not None else count,
             shard_index=args.shard_index if args.shard_index is not None else index)
-        prepare(options)
+        part = prepare(options)
+        if options.num_shards == 1:
+            write_exit_message(paths, manifest.summary(json.loads((options.output_dir / manifest.MANIFEST).read_text())))
+        else:
+            write_exit_message(paths, f"part {part['shard'] + 1} of {part['shards']}: {len(part['images'])} images, "
+                                      f"{len(part['rejected'])} rejected")
         return 0
     except Exception as error:  # every failure must leave output/failure behind
         reason = paths.write_failure(error, job="processing")
+        write_exit_message(paths, reason)
         log.error("%s", reason)
         if not isinstance(error, JobError):
             log.exception("traceback")

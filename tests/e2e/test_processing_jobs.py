@@ -60,3 +60,14 @@ def test_stopping_a_processing_job(sagemaker, staged):
     sagemaker.stop_processing_job(ProcessingJobName=name)
     job = wait_for_processing(sagemaker, name, timeout=150)
     assert job["ProcessingJobStatus"] == "Stopped"
+
+
+def test_a_failed_prepare_job_names_its_reason_in_failure_reason_and_exit_message(sagemaker, staged):
+    name = "e2e-processing-prepare-fails"
+    sagemaker.create_processing_job(**_request(
+        name, ["sdxl-lora", "prepare"], ["--output", "/opt/ml/processing/output/frames", "--captioner", "none",
+                                         "--min-size", "32", "--min-images", "100"], staged))
+    job = wait_for_processing(sagemaker, name)
+    assert job["ProcessingJobStatus"] == "Failed"
+    assert job["FailureReason"].startswith("only 10 usable image(s) of 10 file(s), fewer than min_images 100")
+    assert job["ExitMessage"] == job["FailureReason"]

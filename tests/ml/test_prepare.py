@@ -132,6 +132,8 @@ def test_every_good_image_comes_through_and_every_bad_file_is_reported(tmp_path)
     assert report["counts"]["images_written"] == len(good)
     for name in bad:
         assert f"rejected {name}: {bad[name]}" in done.stdout
+    message = (tmp_path / "output" / "message").read_text()  # SageMaker's ExitMessage: the summary
+    assert message.startswith(f"dataset version (none given): {len(good)} images from {len(good) + len(bad)} files")
     assert {i["source"]: i["file_name"] for i in report["images"]} == good
     dataset = dataset_dir(tmp_path)
 
@@ -165,6 +167,7 @@ def test_too_few_usable_images_fails_naming_the_reasons(tmp_path):
         "only 1 usable image(s) of 3 file(s), fewer than min_images 2; rejected: 1 not_an_image, 1 too_small")
     assert not (dataset_dir(tmp_path) / "metadata.jsonl").exists()
     assert "rejected broken.png: not_an_image" in done.stdout  # the log keeps each file's reason
+    assert (tmp_path / "output" / "message").read_text() == failure(tmp_path).splitlines()[0]  # the ExitMessage
 
 
 def test_captions_from_sidecars_and_metadata_and_a_prefix(tmp_path):
