@@ -315,3 +315,14 @@ def test_a_merge_with_a_part_missing_fails_naming_it(tmp_path):
     done = run_prepare(tmp_path, "--merge", str(output))
     assert done.returncode == 1
     assert failure(tmp_path).splitlines()[0].startswith("expected 2 parts, found shards [0]; missing [1]")
+
+
+def test_captions_longer_than_clip_takes_are_counted_with_the_base_models_tokenizer(tmp_path, base_model):
+    raw = raw_dir(tmp_path)
+    save(raw / "short.png", (96, 64), caption="a red frame")
+    save(raw / "long.png", (96, 64), colour="blue", caption="a blue frame " * 20)
+    done = run_prepare(tmp_path, *FAST, "--captioner", "none", "--base-model", str(base_model))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert manifest(tmp_path)["counts"]["captions_over_77_tokens"] == 1
+    assert "captions over CLIP's 77 tokens: 1" in done.stdout
+    assert manifest(tmp_path)["settings"]["base_model"] == str(base_model)
