@@ -20,14 +20,15 @@ import json
 import logging
 
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator
-from airflow.sdk import Asset, Param, chain, dag, task
-from sdxl_lora.dag_common import dag_arguments, run_date, version_param
+from airflow.sdk import Param, chain, dag, task
+from sdxl_lora.assets import processed_dataset
+from sdxl_lora.dag_common import dag_arguments, job_kwargs, run_date, version_param
 from sdxl_lora.datasets import OPTIONS
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
 SETTINGS = Settings.from_environment()
-PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/", extra={"layout": "proc_dataset/<version>/"})
+PROCESSED_DATASET = processed_dataset(SETTINGS)
 log = logging.getLogger(__name__)
 
 
@@ -147,13 +148,8 @@ def sdxl_dataset_prepare():
     prepare = SageMakerProcessingOperator(
         task_id="prepare",
         config=request,
-        aws_conn_id=SETTINGS.aws_conn_id,
-        wait_for_completion=True,
-        print_log=True,
-        check_interval=SETTINGS.check_interval_seconds,
-        max_attempts=SETTINGS.max_status_checks(),
         action_if_job_exists="fail",  # the name is per run and version: an existing job means a retry
-        deferrable=SETTINGS.deferrable,
+        **job_kwargs(SETTINGS),
     )
     chain(planned, changed(planned), request, prepare, publish(planned))
 

@@ -4,25 +4,32 @@
 Trains one LoRA on a processed dataset version with the production hyperparameters (the original
 system's: learning rate 2e-4, rank 4, text encoders trained, 8-bit Adam, fp16, ...), as a SageMaker
 training job on spot capacity with checkpoints, and deploys it when its validation loss beats the
-adapter the endpoint serves now.
+adapter the endpoint serves now (the serving record keeps that adapter's training job and val_loss).
 
 Runs on the retraining cron (settings: `retrain_schedule`) and whenever `sdxl_dataset_prepare`
-publishes a processed dataset (Asset). The version is the run's logical date when that version
-exists (so backfills train each version), else the newest processed version.
+publishes a processed dataset (Asset). The version it trains: `dataset_version` when given, else
+the one its triggering Asset event names, else its logical date's (so backfills train each
+version); never the newest in S3. A scheduled or backfill run whose date has no prepared version
+is skipped, saying so in the `dataset_version` task's log.
 """
 
 from __future__ import annotations
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
-from sdxl_lora.dag_common import dag_arguments, endpoint_param, run_date, smoke_param, version_param
+import logging
+
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, chain, dag, task
+from sdxl_lora.assets import processed_dataset
+from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, job_kwargs, run_date,
+                                  smoke_param, version_param)
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
-from sdxl_lora.requests import PRODUCTION_HYPERPARAMETERS
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_train"
+JOB_PREFIX = "sdxl-lora-train"
 SETTINGS = Settings.from_environment()
-PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/")
+PROCESSED_DATASET = processed_dataset(SETTINGS)
+log = logging.getLogger(__name__)
 
 
 @dag(
@@ -31,9 +38,9 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/")
                                  assets=PROCESSED_DATASET),
     max_active_runs=1,
     params={
-        "dataset_version": version_param("Processed dataset version; empty: the logical date's, else the newest."),
-        "hyperparameters": Param(PRODUCTION_HYPERPARAMETERS, type="object",
-                                 description="Training hyperparameters (see the README's table)."),
+        "dataset_version": version_param("Processed dataset version; empty: the triggering Asset event's, else "
+                                         "the run's logical date."),
+        "hyperparameters": hyperparameters_param("production", "Training hyperparameters (the production preset)."),
         "deploy_if_better": Param(True, type="boolean",
                                   description="Deploy when the validation loss beats the adapter serving now."),
         "endpoint_name": endpoint_param(),
@@ -42,72 +49,67 @@ PROCESSED_DATASET = Asset(SETTINGS.uri("proc_dataset") + "/")
 )
 def sdxl_lora_train():
     @task
-    def build_request(**context) -> dict:
+    def dataset_version(params: dict, dag_run=None, triggering_asset_events=None, **context) -> str:
+        """The version this run trains; skips a scheduled run whose date has no prepared version."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from sdxl_lora import assets
+
+        settings = Settings.resolve()
+        events = triggering_asset_events.get(PROCESSED_DATASET, []) if triggering_asset_events else []
+        choice = assets.choose_version(params["dataset_version"], events, dag_run.run_type, run_date(context))
+        location = settings.processed_dataset(choice.version)
+        prepared = S3Hook(aws_conn_id=settings.aws_conn_id).check_for_key(location + "manifest.json")
+        assets.require_prepared(choice, location, prepared)
+        log.info("training dataset version %s (from %s): %s", choice.version, choice.source, location)
+        return choice.version
+
+    @task
+    def build_request(version: str, params: dict, run_id: str) -> dict:
         from sdxl_lora import naming, requests
 
         settings = Settings.resolve()
-        params, run_id, ds = context["params"], context["run_id"], run_date(context)
-        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        version = params["dataset_version"]
-        if not version:
-            bucket, prefix = settings.uri("proc_dataset")[len("s3://"):].split("/", 1)
-            versions = sorted(p.rstrip("/").rsplit("/", 1)[-1]
-                              for p in s3.list_prefixes(bucket_name=bucket, prefix=prefix + "/", delimiter="/"))
-            if not versions:
-                raise RuntimeError(f"no processed dataset under {settings.uri('proc_dataset')}/: run "
-                                   "sdxl_dataset_prepare first")
-            version = ds if ds in versions else versions[-1]
-        name = naming.job_name("sdxl-lora-train", run_id, naming.slug(version))
+        name = naming.job_name(JOB_PREFIX, run_id, naming.slug(version))
         return requests.training_request(settings, name, settings.processed_dataset(version), params["hyperparameters"],
                                          requests.tags(dag=DAG_ID, run=run_id, version=version))
 
-    config = build_request()
-    trained = ResumableSageMakerTrainingOperator(
-        task_id="train", config=config, aws_conn_id=SETTINGS.aws_conn_id, wait_for_completion=True, print_log=True,
-        check_interval=SETTINGS.check_interval_seconds, max_attempts=SETTINGS.max_status_checks(),
-        deferrable=SETTINGS.deferrable, pool="sagemaker_training")
+    @task
+    def candidate(training: dict) -> dict:
+        """The trained model, its job and val_loss: what deployment records and the comparison reads."""
+        from sdxl_lora import selection
+
+        description = training["Training"]
+        return {"model_artifacts": description["ModelArtifacts"]["S3ModelArtifacts"],
+                "training": {"training_job": description["TrainingJobName"],
+                             "val_loss": selection.final_metrics(description).get(selection.METRIC)}}
 
     @task.short_circuit
-    def better_than_serving(training: dict, params: dict) -> bool:
+    def better_than_serving(trained: dict, params: dict) -> bool:
         import json
 
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from sdxl_lora.deploy import serving_record_uri
-        from sdxl_lora.selection import METRIC
+        from sdxl_lora import serving
 
         if not params["deploy_if_better"]:
+            log.info("deploy_if_better is off: not deploying")
             return False
         settings = Settings.resolve()
-
-        def val_loss(description: dict) -> float | None:
-            return {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList", [])}.get(METRIC)
-
-        new = val_loss(training["Training"])
-        if new is None:
-            print("the new adapter has no validation loss (validation_split is 0): not deploying it automatically")
-            return False
         endpoint = params["endpoint_name"] or settings.endpoint_name
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        record_uri = serving_record_uri(settings, endpoint)
-        if not s3.check_for_key(record_uri):
-            print(f"nothing recorded as serving on {endpoint}: deploying (val_loss {new:.5f})")
-            return True
-        serving = json.loads(s3.read_key(record_uri))
-        job = serving["model_data_url"].rsplit("/output/", 1)[0].rsplit("/", 1)[-1]
-        current = val_loss(SageMakerHook(aws_conn_id=settings.aws_conn_id).describe_training_job(job))
-        print(f"new val_loss {new:.5f} against {current} for {job}, serving on {endpoint}")
-        return current is None or new < current
+        uri = serving.record_uri(settings, endpoint)
+        record = json.loads(s3.read_key(uri)) if s3.check_for_key(uri) else None
+        deploy, reason = serving.better_than_serving(trained["training"]["val_loss"], record, endpoint)
+        log.info("%s", reason)
+        return deploy
 
-    @task
-    def model_artifacts(training: dict) -> str:
-        return training["Training"]["ModelArtifacts"]["S3ModelArtifacts"]
+    version = dataset_version()
+    config = build_request(version)
+    train = ResumableSageMakerTrainingOperator(task_id="train", config=config, pool="sagemaker_training",
+                                               **job_kwargs(SETTINGS))
+    trained = candidate(train.output)
+    deployment = deploy_group(trained["model_artifacts"], "{{ params.endpoint_name or '' }}",
+                              "{{ params.smoke_request }}", training=trained["training"])
 
-    gate = better_than_serving(trained.output)
-    deployment = deploy_group(model_artifacts(trained.output), "{{ params.endpoint_name or '' }}",
-                              "{{ params.smoke_request }}")
-    gate >> deployment
+    chain(version, config, train, trained, better_than_serving(trained), deployment)
 
 
 sdxl_lora_train()

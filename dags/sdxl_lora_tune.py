@@ -17,18 +17,25 @@ timesteps) that every trial logs. Its trials are the same training job as a grid
 
 from __future__ import annotations
 
-from airflow.sdk import Param, TriggerRule, dag, task
-from sdxl_lora.dag_common import dag_arguments, endpoint_param, run_date, smoke_param, version_param
+import logging
+
+from airflow.sdk import Param, TriggerRule, chain, dag, task
+from ml.hyperparameters import SWEPT, value_schema
+from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, run_date, smoke_param,
+                                  version_param, waiting_kwargs)
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.settings import Settings
-from sdxl_lora.tuning import STRATEGIES, ResumableSageMakerTuningOperator
+from sdxl_lora.tuning import MAX_CATEGORICAL_VALUES, STRATEGIES, ResumableSageMakerTuningOperator
 
 DAG_ID = "sdxl_lora_tune"
 JOB_PREFIX = "sdxl-lora-tune"
 SETTINGS = Settings.from_environment()
-STATIC_HYPERPARAMETERS = {"resolution": 1024, "train_batch_size": 1, "lr_scheduler": "constant",
-                          "checkpointing_steps": 500, "gradient_accumulation_steps": 4,
-                          "gradient_checkpointing": True, "mixed_precision": "fp16", "validation_split": 0.1}
+log = logging.getLogger(__name__)
+
+
+def _bound_param(name: str, default, description: str) -> Param:
+    """One end of a tuning range, bounded as the job bounds the hyperparameter."""
+    return Param(default, description=description, **value_schema(name))
 
 
 @dag(
@@ -39,16 +46,13 @@ STATIC_HYPERPARAMETERS = {"resolution": 1024, "train_batch_size": 1, "lr_schedul
                                          "logical date."),
         "strategy": Param("Bayesian", type="string", enum=list(STRATEGIES),
                           description="How SageMaker chooses each trial's values."),
-        "learning_rate_min": Param(1e-5, type="number", exclusiveMinimum=0, maximum=0.1,
-                                   description="Lower end of the learning-rate range (searched logarithmically)."),
-        "learning_rate_max": Param(1e-3, type="number", exclusiveMinimum=0, maximum=0.1,
-                                   description="Upper end of the learning-rate range."),
-        "max_train_steps_min": Param(500, type="integer", minimum=1, maximum=100000,
-                                     description="Fewest optimizer steps a trial trains."),
-        "max_train_steps_max": Param(3000, type="integer", minimum=1, maximum=100000,
-                                     description="Most optimizer steps a trial trains."),
-        "ranks": Param([4, 16, 64], type="array", items={"type": "integer", "minimum": 1, "maximum": 1024},
-                       minItems=1, maxItems=28, uniqueItems=True, description="LoRA ranks to choose from."),
+        "learning_rate_min": _bound_param("learning_rate", 1e-5,
+                                          "Lower end of the learning-rate range (searched logarithmically)."),
+        "learning_rate_max": _bound_param("learning_rate", 1e-3, "Upper end of the learning-rate range."),
+        "max_train_steps_min": _bound_param("max_train_steps", 500, "Fewest optimizer steps a trial trains."),
+        "max_train_steps_max": _bound_param("max_train_steps", 3000, "Most optimizer steps a trial trains."),
+        "ranks": Param([4, 16, 64], type="array", items=value_schema("rank"), minItems=1,
+                       maxItems=MAX_CATEGORICAL_VALUES, uniqueItems=True, description="LoRA ranks to choose from."),
         "max_jobs": Param(12, type="integer", minimum=1, maximum=500,
                           description="Training jobs the tuning job launches in all."),
         "max_parallel_jobs": Param(4, type="integer", minimum=1, maximum=100,
@@ -58,9 +62,9 @@ STATIC_HYPERPARAMETERS = {"resolution": 1024, "train_batch_size": 1, "lr_schedul
                                             "(not with Hyperband)."),
         "random_seed": Param(None, type=["null", "integer"], minimum=0,
                              description="Seed of the search, for a repeatable choice of trials; empty: any."),
-        "hyperparameters": Param(STATIC_HYPERPARAMETERS, type="object",
-                                 description="Hyperparameters every trial shares (see the README's table); "
-                                             "validation_split must be above 0."),
+        "hyperparameters": hyperparameters_param("grid", "Hyperparameters every trial shares (the grid preset: "
+                                                         "production's, less the tuned ones); validation_split "
+                                                         "must be above 0.", exclude=SWEPT),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(),
@@ -76,8 +80,8 @@ def sdxl_lora_tune():
         version = params["dataset_version"] or run_date(context)
         parallel = tuning.capped_parallel_jobs(params["max_parallel_jobs"], settings.training_pool_size)
         if parallel < params["max_parallel_jobs"]:
-            print(f"max_parallel_jobs {params['max_parallel_jobs']} capped to {parallel}: the training pool "
-                  f"admits {settings.training_pool_size} jobs (setting training_pool_size)")
+            log.info("max_parallel_jobs %d capped to %d: the training pool admits %d jobs (setting "
+                     "training_pool_size)", params["max_parallel_jobs"], parallel, settings.training_pool_size)
         ranges = tuning.parameter_ranges(params["learning_rate_min"], params["learning_rate_max"],
                                          params["max_train_steps_min"], params["max_train_steps_max"],
                                          params["ranks"])
@@ -87,33 +91,15 @@ def sdxl_lora_tune():
             params["strategy"], params["max_jobs"], parallel, params["early_stopping"], params["random_seed"],
             requests.tags(dag=DAG_ID, run=run_id, strategy=params["strategy"]))
 
-    config = plan_tuning()
-    tuned = ResumableSageMakerTuningOperator(
-        task_id="tune",
-        config=config,
-        pool="sagemaker_training",
-        aws_conn_id=SETTINGS.aws_conn_id,
-        wait_for_completion=True,
-        check_interval=SETTINGS.check_interval_seconds,
-        deferrable=SETTINGS.deferrable,
-    )
-
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def select_winner(config: dict, run_id: str) -> dict:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from sdxl_lora import naming, selection, tuning
+        from sdxl_lora import naming, selection, serving, tuning
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
-        tuning_job = None
-        for name in tuning.attempt_names(config["HyperParameterTuningJobName"]):  # the latest attempt
-            try:
-                tuning_job = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-            except client.exceptions.ClientError as error:
-                if error.response["Error"]["Code"] not in ("ResourceNotFound", "ValidationException"):
-                    raise
-                break
+        tuning_job = tuning.latest_attempt(client, config["HyperParameterTuningJobName"])
         if tuning_job is None:
             raise RuntimeError(f"tuning job {config['HyperParameterTuningJobName']} was never created")
         name = tuning_job["HyperParameterTuningJobName"]
@@ -136,21 +122,24 @@ def sdxl_lora_tune():
             raise RuntimeError(f"no trial of {name} completed with a validation loss; leaderboard at "
                                f"{folder}/leaderboard.md")
         sagemaker_best = (tuning_job.get("BestTrainingJob") or {}).get("TrainingJobName")
-        print(f"winner {best.job_name} (val_loss {best.val_loss:.6g}); SageMaker's BestTrainingJob: {sagemaker_best}")
+        log.info("winner %s (val_loss %.6g); SageMaker's BestTrainingJob: %s", best.job_name, best.val_loss,
+                 sagemaker_best)
         return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
-                "leaderboard": f"{folder}/leaderboard.md", "tuning_job": name, "sagemaker_best": sagemaker_best}
-
-    winner = select_winner(config)
-    tuned >> winner
+                "leaderboard": f"{folder}/leaderboard.md", "tuning_job": name, "sagemaker_best": sagemaker_best,
+                "training": serving.training(best.job_name, best.val_loss)}
 
     @task.short_circuit
     def deploy_requested(params: dict) -> bool:
         return params["deploy_winner"]
 
-    gate = deploy_requested()
+    config = plan_tuning()
+    tuned = ResumableSageMakerTuningOperator(task_id="tune", config=config, pool="sagemaker_training",
+                                             **waiting_kwargs(SETTINGS))
+    winner = select_winner(config)
     deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
-                              "{{ params.smoke_request }}")
-    winner >> gate >> deployment
+                              "{{ params.smoke_request }}", training=winner["training"])
+
+    chain(tuned, winner, deploy_requested(), deployment)
 
 
 sdxl_lora_tune()

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from ml.hyperparameters import preset
+
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 # Values that are maps of the caller's own keys, not API shapes: their keys stay as they are.
 FREE_FORM_MAPS = {"HyperParameters", "Environment"}
@@ -48,7 +50,7 @@ def build_request(dataset_uri: str, job_name: str, hyperparameters: dict) -> dic
     settings = settings_module.Settings.from_environment()
     if not dataset_uri.startswith("s3://"):
         raise ValueError(f"dataset URI must be an s3:// prefix, got {dataset_uri!r}")
-    values = {**requests.PRODUCTION_HYPERPARAMETERS, **hyperparameters}
+    values = {**preset("production"), **hyperparameters}
     return requests.training_request(settings, job_name, dataset_uri, values,
                                      requests.tags(dag="submit", run=job_name))
 

@@ -15,6 +15,8 @@ endpoint back on the config it served before, then fails the run.
 
 from __future__ import annotations
 
+import logging
+
 from airflow.providers.amazon.aws.operators.sagemaker import (
     SageMakerEndpointConfigOperator,
     SageMakerEndpointOperator,
@@ -22,11 +24,11 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from airflow.sdk import TaskGroup, TriggerRule, task
 
+from sdxl_lora import serving as serving_record
+from sdxl_lora.dag_common import waiting_kwargs
 from sdxl_lora.settings import Settings
 
-SMOKE_REQUEST = {"prompt": "storyboard frame, ink outline, a red circle on the left", "width": 512, "height": 512,
-                 "num_inference_steps": 4, "seed": 0, "lora_scale": 0.8}
-
+log = logging.getLogger(__name__)
 
 def variant_name(model_data_url: str, run_id: str) -> str:
     """A stable, valid variant name per deployed model and run (what TargetVariant names)."""
@@ -48,9 +50,10 @@ def target_weights(serving: dict[str, float], candidate: str, candidate_weight: 
 
 
 def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_id: str,
-                    current: dict | None, candidate_weight: float = 1.0) -> dict:
+                    current: dict | None, candidate_weight: float = 1.0, training: dict | None = None) -> dict:
     """The request dicts of one deployment (pure: tests call it). current: DescribeEndpoint and its
-    config's variants, {"config": name, "variants": [{"VariantName", "ModelName", "CurrentWeight"}]}, or None."""
+    config's variants, {"config": name, "variants": [{"VariantName", "ModelName", "CurrentWeight"}]}, or None.
+    training: the job that made the model and its val_loss (serving.training), kept in the serving record."""
     from sdxl_lora import naming, requests
 
     token = naming.run_token(model_data_url)
@@ -68,6 +71,7 @@ def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_
         "endpoint": {"Endpoint": {"EndpointName": endpoint, "EndpointConfigName": config_name}},
         "previous_config": (current or {}).get("config"),
         "candidate": candidate,
+        "training": training or serving_record.training(None, None),
         "weights": target_weights({name: weight for name, (_, weight) in serving.items()}, candidate,
                                   candidate_weight),
     }
@@ -92,14 +96,15 @@ def current_deployment(client, endpoint: str) -> dict | None:
 
 
 @task
-def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, run_id: str | None = None) -> dict:
+def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, training: dict | None = None,
+         run_id: str | None = None) -> dict:
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()
     endpoint = endpoint_name or settings.endpoint_name
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
     return plan_deployment(settings, model_data_url, endpoint, run_id, current_deployment(client, endpoint),
-                           float(candidate_weight or 1.0))
+                           float(candidate_weight or 1.0), training)
 
 
 def check_image(name: str, response: dict) -> dict:
@@ -168,27 +173,21 @@ def shift_traffic(deployment: dict, smoke: dict) -> dict:
     settings = Settings.resolve()
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
     weights = set_weights(client, smoke["endpoint"], deployment["weights"], settings.check_interval_seconds)
-    print(f"traffic on {smoke['endpoint']}: {weights}")
+    log.info("traffic on %s: %s", smoke["endpoint"], weights)
     return weights
-
-
-def serving_record_uri(settings: Settings, endpoint: str) -> str:
-    return settings.uri("serving", f"{endpoint}.json")
 
 
 @task
 def record_serving(deployment: dict, smoke: dict, weights: dict) -> None:
-    """What the endpoint serves now, for later runs to compare their adapters against."""
+    """What the endpoint serves now (model, training job, val_loss), for later runs to compare against."""
     import json
 
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     settings = Settings.resolve()
-    record = {"endpoint": smoke["endpoint"], "model_data_url": deployment["model"]["PrimaryContainer"]["ModelDataUrl"],
-              "endpoint_config": deployment["endpoint_config"]["EndpointConfigName"],
-              "candidate_variant": deployment["candidate"], "weights": weights}
-    S3Hook(aws_conn_id=settings.aws_conn_id).load_string(json.dumps(record), serving_record_uri(settings, smoke["endpoint"]),
-                                                         replace=True)
+    record = serving_record.record(smoke["endpoint"], deployment, weights)
+    S3Hook(aws_conn_id=settings.aws_conn_id).load_string(json.dumps(record),
+                                                         serving_record.record_uri(settings, smoke["endpoint"]), replace=True)
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED)
@@ -198,7 +197,7 @@ def rollback(deployment: dict | None) -> None:
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     if not deployment:
-        print("nothing was deployed: nothing to roll back")
+        log.info("nothing was deployed: nothing to roll back")
         return
     settings = Settings.resolve()
     hook = SageMakerHook(aws_conn_id=settings.aws_conn_id)
@@ -227,20 +226,19 @@ def _ignore_missing(call, **kwargs) -> None:
 
 
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
-                 candidate_weight=1.0) -> TaskGroup:
-    """The deployment tasks as a group; arguments may be XComArgs or templated strings."""
+                 candidate_weight=1.0, training=None) -> TaskGroup:
+    """The deployment tasks as a group; arguments may be XComArgs or templated strings. training:
+    the training job and val_loss behind the model (serving.training), recorded for later comparisons."""
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
-        deployment = plan(model_data_url, endpoint_name, candidate_weight)
+        deployment = plan(model_data_url, endpoint_name, candidate_weight, training)
         model = SageMakerModelOperator(task_id="create_model", config=deployment["model"],
                                        aws_conn_id=settings.aws_conn_id)
         config = SageMakerEndpointConfigOperator(task_id="create_endpoint_config",
                                                  config=deployment["endpoint_config"],
                                                  aws_conn_id=settings.aws_conn_id)
         endpoint = SageMakerEndpointOperator(task_id="create_or_update_endpoint", config=deployment["endpoint"],
-                                             operation="create", wait_for_completion=True,
-                                             check_interval=settings.check_interval_seconds,
-                                             aws_conn_id=settings.aws_conn_id)
+                                             operation="create", **waiting_kwargs(settings))
         smoke = smoke_test(deployment, smoke_request)
         shifted = shift_traffic(deployment, smoke)
         record = record_serving(deployment, smoke, shifted)
@@ -260,5 +258,5 @@ def change_traffic(endpoint_name: str | None, weights: dict) -> dict:
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
     after = set_weights(client, endpoint, {name: float(w) for name, w in weights.items()},
                         settings.check_interval_seconds)
-    print(f"traffic on {endpoint}: {after}")
+    log.info("traffic on %s: %s", endpoint, after)
     return after

@@ -9,15 +9,6 @@ from sdxl_lora.settings import Settings
 
 BASE_MODEL_CHANNEL = "base_model"
 
-# The original system's production hyperparameters (its grid search's winner: 2e-4, rank 4).
-PRODUCTION_HYPERPARAMETERS = {
-    "resolution": 1024, "train_batch_size": 1, "learning_rate": 2e-4, "lr_scheduler": "constant",
-    "num_train_epochs": 58, "checkpointing_steps": 500, "rank": 4, "train_text_encoder": True,
-    "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
-    "enable_xformers_memory_efficient_attention": True, "use_8bit_adam": True, "mixed_precision": "fp16",
-    "validation_split": 0.1,
-}
-
 
 def tags(**values: str) -> list[dict[str, str]]:
     """Cost-allocation tags; SageMaker allows [\\w\\s.:/=+\\-@] in values, at most 256 characters."""

@@ -32,8 +32,13 @@ class Result:
         return self.status == "Completed" and self.val_loss is not None and math.isfinite(self.val_loss)
 
 
+def final_metrics(description: dict) -> dict[str, float]:
+    """A DescribeTrainingJob's FinalMetricDataList as {name: value}."""
+    return {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList", [])}
+
+
 def from_description(description: dict, learning_rate: float, max_train_steps: int, rank: int) -> Result:
-    metrics = {m["MetricName"]: m["Value"] for m in description.get("FinalMetricDataList", [])}
+    metrics = final_metrics(description)
     return Result(
         job_name=description["TrainingJobName"], learning_rate=learning_rate, max_train_steps=max_train_steps,
         rank=rank, status=description["TrainingJobStatus"], val_loss=metrics.get(METRIC),

@@ -3,8 +3,12 @@
 The defaults serve the local stack (`sdxl-lora local-stack`); on AWS set at least the bucket,
 the execution role and the image URIs. Variables are named `sdxl_lora_<field>` and environment
 variables `SDXL_LORA_<FIELD>`. DAG files read settings at parse time only from the environment
-(`Settings.from_environment()`); tasks read them with Variables too (`Settings.resolve()`), so
-parsing never queries the metadata database.
+(`Settings.from_environment()`), so parsing never queries the metadata database; tasks read them
+with Variables too (`Settings.resolve()`).
+
+The fields in PARSE_TIME shape what the DAG files build when they are parsed (Asset URIs, the
+schedule, operator arguments): a Variable cannot reach those, so `resolve()` refuses a Variable
+that contradicts one of them instead of letting it split a run between two values.
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ import os
 from typing import Callable
 
 Getter = Callable[[str], "str | None"]
+
+# Read when the DAG files are parsed: the processed-dataset Asset (bucket, prefix), the retraining
+# schedule, and the operators' connection, polling and status-check limits.
+PARSE_TIME = ("bucket", "prefix", "aws_conn_id", "check_interval_seconds", "deferrable", "retrain_schedule",
+              "max_runtime_seconds", "max_wait_seconds")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +66,21 @@ class Settings:
 
     @classmethod
     def resolve(cls) -> "Settings":
-        """Inside a task: Airflow Variables first."""
+        """Inside a task: Airflow Variables first; a Variable contradicting a parse-time setting is refused."""
         from airflow.sdk import Variable
 
-        return cls.load(lambda name: Variable.get(name, default=None))
+        return cls.load(lambda name: Variable.get(name, default=None)).consistent_with(cls.from_environment())
+
+    def consistent_with(self, parsed: "Settings") -> "Settings":
+        """self, when it agrees with the settings the DAG files were parsed with on every PARSE_TIME field."""
+        differing = [name for name in PARSE_TIME if getattr(self, name) != getattr(parsed, name)]
+        if differing:
+            found = "; ".join(f"sdxl_lora_{name}={getattr(self, name)!r} but the DAGs were parsed with "
+                              f"{getattr(parsed, name)!r}" for name in differing)
+            raise SettingsError(
+                f"Airflow Variable(s) contradict settings the DAG files read at parse time: {found}. Set these "
+                f"through the environment (SDXL_LORA_<NAME>) of every Airflow component and delete the Variable(s)")
+        return self
 
     @classmethod
     def load(cls, variable: Getter) -> "Settings":
@@ -92,7 +116,7 @@ class Settings:
         subnets = _split(self.subnet_ids)
         groups = _split(self.security_group_ids)
         if bool(subnets) != bool(groups):
-            raise ValueError("settings subnet_ids and security_group_ids: set both (a VPC needs subnets and "
+            raise SettingsError("settings subnet_ids and security_group_ids: set both (a VPC needs subnets and "
                              f"security groups) or neither; got subnets {subnets} and security groups {groups}")
         return {"Subnets": subnets, "SecurityGroupIds": groups} if subnets else None
 
@@ -111,11 +135,11 @@ def _convert(name: str, kind, raw: str):
     if kind is bool:
         lowered = str(raw).strip().lower()
         if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"setting {name}: expected true or false, got {raw!r}")
+            raise SettingsError(f"setting {name}: expected true or false, got {raw!r}")
         return lowered in ("true", "1", "yes")
     if kind is int:
         try:
             return int(raw)
         except ValueError:
-            raise ValueError(f"setting {name}: expected an integer, got {raw!r}") from None
+            raise SettingsError(f"setting {name}: expected an integer, got {raw!r}") from None
     return str(raw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
 from botocore.exceptions import ClientError
 
+from ml.hyperparameters import SWEPT, HyperparameterError, to_sagemaker
 from ml.metrics import METRIC_DEFINITIONS
 from sdxl_lora import requests
 from sdxl_lora.naming import run_token, slug
@@ -18,8 +19,9 @@ from sdxl_lora.settings import Settings
 
 OBJECTIVE = {"Type": "Minimize", "MetricName": "val_loss"}
 STRATEGIES = ("Bayesian", "Random", "Hyperband")
-TUNED = ("learning_rate", "max_train_steps", "rank")
 MAX_NAME_LENGTH = 32  # HyperParameterTuningJobName
+# SageMaker counts each categorical value against its 30 and each other range as one: the two others leave 28.
+MAX_CATEGORICAL_VALUES = 28
 MAX_ATTEMPTS = 20
 # CreateTrainingJob members that a HyperParameterTrainingJobDefinition also has (botocore's model).
 DEFINITION_MEMBERS = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "VpcConfig", "OutputDataConfig",
@@ -53,9 +55,16 @@ def parameter_ranges(learning_rate_min: float, learning_rate_max: float, max_tra
                           f"[{max_train_steps_min}, {max_train_steps_max}]")
     if not ranks or len(set(ranks)) != len(ranks) or any(int(r) < 1 for r in ranks):
         raise TuningError(f"ranks: need distinct positive integers, got {ranks}")
-    if len(ranks) > 28:  # SageMaker counts each categorical value; 30 in all with the two other ranges
-        raise TuningError(f"ranks: at most 28 values (SageMaker searches at most 30 hyperparameter values in "
-                          f"all), got {len(ranks)}")
+    if len(ranks) > MAX_CATEGORICAL_VALUES:
+        raise TuningError(f"ranks: at most {MAX_CATEGORICAL_VALUES} values (SageMaker searches at most 30 "
+                          f"hyperparameter values in all), got {len(ranks)}")
+    for name, values in (("learning_rate", (learning_rate_min, learning_rate_max)),
+                         ("max_train_steps", (max_train_steps_min, max_train_steps_max)), ("rank", ranks)):
+        for value in values:
+            try:
+                to_sagemaker({name: value})  # the job's own bounds: a range reaching past them wastes trials
+            except HyperparameterError as error:
+                raise TuningError(f"{name} range: {error}") from None
     return {
         "ContinuousParameterRanges": [{"Name": "learning_rate", "MinValue": repr(float(learning_rate_min)),
                                        "MaxValue": repr(float(learning_rate_max)), "ScalingType": "Logarithmic"}],
@@ -86,7 +95,7 @@ def training_definition(training_request: dict) -> dict:
         raise TuningError(f"AlgorithmSpecification has fields a tuning job cannot carry: {unknown}")
     definition = {k: v for k, v in training_request.items() if k in DEFINITION_MEMBERS and k not in LEFT_OUT}
     definition["StaticHyperParameters"] = {k: v for k, v in training_request["HyperParameters"].items()
-                                           if k not in TUNED}
+                                           if k not in SWEPT}
     return definition
 
 
@@ -105,7 +114,7 @@ def tuning_request(settings: Settings, name: str, dataset_uri: str, static_hyper
                           "hyperparameters")
     if OBJECTIVE["MetricName"] not in {m["Name"] for m in METRIC_DEFINITIONS}:
         raise TuningError(f"the payload's MetricDefinitions do not define {OBJECTIVE['MetricName']}")
-    static = {k: v for k, v in static_hyperparameters.items() if k not in TUNED}
+    static = {k: v for k, v in static_hyperparameters.items() if k not in SWEPT}
     training = requests.training_request(settings, name, dataset_uri, static)
     config = {
         "Strategy": strategy,
@@ -139,19 +148,11 @@ class ResumableSageMakerTuningOperator(SageMakerTuningOperator):
     the task is killed, the tuning job it waits for is stopped, which stops its trials.
     """
 
-    def _describe(self, name: str) -> dict | None:
-        try:
-            return self.hook.describe_tuning_job(name)
-        except ClientError as error:
-            if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
-                return None
-            raise
-
     def execute(self, context):
         base = self.config["HyperParameterTuningJobName"]
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            name = _attempt_name(base, attempt)
-            description = self._describe(name)
+            name = attempt_name(base, attempt)
+            description = describe_attempt(self.hook.conn, name)
             self.config["HyperParameterTuningJobName"] = name
             if description is None:
                 return super().execute(context)
@@ -170,19 +171,35 @@ class ResumableSageMakerTuningOperator(SageMakerTuningOperator):
 
     def on_kill(self) -> None:
         name = self.config.get("HyperParameterTuningJobName")
-        description = self._describe(name) if name else None
+        description = describe_attempt(self.hook.conn, name) if name else None
         if description and description["HyperParameterTuningJobStatus"] == "InProgress":
             self.log.info("stopping tuning job %s and its trials", name)
             self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
 
 
-def _attempt_name(base: str, attempt: int) -> str:
+def attempt_name(base: str, attempt: int) -> str:
     if attempt == 1:
         return base
     suffix = f"-a{attempt}"
     return base[:MAX_NAME_LENGTH - len(suffix)].rstrip("-") + suffix
 
 
-def attempt_names(base: str) -> list[str]:
-    """Every name a run's tuning job may have, first attempt first."""
-    return [_attempt_name(base, attempt) for attempt in range(1, MAX_ATTEMPTS + 1)]
+def describe_attempt(client, name: str) -> dict | None:
+    """DescribeHyperParameterTuningJob of one attempt, or None when there is no such job."""
+    try:
+        return client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    except ClientError as error:
+        if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
+            return None
+        raise
+
+
+def latest_attempt(client, base: str) -> dict | None:
+    """The description of the last tuning job a run started (`<base>`, `<base>-a2`, ...); None when none."""
+    latest = None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        description = describe_attempt(client, attempt_name(base, attempt))
+        if description is None:
+            break
+        latest = description
+    return latest

@@ -97,3 +97,63 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_hyperparameter_params_take_their_presets_and_bounds_from_the_payload(dagbag):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from ml.hyperparameters import PRESETS, SWEPT
+
+    defaults = {dag_id: dagbag.dags[dag_id].params["hyperparameters"] for dag_id in
+                ("sdxl_lora_train", "sdxl_lora_grid_search", "sdxl_lora_tune")}
+    assert defaults["sdxl_lora_train"] == PRESETS["production"]
+    assert defaults["sdxl_lora_grid_search"] == defaults["sdxl_lora_tune"] == PRESETS["grid"]
+    assert {**defaults["sdxl_lora_grid_search"], "learning_rate": 2e-4, "rank": 4} == PRESETS["production"]
+    train = dagbag.dags["sdxl_lora_train"]
+    assert _validated(train, {"hyperparameters": {"resolution": 64, "max_train_steps": 4}})
+    for bad in ({"rank": 0}, {"learning_rate": 0.5}, {"resolution": 1001}, {"mixed_precision": "fp8"},
+                {"use_8bit_adam": "yes"}, {"learning_rat": 1e-4}):
+        with pytest.raises(ParamValidationError):
+            _validated(train, {"hyperparameters": bad})
+    for dag_id in ("sdxl_lora_grid_search", "sdxl_lora_tune"):  # a trial's swept values come from their own Params
+        for key in SWEPT:
+            with pytest.raises(ParamValidationError):
+                _validated(dagbag.dags[dag_id], {"hyperparameters": {key: PRESETS["production"].get(key, 500)}})
+    with pytest.raises(ParamValidationError):
+        _validated(dagbag.dags["sdxl_lora_grid_search"], {"learning_rates": [0.5]})
+    with pytest.raises(ParamValidationError):
+        _validated(dagbag.dags["sdxl_lora_tune"], {"learning_rate_max": 0.5})
+
+
+def test_prepare_emits_the_asset_that_schedules_training(dagbag):
+    (outlet,) = dagbag.dags["sdxl_dataset_prepare"].get_task("publish").outlets
+    timetable = dagbag.dags["sdxl_lora_train"].timetable
+    assert timetable.asset_condition == outlet
+
+
+def test_a_scheduled_retrain_before_any_dataset_skips_and_one_with_its_dataset_trains(dagbag, monkeypatch):
+    """The train DAG's own dataset_version task against S3 (moto): issue 9's red run at start-up is a skip."""
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    import boto3
+    from airflow.sdk import Variable
+    from airflow.sdk.exceptions import AirflowSkipException
+    from moto import mock_aws
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", '{"conn_type": "aws", "extra": {"region_name": "us-east-1"}}')
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(Variable, "get", staticmethod(lambda key, default=None: default))
+    choose = dagbag.dags["sdxl_lora_train"].get_task("dataset_version").python_callable
+    scheduled = {"params": {"dataset_version": None}, "dag_run": SimpleNamespace(run_type="scheduled"),
+                 "triggering_asset_events": {}, "logical_date": datetime(2026, 11, 2, 3, tzinfo=timezone.utc)}
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="sdxl-lora-local")
+        with pytest.raises(AirflowSkipException, match="no processed dataset version 2026-11-02"):
+            choose(**scheduled)
+        s3.put_object(Bucket="sdxl-lora-local", Key="sdxl-finetune-lora/proc_dataset/2026-11-02/manifest.json",
+                      Body=b"{}")
+        assert choose(**scheduled) == "2026-11-02"

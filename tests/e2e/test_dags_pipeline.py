@@ -103,9 +103,9 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     assert after["EndpointStatus"] == "InService"
     assert after["EndpointConfigName"] == served["EndpointConfigName"]
 
-    # Retraining on the newest version compares against what serves now before deploying.
+    # Retraining a named version compares against what serves now before deploying.
     output = _dags_test(airflow_env, "sdxl_lora_train", {
-        "hyperparameters": {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "max_train_steps": 4,
+        "dataset_version": "v1", "hyperparameters": {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "max_train_steps": 4,
                             "checkpointing_steps": 2},
         "endpoint_name": "e2e-dag-endpoint", "smoke_request": smoke})
     assert "against" in output and "serving on e2e-dag-endpoint" in output

@@ -1,6 +1,6 @@
 import json
 
-from ml.hyperparameters import parse
+from ml.hyperparameters import parse, preset
 from ml.metrics import METRIC_DEFINITIONS
 from sdxl_lora import datasets, requests
 from sdxl_lora.settings import Settings
@@ -10,7 +10,7 @@ def test_training_request_carries_strings_metrics_spot_checkpoints_and_tags():
     settings = Settings(bucket="my-bucket", prefix="team/sdxl", use_spot=True, max_runtime_seconds=3600,
                         max_wait_seconds=7200, base_model_uri="s3://my-bucket/team/sdxl/base/")
     request = requests.training_request(settings, "job-1", "s3://my-bucket/team/sdxl/proc_dataset/v1/",
-                                        {**requests.PRODUCTION_HYPERPARAMETERS, "max_train_steps": 1500},
+                                        {**preset("production"), "max_train_steps": 1500},
                                         requests.tags(dag="sdxl_lora_grid_search", run="r1", trial="lr=2e-4"))
     assert all(isinstance(v, str) for v in request["HyperParameters"].values())
     assert parse(request["HyperParameters"]).learning_rate == 2e-4

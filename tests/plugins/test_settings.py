@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from sdxl_lora.settings import Settings
+from sdxl_lora.settings import PARSE_TIME, Settings, SettingsError
 
 
 def test_defaults_serve_the_local_stack(monkeypatch):
@@ -31,3 +33,33 @@ def test_s3_layout_follows_the_original_system():
     assert settings.raw_dataset("v1") == "s3://b1/sdxl-finetune-lora/mvp/raw_dataset/v1/"
     assert settings.processed_dataset("v1") == "s3://b1/sdxl-finetune-lora/mvp/proc_dataset/v1/"
     assert settings.models() == "s3://b1/sdxl-finetune-lora/mvp/models"
+
+
+def _variables(monkeypatch, values: dict) -> None:
+    from airflow.sdk import Variable
+
+    monkeypatch.setattr(Variable, "get", staticmethod(lambda key, default=None: values.get(key, default)))
+
+
+def test_a_variable_cannot_split_a_run_between_two_buckets(monkeypatch):
+    monkeypatch.setenv("SDXL_LORA_BUCKET", "parsed-bucket")
+    _variables(monkeypatch, {"sdxl_lora_bucket": "other-bucket", "sdxl_lora_check_interval_seconds": "5"})
+    with pytest.raises(SettingsError) as refused:
+        Settings.resolve()
+    message = str(refused.value)
+    assert "sdxl_lora_bucket='other-bucket' but the DAGs were parsed with 'parsed-bucket'" in message
+    assert "sdxl_lora_check_interval_seconds=5 but the DAGs were parsed with 30" in message
+    assert "SDXL_LORA_<NAME>" in message
+
+
+def test_variables_still_set_what_tasks_alone_read(monkeypatch):
+    monkeypatch.setenv("SDXL_LORA_BUCKET", "parsed-bucket")
+    _variables(monkeypatch, {"sdxl_lora_bucket": "parsed-bucket", "sdxl_lora_role_arn": "arn:aws:iam::1:role/r",
+                             "sdxl_lora_training_image": "acct.dkr.ecr/sdxl-lora-training:1"})
+    settings = Settings.resolve()
+    assert settings.bucket == "parsed-bucket" and settings.role_arn == "arn:aws:iam::1:role/r"
+    assert settings.training_image == "acct.dkr.ecr/sdxl-lora-training:1"
+
+
+def test_parse_time_fields_are_settings():
+    assert set(PARSE_TIME) <= {field.name for field in dataclasses.fields(Settings)}

@@ -2,13 +2,13 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from ml.hyperparameters import parse
+from ml.hyperparameters import SWEPT, parse
 from sdxl_lora import requests, tuning
 from sdxl_lora.naming import is_valid
 from sdxl_lora.settings import Settings
 
 SETTINGS = Settings(bucket="my-bucket", prefix="team/sdxl", base_model_uri="s3://my-bucket/team/sdxl/base/")
-STATIC = {"resolution": 1024, "train_batch_size": 1, "validation_split": 0.1, "learning_rate": 0.5, "rank": 99}
+STATIC = {"resolution": 1024, "train_batch_size": 1, "validation_split": 0.1, "learning_rate": 0.05, "rank": 99}
 
 
 def _request(**overrides) -> dict:
@@ -36,7 +36,7 @@ def test_trials_share_the_grid_trials_training_definition():
         assert definition[key] == grid_trial[key], key
     assert "CheckpointConfig" not in definition  # one prefix shared by every trial would mix their checkpoints
     static = definition["StaticHyperParameters"]
-    assert not set(static) & set(tuning.TUNED)  # tuned values never also static
+    assert not set(static) & set(SWEPT)  # tuned values never also static
     assert parse(static).resolution == 1024
     config = request["HyperParameterTuningJobConfig"]
     assert config["HyperParameterTuningJobObjective"] == {"Type": "Minimize", "MetricName": "val_loss"}
@@ -56,6 +56,9 @@ def test_ranges_are_logarithmic_learning_rate_integer_steps_categorical_rank():
 
 @pytest.mark.parametrize("arguments, message", [
     ((0, 1e-3, 1, 2, [4]), "learning_rate_min"),
+    ((1e-4, 0.5, 1, 2, [4]), r"learning_rate range: learning_rate: must be in \(0, 0.1\]"),
+    ((1e-4, 1e-3, 1, 200000, [4]), r"max_train_steps range: max_train_steps: must be in \[1, 100000\]"),
+    ((1e-4, 1e-3, 1, 2, [4, 2048]), "rank range: rank: must be in"),
     ((1e-3, 1e-4, 1, 2, [4]), "learning_rate_min <= learning_rate_max"),
     ((1e-4, 1e-3, 10, 2, [4]), "max_train_steps_min <= max_train_steps_max"),
     ((1e-4, 1e-3, 1, 2, [4, 4]), "distinct"),
@@ -97,10 +100,29 @@ def test_names_fit_sagemakers_32_characters_with_every_attempt():
     name = tuning.tuning_job_name("sdxl-lora-tune", "manual__2026-11-26T10:00:00+00:00")
     assert name == tuning.tuning_job_name("sdxl-lora-tune", "manual__2026-11-26T10:00:00+00:00")
     assert name != tuning.tuning_job_name("sdxl-lora-tune", "manual__2026-11-27T10:00:00+00:00")
-    names = tuning.attempt_names(name)
-    assert names[0] == name and names[1] == f"{name}-a2" and len(set(names)) == len(names)
     long = tuning.tuning_job_name("a-very-long-prefix-for-tuning-jobs", "r")
-    assert all(len(n) <= 32 and is_valid(n) for n in [*names, *tuning.attempt_names(long)])
+    names, long_names = ([tuning.attempt_name(base, attempt) for attempt in range(1, tuning.MAX_ATTEMPTS + 1)]
+                         for base in (name, long))
+    assert names[0] == name and names[1] == f"{name}-a2" and len(set(names)) == len(names)
+    assert all(len(n) <= 32 and is_valid(n) for n in [*names, *long_names])
+
+
+def test_the_latest_attempt_is_the_last_one_created():
+    from unittest import mock
+
+    from botocore.exceptions import ClientError
+
+    created = {"t": {"HyperParameterTuningJobName": "t", "HyperParameterTuningJobStatus": "Failed"},
+               "t-a2": {"HyperParameterTuningJobName": "t-a2", "HyperParameterTuningJobStatus": "Completed"}}
+
+    def describe(HyperParameterTuningJobName):
+        if HyperParameterTuningJobName not in created:
+            raise ClientError({"Error": {"Code": "ResourceNotFound", "Message": "no"}}, "Describe")
+        return created[HyperParameterTuningJobName]
+
+    client = mock.Mock(describe_hyper_parameter_tuning_job=describe)
+    assert tuning.latest_attempt(client, "t")["HyperParameterTuningJobName"] == "t-a2"
+    assert tuning.latest_attempt(client, "other") is None
 
 
 def test_trial_values_read_tuned_over_static():
