@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ml import latents as latents_module
-from ml import metrics
+from ml import metrics, reporting
 from ml.buckets import bucket_sizes, nearest_bucket
 from ml.contract import ContainerPaths, JobError, exit_now
 from ml.data import Example, flipped, load_imagefolder, preprocess, preprocess_bucketed, split_validation
@@ -560,6 +560,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     log.info("training: %d images, %d micro-batches per epoch, %d optimizer steps, %d process(es) on %s",
              len(train_examples), per_epoch, max_steps, world, device)
     losses: list[dict] = []
+    validation_losses: list[dict] = []  # measured at every checkpoint: the validation curve
     loop_started = time.monotonic()
     steps_run = 0
     progress_bar = None
@@ -612,6 +613,10 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
                     log.info(metrics.step_line(global_step, step_loss, lr))
             if global_step % hp.checkpointing_steps == 0 and global_step < max_steps:
                 save_checkpoint(accelerator, paths.checkpoints, global_step, hp)
+                if val_cache is not None:
+                    point = validation_loss(unet, scheduler, val_cache, text_encoders, device, weight_dtype)
+                    validation_losses.append({"step": global_step, "val_loss": point})
+                    log.info("validation loss %.6f at step %d", point, global_step)
     except Interrupted:
         if global_step > 0 and not (paths.checkpoints / f"checkpoint-{global_step}" / PROGRESS_FILE).exists():
             save_checkpoint(accelerator, paths.checkpoints, global_step, hp)
@@ -653,6 +658,8 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             "final_loss": losses[-1]["loss"] if losses else None,
             "val_loss": val_loss,
             "baseline_val_loss": baseline_val_loss,
+            "validation_losses": validation_losses,
+            "dataset_version": reporting.dataset_version(paths.channel("train")),
             "loop_seconds": round(loop_seconds, 3),
             "steps_per_second": round(steps_run / loop_seconds, 4) if loop_seconds > 0 else None,
             "wall_seconds": round(_process_seconds(), 3),
@@ -661,9 +668,10 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             "processes": world,
             "device": str(device),
             "samples": samples,
+            "sample_seeds": [reporting.sample_seed(i) for i in range(len(samples))],
         }
-        (paths.model / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        (paths.model / "README.md").write_text(model_card(summary))
+        reporting.write(paths.model, paths.output, summary, LORA_WEIGHTS,
+                        f"lr {hp.learning_rate:g}, rank {hp.rank}, {max_steps} steps")
         log.info("LoRA written to %s", paths.model / LORA_WEIGHTS)
     accelerator.end_training()
     return summary
@@ -738,49 +746,14 @@ def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtyp
     out = model_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
     names = []
-    generator = torch.Generator(device="cpu").manual_seed(hp.seed)
     for index in range(hp.num_validation_images):
+        generator = torch.Generator(device="cpu").manual_seed(reporting.sample_seed(index))  # same in every trial
         image = pipeline(hp.validation_prompt, height=hp.resolution, width=hp.resolution,
                          num_inference_steps=hp.num_validation_inference_steps, generator=generator).images[0]
         name = f"samples/sample-{index}.png"
         image.save(model_dir / name)
         names.append(name)
     return names
-
-
-def model_card(summary: dict) -> str:
-    hp = summary["hyperparameters"]
-    rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(hp.items()))
-    val = summary["val_loss"]
-    base = summary["baseline_val_loss"]
-    scores = "" if val is None else f"- validation loss: {val:.6g}" + (
-        f" (base model: {base:.6g})" if base is not None else "") + "\n"
-    return f"""---
-library_name: diffusers
-base_model: {summary['base_model']}
-tags: [stable-diffusion-xl, lora, text-to-image, diffusers]
----
-# SDXL LoRA
-
-LoRA adapter for `{summary['base_model']}`, trained by `sdxl-lora train`.
-
-- optimizer steps: {summary['global_step']} ({summary['epochs']} epochs over {summary['train_images']} images)
-- final training loss: {summary['final_loss']}
-{scores}
-Load it with diffusers:
-
-```python
-from diffusers import StableDiffusionXLPipeline
-pipe = StableDiffusionXLPipeline.from_pretrained("{summary['base_model']}")
-pipe.load_lora_weights("path/to/this/folder", weight_name="{LORA_WEIGHTS}")
-```
-
-## Hyperparameters
-
-| name | value |
-|---|---|
-{rows}
-"""
 
 
 def configure_logging() -> None:
