@@ -4,7 +4,9 @@
 Trains one LoRA per combination of **learning rate x max train steps x rank** on a processed
 dataset version, each as its own SageMaker training job, then ranks the trials by validation
 loss (held-out images, fixed noise and timesteps, so trials compare fairly) and writes a
-leaderboard (JSON and markdown) next to the trials in S3.
+leaderboard (JSON and markdown) next to the trials in S3. `publish_report` adds the report the
+run's "Grid report" tab shows: costs, links, one XY sheet of validation images per steps value
+(rows learning rate, columns rank) and every trial's loss curve.
 
 - The trial list is built by one task and expanded with dynamic task mapping; each mapped
   instance shows its job name, which carries its values (`...-lr-0-0002-mts-1500-r-4`).
@@ -101,6 +103,22 @@ def sdxl_lora_grid_search():
         return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
                 "leaderboard": f"{folder}/leaderboard.md", "training": serving.training(best.job_name, best.val_loss)}
 
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def publish_report(configs: list[dict], run_id: str) -> str:
+        """Leaderboard with costs and links, one XY sheet per steps value and every trial's loss curve in
+        grid_search/<run>/report/: the run's "Grid report" tab in the UI (plugins/sdxl_lora_ui.py)."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+        from sdxl_lora import naming, report
+
+        settings = Settings.resolve()
+        folder = settings.uri("grid_search", naming.run_token(run_id))
+        board = report.publish(SageMakerHook(aws_conn_id=settings.aws_conn_id).conn,
+                               S3Hook(aws_conn_id=settings.aws_conn_id).get_conn(), configs, folder, DAG_ID, run_id)
+        log.info("report of %d trials (%d sheets, estimated cost %.2f USD) at %s/report/", len(board["trials"]),
+                 len(board["sheets"]), board["estimated_cost_usd"], folder)
+        return f"{folder}/report/{report.LEADERBOARD}"
+
     @task.short_circuit
     def deploy_requested(params: dict) -> bool:
         return params["deploy_winner"]
@@ -115,6 +133,7 @@ def sdxl_lora_grid_search():
                               "{{ params.smoke_request }}", training=winner["training"])
 
     chain(trials, winner, deploy_requested(), deployment)
+    trials >> publish_report(configs)
 
 
 sdxl_lora_grid_search()

@@ -366,13 +366,17 @@ class JobService:
             self._finish(job, "Failed", _failure_reason(job.base, code))
 
     def _upload_model(self, job: Job) -> str | None:
-        model = job.base / "model"
-        if not model.is_dir() or not any(model.iterdir()):
+        """model/ as model.tar.gz and, as SageMaker does, output/data/ (when not empty) as output.tar.gz."""
+        self._upload_tar(job, job.base / "output" / "data", "output.tar.gz")
+        return self._upload_tar(job, job.base / "model", "model.tar.gz")
+
+    def _upload_tar(self, job: Job, folder: Path, name: str) -> str | None:
+        if not folder.is_dir() or not any(folder.iterdir()):
             return None
-        archive = job.base / "model.tar.gz"
-        tar_directory(model, archive)
+        archive = job.base / name
+        tar_directory(folder, archive)
         bucket, prefix = split_s3_uri(job.description["OutputDataConfig"]["S3OutputPath"])
-        key = f"{prefix.rstrip('/') + '/' if prefix else ''}{job.name}/output/model.tar.gz"
+        key = f"{prefix.rstrip('/') + '/' if prefix else ''}{job.name}/output/{name}"
         self.clients.s3.upload_file(str(archive), bucket, key)
         return f"s3://{bucket}/{key}"
 
