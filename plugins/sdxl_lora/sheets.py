@@ -128,9 +128,9 @@ def render(sheet: Sheet, cell: int = 256) -> bytes:
     image = Image.new("RGB", (geometry.width, geometry.height), "white")
     draw = ImageDraw.Draw(image)
     big, normal, small = _font(18), _font(14), _font(12)
-    title = f"max_train_steps {sheet.max_train_steps}: rows learning rate, columns rank"
-    subtitle = (f"prompt: {sheet.prompt!r}, seed {sheet.seed}" if sheet.prompt else
-                "no validation images: the trials ran without validation_prompt")
+    title = f"max_train_steps {sheet.max_train_steps}"
+    subtitle = "rows: learning rate, columns: rank; " + (
+        f"prompt {sheet.prompt!r}, seed {sheet.seed}" if sheet.prompt else "no validation_prompt, no images")
     draw.text((GAP, 10), _fit(draw, title, big, geometry.width - 2 * GAP), fill="black", font=big)
     draw.text((GAP, 34), _fit(draw, subtitle, small, geometry.width - 2 * GAP), fill=(80, 80, 80), font=small)
     for rank, box in zip(sheet.ranks, geometry.column_labels):

@@ -73,7 +73,8 @@ def trial(s3, name: str, lr: float, steps: int, rank: int, status: str = "Comple
 
 def grid(s3) -> tuple[list[dict], SageMakerRecords]:
     """2 learning rates x 2 steps x 1 rank; one trial failed."""
-    s3.create_bucket(Bucket=BUCKET)
+    if BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=BUCKET)
     made = [trial(s3, "g-lr-0-001-mts-20-r-4", 0.001, 20, 4, val_loss=0.30, colour=(255, 0, 0)),
             trial(s3, "g-lr-0-003-mts-20-r-4", 0.003, 20, 4, val_loss=0.20, colour=(0, 255, 0)),
             trial(s3, "g-lr-0-001-mts-40-r-4", 0.001, 40, 4, val_loss=0.25, colour=(0, 0, 255)),

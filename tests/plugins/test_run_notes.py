@@ -1,0 +1,26 @@
+"""The grid run's note links to its report tab; a person's note is kept."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from sdxl_lora import run_notes
+
+
+def test_the_link_is_added_once_below_a_persons_note():
+    link = "[Leaderboard, comparison sheets and loss curves](/dags/sdxl_lora_grid_search/runs/manual__2026-11-26T10%3A00%3A00%2B00%3A00/plugin/sdxl-lora-report)"
+    first = run_notes.note_with_link(None, "sdxl_lora_grid_search", "manual__2026-11-26T10:00:00+00:00")
+    assert first == link
+    kept = run_notes.note_with_link("try rank 8 next", "sdxl_lora_grid_search", "manual__2026-11-26T10:00:00+00:00")
+    assert kept == f"try rank 8 next\n\n{link}"
+    assert run_notes.note_with_link(kept, "sdxl_lora_grid_search", "manual__2026-11-26T10:00:00+00:00") == kept
+    behind_proxy = run_notes.note_with_link(None, "d", "r", "https://airflow.example.com/team/")
+    assert "(https://airflow.example.com/team/dags/d/runs/r/plugin/sdxl-lora-report)" in behind_proxy
+
+
+def test_the_listener_notes_grid_runs_only():
+    grid = SimpleNamespace(dag_id="sdxl_lora_grid_search", run_id="r1", note=None)
+    other = SimpleNamespace(dag_id="sdxl_lora_deploy", run_id="r1", note=None)
+    run_notes.on_dag_run_success(dag_run=grid, msg="success")
+    run_notes.on_dag_run_running(dag_run=other, msg="started")
+    assert "plugin/sdxl-lora-report" in grid.note and other.note is None
