@@ -31,12 +31,16 @@ def airflow_auth(tmp_path_factory):
         from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
         from airflow.models.revoked_token import RevokedToken
 
-        settings.reconfigure_orm()  # token checks look up revoked tokens: a database of the test's own
+        # Token checks look up revoked tokens: a database of the test's own (configure_vars reads the new URL).
+        settings.configure_vars()
+        settings.reconfigure_orm()
+        assert str(settings.engine.url).endswith(str(home / "airflow.db"))
         RevokedToken.__table__.create(settings.engine)
         manager = init_auth_manager()
         yield {"admin": manager.generate_jwt(SimpleAuthManagerUser(username="admin", role="admin")),
                "nobody": manager.generate_jwt(SimpleAuthManagerUser(username="nobody", role=None))}
-    settings.reconfigure_orm()  # back to the session's database
+    settings.configure_vars()  # back to the session's database
+    settings.reconfigure_orm()
 
 
 @pytest.fixture
