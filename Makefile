@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
+BENCH_READY := $(VENV)/.bench-ready
 
-.PHONY: demo test airflow bench-train bench-dags bench-serve bench-prepare constraints clean
+.PHONY: demo test test-scheduler airflow bench-train bench-dags bench-serve bench-prepare constraints clean
 
 $(READY): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +27,16 @@ images: $(READY)
 test: $(READY)
 	$(BIN)/python -m pytest
 
-bench-train: $(READY)
+# Only the tests under a real Airflow (api-server, scheduler, dag-processor, triggerer; PostgreSQL, Redis).
+test-scheduler: $(READY)
+	$(BIN)/python -m pytest -m scheduler -s
+
+# The training benchmark's yardstick (diffusers' own script) also needs the `bench` extra.
+$(BENCH_READY): $(READY)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $@
+
+bench-train: $(BENCH_READY)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
 
 bench-dags: $(READY)
@@ -41,7 +51,7 @@ bench-prepare: $(READY)
 # Re-resolve the pinned set after changing pyproject.toml (needs a fresh venv).
 constraints:
 	rm -rf /tmp/sdxl-lora-constraints && $(PYTHON) -m venv /tmp/sdxl-lora-constraints
-	/tmp/sdxl-lora-constraints/bin/pip install --quiet -e '.[dev]'
+	/tmp/sdxl-lora-constraints/bin/pip install --quiet -e '.[dev,bench]'
 	( sed -n 1,2p constraints.txt; /tmp/sdxl-lora-constraints/bin/pip freeze --exclude-editable \
 	  | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > constraints.txt.new && mv constraints.txt.new constraints.txt
 
