@@ -56,8 +56,9 @@ def write_adapters(base_model: Path, model_dir: Path, rank: int) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from ml.adapters import ADAPTERS_DIR, LORA_WEIGHTS
-    from ml.train import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+    from ml.adapters import ADAPTERS_DIR
+    from ml.contract import LORA_WEIGHTS
+    from ml.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
 
     if (model_dir / LORA_WEIGHTS).exists():
         return
@@ -83,7 +84,8 @@ def write_adapters(base_model: Path, model_dir: Path, rank: int) -> None:
 
 
 def adapter_file(model_dir: Path, name: str) -> Path:
-    from ml.adapters import ADAPTERS_DIR, LORA_WEIGHTS
+    from ml.adapters import ADAPTERS_DIR
+    from ml.contract import LORA_WEIGHTS
 
     return (model_dir if name == "default" else model_dir / ADAPTERS_DIR / name) / LORA_WEIGHTS
 

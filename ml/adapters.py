@@ -33,9 +33,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("sdxl_lora.adapters")
+from ml.contract import LORA_WEIGHTS
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what `sdxl-lora train` writes to model/
+log = logging.getLogger(__name__)
+
 DEFAULT_ADAPTER = "default"
 ADAPTERS_DIR = "adapters"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

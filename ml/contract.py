@@ -15,6 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the LoRA file training writes to model/ and serving loads
+NOISY_LOGGERS = ("httpx", "urllib3", "botocore", "accelerate", "diffusers", "transformers", "peft")
+
+
+def configure_logging() -> None:
+    """One log format for every job (its lines become the job's CloudWatch log and metrics)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 class JobError(RuntimeError):
     """A problem with the job's input or settings; its message becomes the FailureReason."""
 

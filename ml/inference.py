@@ -41,10 +41,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ml.adapters import (DEFAULT_ADAPTER, LORA_WEIGHTS, AdapterBank, AdapterError, AdapterLocator, Combination,
+from ml.adapters import (DEFAULT_ADAPTER, AdapterBank, AdapterError, AdapterLocator, Combination,
                          env_int)
+from ml.contract import LORA_WEIGHTS
 
-log = logging.getLogger("sdxl_lora.inference")
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 MAX_SEED = 2**63 - 1

@@ -31,15 +31,14 @@ import hashlib
 import io
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ml import buckets, manifest
-from ml.contract import ContainerPaths, JobError
+from ml.contract import ContainerPaths, JobError, configure_logging
 from ml.data import metadata_rows
 
-log = logging.getLogger("sdxl_lora.prepare")
+log = logging.getLogger(__name__)
 
 CONTAINER_ROOT = PurePosixPath("/opt/ml")
 OUTPUT_CAPTION_COLUMN = "text"  # what the training job reads by default (its caption_column hyperparameter)
@@ -502,13 +501,6 @@ def shard_from_resource_config(paths: ContainerPaths) -> tuple[int, int]:
     values = json.loads(config.read_text())
     hosts = sorted(values.get("hosts") or [values.get("current_host", "algo-1")])
     return hosts.index(values.get("current_host", hosts[0])), len(hosts)
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout, force=True)
-    for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(args) -> int:

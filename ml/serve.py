@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from http import HTTPStatus
@@ -29,9 +28,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ml import inference
-from ml.contract import ContainerPaths
+from ml.contract import ContainerPaths, configure_logging
 
-log = logging.getLogger("sdxl_lora.serve")
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8080
 DRAIN_SECONDS = 60  # how long SIGTERM waits for in-flight requests before exiting anyway
@@ -175,13 +174,6 @@ def _stop_on_signals(server: InferenceServer) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout, force=True)
-    for noisy in ("urllib3", "botocore", "diffusers", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(host: str = "0.0.0.0", port: int | None = None) -> int:

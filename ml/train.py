@@ -7,421 +7,42 @@ faster and resumable:
 
 - the VAE is frozen, so every image is encoded once and its latent distribution reused
   across epochs (both mirror images when random_flip is on); frozen text encoders encode
-  every caption once; both are then freed;
+  every caption once; both are then freed (ml/frozen.py);
 - data order, flips, noise and timesteps derive from (seed, position in the stream), so a
-  run resumed from a checkpoint continues exactly where the interrupted one stopped;
+  run resumed from a checkpoint continues exactly where the interrupted one stopped
+  (ml/seeds.py, ml/stream.py, ml/checkpoints.py);
 - SIGTERM (spot interruption, StopTrainingJob) checkpoints at the next optimizer step and
-  exits with status 143.
+  exits with status 143 (ml/interruption.py).
+
+This module is the job: `train()` is the loop, as in diffusers' script; the loss is ml/loss.py
+and the base model's parts and the LoRA file are ml/models.py.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
-import json
 import logging
-import math
 import os
 import resource
-import shutil
-import signal
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ml import latents as latents_module
-from ml import metrics, reporting
-from ml.buckets import bucket_sizes, nearest_bucket
-from ml.contract import ContainerPaths, JobError, exit_now
-from ml.data import Example, flipped, load_imagefolder, preprocess, preprocess_bucketed, split_validation
+from ml import metrics, reporting, seeds
+from ml.checkpoints import PROGRESS_FILE, check_resumable, complete_checkpoints, register_lora_hooks, save_checkpoint
+from ml.contract import LORA_WEIGHTS, ContainerPaths, JobError, configure_logging, exit_now
+from ml.data import load_imagefolder, split_validation
+from ml.frozen import cache_frozen, conditioning, latent_source, sample_latents
 from ml.hyperparameters import Hyperparameters, parse
-
-log = logging.getLogger("sdxl_lora.train")
-
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-PROGRESS_FILE = "progress.json"
-VALIDATION_TIMESTEPS = 5  # fixed timesteps scored per held-out image
-VALIDATION_SEED = 0  # independent of the trial's seed, so every trial sees the same noise
-EXIT_INTERRUPTED = 143
-
-
-class Interrupted(Exception):
-    """SIGTERM arrived; a checkpoint has been written when training had started."""
-
-
-class StopFlag:
-    """Set by SIGTERM; the loop checks it between optimizer steps."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.at: float | None = None
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.raised:
-            log.warning("SIGTERM received: checkpointing at the next optimizer step and exiting")
-        self.raised, self.at = True, time.monotonic()
-
-    def check(self) -> None:
-        if self.raised:
-            raise Interrupted()
-
-
-# ---------------------------------------------------------------------------------------
-# Deterministic randomness: every draw is a function of (seed, purpose, position).
-
-
-def _generator(*key: int) -> torch.Generator:
-    value = 0
-    for part in key:
-        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
-    return torch.Generator(device="cpu").manual_seed(value)
-
-
-_ORDER, _NOISE, _CROP = 1, 2, 3
-
-
-# ---------------------------------------------------------------------------------------
-# Model loading and caching
-
-
-@dataclass
-class Frozen:
-    """Per-image tensors computed once with the frozen VAE (and frozen text encoders)."""
-
-    latent_mean: list[torch.Tensor]  # per image [flips, 4, h, w] (h, w: its bucket), times the VAE's scaling factor
-    latent_std: list[torch.Tensor]
-    time_ids: torch.Tensor  # [n, flips, 6]
-    buckets: tuple[tuple[int, int], ...]  # per image (height, width): a batch never mixes two
-    prompt_embeds: torch.Tensor | None  # [n, 77, 2048] when the text encoders are frozen
-    pooled_embeds: torch.Tensor | None
-    input_ids: torch.Tensor | None  # [n, 2, 77] when they are trained
-
-
-def _base_model_path(paths: ContainerPaths, hp: Hyperparameters) -> str:
-    channel = paths.channel("base_model")
-    if channel.is_dir() and (channel / "model_index.json").exists():
-        return str(channel)
-    if channel.is_dir() and any(channel.iterdir()):
-        raise JobError("base_model channel has no model_index.json: expected a diffusers SDXL pipeline directory")
-    return hp.pretrained_model_name_or_path
-
-
-def _loading(base: str, load):
-    try:
-        return load()
-    except (OSError, ValueError) as error:
-        raise JobError(f"base model {base} could not be loaded: {str(error).splitlines()[0]}") from None
-
-
-def load_encoders(base: str, text_dtype: torch.dtype):
-    """Tokenizers, text encoders (in text_dtype), the VAE (fp32) and the noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    def load():
-        tokenizers = (CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-                      CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"))
-        text_encoders = (CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_dtype),
-                         CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
-                                                                     dtype=text_dtype))
-        # fp32: SDXL's VAE overflows in fp16, and it runs only once per image here.
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-        return tokenizers, text_encoders, vae, scheduler
-
-    return _loading(base, load)
-
-
-def load_unet(base: str, dtype: torch.dtype):
-    """The UNet, straight into its compute dtype (half the memory of loading fp32 and casting)."""
-    from diffusers import UNet2DConditionModel
-
-    return _loading(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype))
-
-
-def tokenize(tokenizers, captions: list[str]) -> torch.Tensor:
-    """[n, 2, max_length] token ids for both tokenizers."""
-    ids = [
-        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        for tok in tokenizers
-    ]
-    return torch.stack(ids, dim=1)
-
-
-def encode_text(text_encoders, input_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL conditioning: penultimate hidden states of both encoders, pooled output of the second."""
-    embeds = []
-    pooled = None
-    for index, encoder in enumerate(text_encoders):
-        out = encoder(input_ids[:, index].to(device), output_hidden_states=True, return_dict=True)
-        if index == 1:
-            pooled = out.text_embeds
-        embeds.append(out.hidden_states[-2])
-    return torch.cat(embeds, dim=-1), pooled
-
-
-def _time_ids(prepared, resolution: int) -> torch.Tensor:
-    return torch.tensor([*prepared.original_size, *prepared.crop_top_left, resolution, resolution], dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class LatentSource:
-    """Where the latents come from: the training resolution's buckets, and the prepare job's cache
-    when it was made with this VAE (fingerprint None: no usable cache)."""
-
-    sizes: list[tuple[int, int]]
-    fingerprint: str | None
-
-
-def latent_source(examples: list[Example], hp: Hyperparameters, base: str, vae) -> LatentSource:
-    from diffusers import UNet2DConditionModel
-
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
-    multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
-    fingerprint = None
-    if any(e.latents for e in examples):
-        fingerprint = latents_module.vae_fingerprint(base)
-    return LatentSource(bucket_sizes(hp.resolution, multiple), fingerprint)
-
-
-@torch.no_grad()
-def cache_frozen(examples: list[Example], hp: Hyperparameters, vae, tokenizers, text_encoders, device, flips: int,
-                 stop: StopFlag, center_crop: bool, source: LatentSource) -> Frozen:
-    """Latents (from the prepare job's cache when it matches, else encoded here), time ids and, for
-    frozen text encoders, the prompt embeddings of every image."""
-    means, stds, time_ids, keys = [], [], [], []
-    crop_generator = _generator(hp.seed, _CROP)
-    reused = 0
-    for example in examples:
-        stop.check()
-        if example.placement is None:  # a plain imagefolder: square crops at the resolution
-            prepared = preprocess(example.path, hp.resolution, center_crop, crop_generator)
-            versions = [prepared] + ([flipped(prepared, hp.resolution)] if flips == 2 else [])
-            pixels = torch.stack([v.pixels for v in versions])
-            ids = [_time_ids(v, hp.resolution) for v in versions]
-            key = (hp.resolution, hp.resolution)
-        else:
-            key = nearest_bucket(*example.placement.bucket, source.sizes)
-            cached = None
-            if source.fingerprint and example.latents and key == example.placement.bucket:
-                cached = latents_module.load(example.latents, source.fingerprint, key, flips)
-            placement = example.placement
-            if cached is None:
-                image, placement = preprocess_bucketed(example, key)
-                pixels = torch.stack([image, image.flip(-1)][:flips])
-            versions = [placement, placement.mirrored()][:flips]
-            ids = [torch.tensor(v.time_ids(), dtype=torch.float32) for v in versions]
-            if cached is not None:
-                means.append(cached[0])
-                stds.append(cached[1])
-                time_ids.append(torch.stack(ids))
-                keys.append(key)
-                reused += 1
-                continue
-        mean, std = latents_module.encode(vae, pixels.to(device))
-        means.append(mean)
-        stds.append(std)
-        time_ids.append(torch.stack(ids))
-        keys.append(key)
-    if reused:
-        log.info("took the latents of %d of %d images from the dataset's cache", reused, len(examples))
-    input_ids = tokenize(tokenizers, [e.caption for e in examples])
-    prompt_embeds = pooled = None
-    if not hp.train_text_encoder:
-        prompt_embeds, pooled = encode_text(text_encoders, input_ids, device)
-        prompt_embeds, pooled = prompt_embeds.float().cpu(), pooled.float().cpu()
-        input_ids = None
-    return Frozen(means, stds, torch.stack(time_ids), tuple(keys), prompt_embeds, pooled, input_ids)
-
-
-# ---------------------------------------------------------------------------------------
-# The loss
-
-
-def compute_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alphas_cumprod / (1 - alphas_cumprod)
-
-
-def diffusion_loss(unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, time_ids,
-                   snr_gamma: float | None = None, reduce: bool = True) -> torch.Tensor:
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                return_dict=False)[0]
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        snr = compute_snr(scheduler, timesteps)
-        weights = torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weights = weights * snr / (snr + 1)
-        per_sample = per_sample * weights
-    return per_sample.mean() if reduce else per_sample
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[1])
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """checkpoint-N directories whose progress file was written (the last thing a save writes)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit() and (p / PROGRESS_FILE).exists()]
-    return sorted(found, key=_checkpoint_step)
-
-
-# Hyperparameters that change the model or its optimizer state: a checkpoint written with
-# other values cannot be resumed.
-_RESUME_KEYS = ("rank", "lora_alpha", "train_text_encoder", "use_8bit_adam", "seed", "train_batch_size",
-                "gradient_accumulation_steps", "resolution")
-
-
-def check_resumable(checkpoint: Path, hp: Hyperparameters) -> dict:
-    progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-    saved = progress.get("hyperparameters", {})
-    for key in _RESUME_KEYS:
-        if key in saved and saved[key] != hp.values[key]:
-            raise JobError(f"checkpoint {checkpoint.name} was written with {key}={saved[key]!r}, this job has "
-                           f"{key}={hp.values[key]!r}: clear the checkpoint location or use the same value")
-    return progress
-
-
-# ---------------------------------------------------------------------------------------
-# The job
-
-
-@dataclass
-class Models:
-    unet: torch.nn.Module
-    text_encoders: tuple | None  # only when trained
-
-
-def _lora_state(model) -> dict[str, torch.Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-
-
-def _check_device_support(hp: Hyperparameters) -> None:
-    cuda = torch.cuda.is_available()
-    if hp.mixed_precision == "fp16" and not cuda:
-        raise JobError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on a CPU")
-    if hp.use_8bit_adam:
-        if not cuda:
-            raise JobError("use_8bit_adam needs a CUDA GPU (bitsandbytes 8-bit Adam has no CPU kernels)")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise JobError("use_8bit_adam needs bitsandbytes installed in the training image") from None
-
-
-@functools.lru_cache(maxsize=2)  # the stream reads one epoch at a time
-def _epoch_batches(seed: int, random_flip: bool, epoch: int, groups: tuple, batch_size: int, rank: int,
-                   world: int) -> list[list[tuple[int, int]]]:
-    """This process's micro-batches of (image, flip) pairs for an epoch: images shuffled, grouped by
-    bucket in that order, cut into batches, and the batches shuffled, so a batch never mixes buckets
-    and every image comes once per epoch. Processes take every world-th batch (padded to equal counts)."""
-    generator = _generator(seed, _ORDER, epoch)
-    count = len(groups)
-    order = torch.randperm(count, generator=generator).tolist()
-    flips = (torch.rand(count, generator=generator) < 0.5).long().tolist() if random_flip else [0] * count
-    by_bucket: dict = {}
-    for image in order:
-        by_bucket.setdefault(groups[image], []).append((image, flips[image]))
-    batches = [members[start:start + batch_size] for members in by_bucket.values()
-               for start in range(0, len(members), batch_size)]
-    if len(by_bucket) > 1:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    if world > 1:
-        batches = (batches + batches[: (-len(batches)) % world])[rank::world]
-    return batches
-
-
-def micro_batch(hp: Hyperparameters, index: int, groups: tuple, rank: int, world: int) -> list[tuple[int, int]]:
-    """(image, flip) pairs of the index-th micro-batch of the endless stream of epochs; groups holds
-    each image's bucket."""
-    per_epoch = micro_batches_per_epoch(hp, groups, world)
-    epoch, position = divmod(index, per_epoch)
-    return _epoch_batches(hp.seed, hp.random_flip, epoch, groups, hp.train_batch_size, rank, world)[position]
-
-
-def micro_batches_per_epoch(hp: Hyperparameters, groups: tuple, world: int) -> int:
-    sizes = Counter(groups).values()
-    return math.ceil(sum(math.ceil(size / hp.train_batch_size) for size in sizes) / world)
-
-
-def total_steps(hp: Hyperparameters, groups: tuple, world: int) -> int:
-    if hp.max_train_steps is not None:
-        return hp.max_train_steps
-    return math.ceil(hp.num_train_epochs * micro_batches_per_epoch(hp, groups, world) / hp.gradient_accumulation_steps)
-
-
-def conditioning(frozen: Frozen, images: list[int], text_encoders, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and pooled embeddings of some images: cached, or encoded by the trained encoders."""
-    if frozen.prompt_embeds is not None:
-        return frozen.prompt_embeds[images].to(device), frozen.pooled_embeds[images].to(device)
-    return encode_text(text_encoders, frozen.input_ids[images], device)
-
-
-def sample_latents(frozen: Frozen, pairs: list[tuple[int, int]], generator: torch.Generator) -> torch.Tensor:
-    mean = torch.stack([frozen.latent_mean[i][f] for i, f in pairs])
-    std = torch.stack([frozen.latent_std[i][f] for i, f in pairs])
-    return mean + std * torch.randn(mean.shape, generator=generator)
-
-
-def validation_loss(unet, scheduler, frozen: Frozen, text_encoders, device, dtype) -> float:
-    """Mean epsilon MSE on held-out images at fixed timesteps with fixed noise.
-
-    Seeded independently of the trial, so every trial and the base model are scored on
-    exactly the same latents, noise and timesteps.
-    """
-    count = len(frozen.latent_mean)
-    k = VALIDATION_TIMESTEPS
-    train_steps = scheduler.config.num_train_timesteps
-    timesteps = torch.tensor([int((j + 0.5) * train_steps / k) for j in range(k)], device=device)
-    total = 0.0
-    was_training = unet.training
-    unet.eval()
-    with torch.no_grad():
-        for i in range(count):
-            generator = _generator(VALIDATION_SEED, i)
-            latents = sample_latents(frozen, [(i, 0)], generator).repeat(k, 1, 1, 1)
-            noise = torch.randn(latents.shape, generator=generator)
-            embeds, pooled = conditioning(frozen, [i], text_encoders, device)
-            losses = diffusion_loss(unet, scheduler, latents.to(device, dtype), noise.to(device, dtype), timesteps,
-                                    embeds.repeat(k, 1, 1).to(dtype), pooled.repeat(k, 1).to(dtype),
-                                    frozen.time_ids[i, :1].repeat(k, 1).to(device, dtype))
-            total += float(losses)
-    unet.train(was_training)
-    return total / count
-
-
-def _check_stop_everywhere(stop: StopFlag, accelerator) -> None:
-    """Ranks agree on stopping, so all of them reach the checkpoint's collective calls together."""
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([int(stop.raised)], device=accelerator.device)
-        if int(accelerator.reduce(flag, reduction="sum")) > 0:
-            stop.raised = True
-    stop.check()
+from ml.interruption import EXIT_INTERRUPTED, Interrupted, StopFlag, check_stop_everywhere
+from ml.loss import diffusion_loss, validation_loss
+from ml.models import (TEXT_LORA_TARGETS, UNET_LORA_TARGETS, base_model_path, check_device_support, load_encoders,
+                       load_unet, save_lora)
+from ml.stream import micro_batch, micro_batches_per_epoch, total_steps
+
+log = logging.getLogger(__name__)
 
 
 def _process_seconds() -> float:
@@ -449,10 +70,10 @@ def _configure_progress_output() -> bool:
 
 
 def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
-    _check_device_support(hp)
+    check_device_support(hp)
     examples = load_imagefolder(paths.channel("train"), hp.caption_column)
     train_examples, val_examples = split_validation(examples, hp.validation_split)
-    base = _base_model_path(paths, hp)
+    base = base_model_path(paths, hp)
     interactive = _configure_progress_output()
 
     from accelerate import Accelerator
@@ -546,7 +167,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     unet = trained[0]
     text_encoders = tuple(trained[1:]) or None
 
-    _register_lora_hooks(accelerator, hp, unet_config, text_config)
+    register_lora_hooks(accelerator, hp, unet_config, text_config)
     global_step = 0
     resumed_from = None
     if resume:
@@ -572,12 +193,12 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         model.train()
     try:
         while global_step < max_steps:
-            _check_stop_everywhere(stop, accelerator)
+            check_stop_everywhere(stop, accelerator)
             step_loss = 0.0
             for micro in range(hp.gradient_accumulation_steps):
                 index = global_step * hp.gradient_accumulation_steps + micro
                 pairs = micro_batch(hp, index, train_cache.buckets, rank, world)
-                generator = _generator(hp.seed, _NOISE, index, rank)
+                generator = seeds.generator(hp.seed, seeds.NOISE, index, rank)
                 with accelerator.accumulate(*trained):
                     latents = sample_latents(train_cache, pairs, generator)
                     noise = torch.randn(latents.shape, generator=generator)
@@ -677,65 +298,6 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     return summary
 
 
-def _register_lora_hooks(accelerator, hp: Hyperparameters, unet_config, text_config) -> None:
-    """Checkpoints hold the LoRA weights only, never the frozen base model."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for index, model in enumerate(models):
-                state = {k: v.contiguous() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(model)).items()}
-                save_file(state, os.path.join(output_dir, f"lora_model_{index}.safetensors"))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        index = 0
-        while models:  # emptying the list keeps accelerate from loading full model files
-            model = models.pop(0)
-            state = load_file(os.path.join(input_dir, f"lora_model_{index}.safetensors"))
-            result = set_peft_model_state_dict(accelerator.unwrap_model(model), state)
-            if getattr(result, "unexpected_keys", None):
-                raise JobError(f"checkpoint in {input_dir} does not match the model: {result.unexpected_keys[:3]}")
-            index += 1
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, root: Path, step: int, hp: Hyperparameters) -> Path:
-    """Write checkpoint-<step> atomically (a temporary name, renamed when complete), then prune."""
-    final = root / f"checkpoint-{step}"
-    staging = root / f".checkpoint-{step}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        (staging / PROGRESS_FILE).write_text(json.dumps({"global_step": step, "hyperparameters": hp.as_dict()}))
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        for old in complete_checkpoints(root)[: -hp.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint written: %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_lora(accelerator, model_dir: Path, unet, text_encoders, unet_config, text_config) -> None:
-    from diffusers import StableDiffusionXLPipeline
-
-    layers = {"unet_lora_layers": _lora_state(accelerator.unwrap_model(unet)),
-              "unet_lora_adapter_metadata": unet_config.to_dict()}
-    if text_encoders is not None:
-        for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-            layers[f"{name}_lora_layers"] = _lora_state(accelerator.unwrap_model(encoder))
-            layers[f"{name}_lora_adapter_metadata"] = text_config.to_dict()
-    StableDiffusionXLPipeline.save_lora_weights(model_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers)
-
-
 def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtype) -> list[str]:
     """Render validation_prompt with the saved LoRA, which also proves the file loads."""
     from diffusers import StableDiffusionXLPipeline
@@ -754,13 +316,6 @@ def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtyp
         image.save(model_dir / name)
         names.append(name)
     return names
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout, force=True)
-    for noisy in ("httpx", "urllib3", "accelerate", "diffusers", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import adapters, inference, serve
+from ml import inference, serve
 from ml.inference import RequestError, parse_request
 
 FAST = {"prompt": "storyboard frame, a red circle", "width": 32, "height": 32, "num_inference_steps": 2, "seed": 7}
@@ -110,7 +110,8 @@ def write_random_lora(base_model: Path, model_dir: Path, seed: int = 0) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from ml.train import LORA_WEIGHTS, TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+    from ml.contract import LORA_WEIGHTS
+    from ml.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(base_model)
     torch.manual_seed(seed)
@@ -256,13 +257,6 @@ def test_output_fn_answers_json_png_or_jpeg_as_the_client_accepts():
     assert refused.value.status == 406 and "text/html" in str(refused.value)
 
 
-def test_the_lora_file_name_is_the_one_training_writes():
-    from ml.train import LORA_WEIGHTS
-
-    assert inference.LORA_WEIGHTS == LORA_WEIGHTS
-    assert adapters.LORA_WEIGHTS == LORA_WEIGHTS
-
-
 # ---------------------------------------------------------------------------------------
 # The HTTP layer in-process, with the model slot under the test's control
 
@@ -319,7 +313,7 @@ def test_model_fn_names_a_lora_file_it_cannot_load(tmp_path, monkeypatch, base_m
 
 def test_a_model_dir_without_a_lora_serves_the_base_model(tmp_path, monkeypatch, base_model, caplog):
     monkeypatch.setenv("BASE_MODEL", str(base_model))
-    with caplog.at_level("WARNING", logger="sdxl_lora.inference"):
+    with caplog.at_level("WARNING", logger="ml.inference"):
         model = inference.model_fn(tmp_path)
     assert model.default_adapter is None and model.bank.fused == ()
     assert "get the base model" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 from test_serve import FAST, write_random_lora
 
 from ml import adapters, inference
-from ml.adapters import LORA_WEIGHTS
+from ml.contract import LORA_WEIGHTS
 
 SCALE_TOLERANCE = 3  # uint8 levels: fused weights and PEFT's unfused layers round differently
 

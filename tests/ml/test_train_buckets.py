@@ -11,7 +11,9 @@ from PIL import Image
 from ml import prepare, synthetic
 from ml.data import load_imagefolder
 from ml.hyperparameters import parse
-from ml.train import StopFlag, cache_frozen, latent_source, load_encoders
+from ml.frozen import cache_frozen, latent_source
+from ml.interruption import StopFlag
+from ml.models import load_encoders
 
 
 def prepared_dataset(root: Path, base_model: Path, resolution: int, latent_cache: bool) -> Path:
