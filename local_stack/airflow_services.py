@@ -235,10 +235,13 @@ class AirflowServices:
                             params={"limit": 1000})["task_instances"]
 
     def log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-        text = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                            params={"map_index": map_index, "full_content": True},
-                            headers={"Accept": "text/plain"})
-        return text if isinstance(text, str) else json.dumps(text)
+        """The task log of one try, one line per event."""
+        body = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                            params={"map_index": map_index, "full_content": True})
+        content = body["content"]
+        if isinstance(content, str):
+            return content
+        return "\n".join(line.get("event", "") if isinstance(line, dict) else str(line) for line in content)
 
 
 def parse_time(value: str | None) -> datetime | None:

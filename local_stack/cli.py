@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("airflow", help="the Airflow UI against a local stack with staged data",
                                   description="Starts the local stack, stages a tiny SDXL and raw frames, and runs "
-                                              "`airflow standalone` with the pool and the aws_default connection.")
+                                              "Airflow (api-server on loopback, scheduler, dag-processor, triggerer) "
+                                              "with the pool and the aws_default connection. Ctrl-C or SIGTERM stops "
+                                              "everything.")
     command.add_argument("--workdir", default="outputs/airflow")
     command.add_argument("--port", type=int, default=8080)
     command.set_defaults(handler=_airflow)
@@ -123,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: the verb's own cleanup has run; no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

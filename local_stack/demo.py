@@ -2,9 +2,11 @@
 
 Starts `sdxl-lora-ops local-stack`, gives Airflow a home of its own (SQLite, the project's dags and
 plugins, the `sagemaker_training` pool, `aws_default` pointing at the stack), stages a tiny SDXL and
-synthetic storyboard frames in S3, then runs sdxl_dataset_prepare -> sdxl_lora_grid_search (which
-deploys its winner) with `airflow dags test`, prints the leaderboard, invokes the endpoint with
-lora_scale 0.8 and saves the image. Everything lands under the work dir.
+synthetic storyboard frames in S3, starts a real Airflow (api-server, scheduler, dag-processor,
+triggerer: local_stack/airflow_services.py) and triggers sdxl_dataset_prepare -> sdxl_lora_grid_search
+(which deploys its winner) through its REST API, so the trials run side by side within the pool. It
+prints the leaderboard, invokes the endpoint with lora_scale 0.8 and saves the image. Everything lands
+under the work dir. `ui` (`make airflow`) starts the same Airflow and keeps it running for the browser.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from local_stack.airflow_services import AirflowServices
 from local_stack.aws import CREDENTIALS, REGION
 from local_stack.hosting import free_port
 
@@ -44,8 +47,10 @@ def _step(message: str) -> None:
 def _start_stack(workdir: Path, port: int) -> subprocess.Popen:
     log = workdir / "local-stack.log"
     with log.open("w") as out:
+        # A session of its own: a Ctrl-C at the terminal reaches the launcher, which stops the stack last.
         stack = subprocess.Popen([sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(port),
-                                  "--workdir", str(workdir / "stack")], stdout=out, stderr=subprocess.STDOUT)
+                                  "--workdir", str(workdir / "stack")], stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     deadline = time.monotonic() + 120
     while "\nready\n" not in log.read_text():
         if stack.poll() is not None or time.monotonic() > deadline:
@@ -66,14 +71,6 @@ def _airflow_env(workdir: Path, endpoint_url: str, base_model_uri: str) -> dict[
                                                     "password": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
                                                     "extra": {"endpoint_url": endpoint_url,
                                                               "region_name": REGION}})}
-
-
-def _airflow(env: dict, log: Path, *args: str) -> None:
-    with log.open("a") as out:
-        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"airflow {' '.join(args[:3])} failed; see {log}")
 
 
 def _stage(s3, workdir: Path) -> tuple[str, str]:
@@ -102,18 +99,34 @@ def _first_caption(s3) -> str:
     return json.loads(rows.decode().splitlines()[0])["text"]
 
 
-def _prepare_airflow(root: Path, endpoint_url: str, s3) -> tuple[dict, Path]:
+def _start_airflow(root: Path, endpoint_url: str, s3, port: int | None = None,
+                   paused_at_creation: bool = True) -> AirflowServices:
+    """Stage the models and frames, migrate Airflow's database, start its components, set the pool."""
     base_model_uri, captioner_uri = _stage(s3, root)
     env = _airflow_env(root, endpoint_url, base_model_uri)
     env["SDXL_LORA_CAPTIONER_URI"] = captioner_uri
-    log = root / "airflow.log"
-    log.write_text("")
-    _step(f"setting up Airflow in {root / 'airflow'} (log: {log})")
-    (root / "airflow").mkdir(exist_ok=True)
-    _airflow(env, log, "db", "migrate")
-    _airflow(env, log, "pools", "set", "sagemaker_training", str(_training_pool_size()),
-             "SageMaker training jobs running at once", "--include-deferred")  # deferred waits keep their slot
-    return env, log
+    # The demo unpauses only the DAGs it runs; `make airflow` leaves every DAG on, as a deployment would.
+    env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = str(paused_at_creation)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    airflow = AirflowServices(env, port=port, log_dir=logs, parallelism=8)
+    _step(f"starting Airflow in {root / 'airflow'} (component logs: {logs})")
+    airflow.migrate()
+    airflow.start()
+    # include_deferred: a deferred wait keeps its slot, so the pool caps running jobs in both modes.
+    airflow.set_pool("sagemaker_training", _training_pool_size(), "SageMaker training jobs running at once")
+    return airflow
+
+
+def _run_dag(airflow: AirflowServices, dag_id: str, conf: dict) -> None:
+    airflow.unpause(dag_id)
+    run_id = airflow.trigger(dag_id, conf)
+    run = airflow.wait_for_run(dag_id, run_id, timeout=1800)
+    if run["state"] != "success":
+        failed = [f"{t['task_id']}[{t['map_index']}]" if t["map_index"] >= 0 else t["task_id"]
+                  for t in airflow.task_instances(dag_id, run_id) if t["state"] in ("failed", "upstream_failed")]
+        raise SystemExit(f"{dag_id} {run_id} {run['state']}: {', '.join(failed)}; task logs under "
+                         f"{airflow.home / 'logs'}")
 
 
 def _training_pool_size() -> int:
@@ -125,34 +138,40 @@ def _training_pool_size() -> int:
 
 
 def ui(workdir: str, port: int = 8080) -> int:
-    """`make airflow`: the Airflow UI (standalone) against a fresh local stack with staged data."""
+    """`make airflow`: the Airflow UI against a fresh local stack with staged data, until Ctrl-C or SIGTERM."""
     import boto3
 
+    stopping = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):  # both stop everything, quietly
+        signal.signal(number, lambda *_: stopping.set())
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     stack_port = free_port()
     endpoint_url = f"http://127.0.0.1:{stack_port}"
     _step(f"starting the local stack on {endpoint_url}")
     stack = _start_stack(root, stack_port)
+    airflow = None
     try:
         s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=REGION,
                           aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
         _step(f"staging a tiny SDXL and raw_dataset/{VERSION}/ in S3")
-        env, _ = _prepare_airflow(root, endpoint_url, s3)
-        env["AIRFLOW__API__PORT"] = str(port)
-        env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"http://127.0.0.1:{port}/execution/"  # where tasks report
-        # One signing secret for every component standalone starts (each would otherwise make its own).
-        env["AIRFLOW__API_AUTH__JWT_SECRET"] = secrets.token_urlsafe(32)
-        env["AIRFLOW__API__SECRET_KEY"] = secrets.token_urlsafe(32)
-        # standalone starts `airflow scheduler`, `airflow api-server`, ... by name: this venv's
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        _step(f"Airflow UI on http://127.0.0.1:{port} (the admin password is printed below; Ctrl-C stops "
-              f"everything). Try sdxl_dataset_prepare with version '{VERSION}'.")
-        return subprocess.call([sys.executable, "-m", "airflow", "standalone"], env=env)
+        airflow = _start_airflow(root, endpoint_url, s3, port=port, paused_at_creation=False)
+        _step(f"Airflow UI on {airflow.url} (loopback only): user admin, password {airflow.password}\n"
+              f"   Try sdxl_dataset_prepare with version '{VERSION}'. Ctrl-C stops everything.")
+        while not stopping.wait(1):
+            dead = [name for name, process in airflow.processes.items() if process.poll() is not None]
+            if dead:
+                print(f"Airflow's {', '.join(dead)} exited; see {root / 'logs'}. Stopping.", flush=True)
+                return 1
+        return 0
     finally:
+        print("stopping Airflow and the local stack ...", flush=True)
+        if airflow is not None:
+            airflow.stop(grace=10)
         stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=300)
+        print("stopped", flush=True)
 
 
 def main(workdir: str) -> int:
@@ -165,15 +184,16 @@ def main(workdir: str) -> int:
     started = time.monotonic()
     _step(f"starting the local stack on {endpoint_url}")
     stack = _start_stack(root, port)
+    airflow = None
     try:
         clients = {name: boto3.client(name, endpoint_url=endpoint_url, region_name=REGION,
                                       aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                                       aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
                    for name in ("s3", "sagemaker-runtime")}
         _step("staging a tiny SDXL, a tiny InstructBLIP and 16 uncaptioned storyboard frames in S3")
-        env, log = _prepare_airflow(root, endpoint_url, clients["s3"])
+        airflow = _start_airflow(root, endpoint_url, clients["s3"])
         _step("sdxl_dataset_prepare: a SageMaker Processing job checks, captions and buckets raw_dataset/demo")
-        _airflow(env, log, "dags", "test", "sdxl_dataset_prepare", "-c", json.dumps(PREPARE))
+        _run_dag(airflow, "sdxl_dataset_prepare", PREPARE)
         manifest = json.loads(clients["s3"].get_object(
             Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/{VERSION}/manifest.json")["Body"].read())
         counts = manifest["counts"]
@@ -181,7 +201,7 @@ def main(workdir: str) -> int:
               f"buckets {counts['buckets']}, {counts['latents_cached']} latents cached; first caption: "
               f"{_first_caption(clients['s3'])!r}")
         _step("sdxl_lora_grid_search: 2 learning rates x 2 step counts x 1 rank, then deploy the winner")
-        _airflow(env, log, "dags", "test", "sdxl_lora_grid_search", "-c", json.dumps(GRID))
+        _run_dag(airflow, "sdxl_lora_grid_search", GRID)
         s3 = clients["s3"]
         boards = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/grid_search/")["Contents"]]
         board_key = sorted(k for k in boards if k.endswith("leaderboard.md"))[-1]
@@ -197,5 +217,7 @@ def main(workdir: str) -> int:
         print(f"demo finished in {time.monotonic() - started:.0f} s")
         return 0
     finally:
+        if airflow is not None:
+            airflow.stop(grace=10)
         stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=300)

@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 from conftest import Stack, free_port
+from sdxl_lora.naming import run_token
 
 from local_stack.airflow_services import AirflowServices, parse_time
 from ml import synthetic, tiny_model
@@ -86,7 +87,7 @@ def deployment(tmp: Path, executor: str = "LocalExecutor", **settings: str):
                    "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # each test unpauses what it runs
                    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",  # a dead worker is noticed
                    "AIRFLOW__CELERY__BROKER_URL": f"{REDIS}/0",
-                   "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + url.replace("+psycopg2", ""),
+                   "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + url,
                    "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX,
                    "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1", "SDXL_LORA_TRAINING_POOL_SIZE": str(POOL_SIZE),
                    "SDXL_LORA_BASE_MODEL_URI": staged["base_model_uri"],
@@ -121,22 +122,34 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class JobSampler:
-    """Counts the stack's InProgress training jobs every `interval` seconds, on a thread."""
+class Sampler:
+    """Every `interval` seconds, on a thread: the stack's InProgress training jobs and the pool's occupied
+    slots (queued, running and deferred task instances, as Airflow counts them)."""
 
-    def __init__(self, sagemaker, interval: float = 0.25):
-        self.sagemaker, self.interval = sagemaker, interval
-        self.samples: list[int] = []
+    def __init__(self, airflow: AirflowServices, sagemaker, pool: str = "sagemaker_training", interval: float = 0.5):
+        self.airflow, self.sagemaker, self.pool, self.interval = airflow, sagemaker, pool, interval
+        self.jobs: list[int] = []
+        self.occupied: list[int] = []
+        self.deferred: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             jobs = self.sagemaker.list_training_jobs(StatusEquals="InProgress", MaxResults=100)
-            self.samples.append(len(jobs["TrainingJobSummaries"]))
+            self.jobs.append(len(jobs["TrainingJobSummaries"]))
+            pool = self.airflow.request("GET", f"/pools/{self.pool}")
+            self.occupied.append(pool["occupied_slots"])
+            self.deferred.append(pool["deferred_slots"])
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "JobSampler":
+    def utilisation(self, slots: int) -> float:
+        """Mean share of the pool's slots occupied, from the first sample with a slot taken to the last."""
+        taken = [i for i, n in enumerate(self.occupied) if n]
+        window = self.occupied[taken[0]:taken[-1] + 1]
+        return sum(window) / (slots * len(window))
+
+    def __enter__(self) -> "Sampler":
         self._thread.start()
         return self
 
@@ -150,13 +163,10 @@ def grid_conf(version: str, learning_rates: list[float], steps: list[int], **ext
             "hyperparameters": TINY, **extra}
 
 
-def slot_utilisation(instances: list[dict], slots: int) -> tuple[float, float]:
-    """(busy share of the pool's slots, span in seconds) from queued to end of each task instance."""
-    spans = [(parse_time(t["queued_when"] or t["start_date"]), parse_time(t["end_date"])) for t in instances]
-    start, end = min(s for s, _ in spans), max(e for _, e in spans)
-    total = (end - start).total_seconds()
-    busy = sum((e - s).total_seconds() for s, e in spans)
-    return busy / (slots * total), total
+def task_span(instances: list[dict]) -> float:
+    """Seconds from the first task instance's start to the last one's end."""
+    return (max(parse_time(t["end_date"]) for t in instances)
+            - min(parse_time(t["start_date"]) for t in instances)).total_seconds()
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
@@ -174,9 +184,48 @@ def training_jobs(sagemaker, contains: str) -> list[str]:
         NameContains=contains, MaxResults=100)["TrainingJobSummaries"])
 
 
-def skip_without_services() -> None:
-    """The scheduler tests need PostgreSQL (and Redis for Celery) on loopback: say so clearly."""
+def skip_without_services(redis: bool = False) -> None:
+    """The scheduler tests need PostgreSQL (and Redis for Celery) on loopback: fail saying so, clearly."""
     try:
         psycopg2.connect(dbname="postgres", connect_timeout=3, **POSTGRES).close()
     except psycopg2.OperationalError as error:
         pytest.fail(f"tests marked `scheduler` need PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres): {error}")
+    if redis:
+        import redis as client
+
+        try:
+            client.Redis.from_url(REDIS, socket_connect_timeout=3).ping()
+        except client.RedisError as error:
+            pytest.fail(f"the CeleryExecutor test needs Redis on 127.0.0.1:6379: {error}")
+
+
+GRID = "sdxl_lora_grid_search"
+
+
+def trials(airflow: AirflowServices, run_id: str) -> list[dict]:
+    return [t for t in airflow.task_instances(GRID, run_id) if t["task_id"] == "train_trial"]
+
+
+def check_the_pool_limit(airflow: AirflowServices, label: str, deferrable: bool = False) -> None:
+    """12 trials of equal length in a pool of 3: never more than 3 jobs InProgress, all complete, the pool's
+    slots busy at least 90% of the run's span. Prints the figures (README: reliability)."""
+    sagemaker = airflow.stack.client("sagemaker")
+    conf = grid_conf("tiny", [0.001, 0.002, 0.003, 0.004, 0.005, 0.006], [2])
+    conf["ranks"] = [4, 8]  # 6 x 1 x 2 = 12 trials
+    with Sampler(airflow, sagemaker) as sampler:
+        run_id = airflow.trigger(GRID, conf)
+        run = airflow.wait_for_run(GRID, run_id, timeout=900)
+    instances = trials(airflow, run_id)
+    assert run["state"] == "success", [(t["map_index"], t["state"]) for t in instances]
+    assert len(instances) == 12 and all(t["state"] == "success" for t in instances)
+    names = [n for n in training_jobs(sagemaker, "gridsearch") if run_token(run_id) in n]
+    statuses = {sagemaker.describe_training_job(TrainingJobName=n)["TrainingJobStatus"] for n in names}
+    assert len(names) == 12 and statuses == {"Completed"}, (names, statuses)
+    assert max(sampler.jobs) == POOL_SIZE, sampler.jobs  # reached, never exceeded
+    assert max(sampler.occupied) == POOL_SIZE, sampler.occupied
+    if deferrable:  # the waits happened in the triggerer, and the deferred trials kept their slots
+        assert max(sampler.deferred) > 0, sampler.deferred
+    busy = sampler.utilisation(POOL_SIZE)
+    print(f"\n[{label}] 12 trials, pool {POOL_SIZE}: peak {max(sampler.jobs)} jobs InProgress "
+          f"({len(sampler.jobs)} samples), slots busy {busy:.1%}, trials took {task_span(instances):.0f} s")
+    assert busy >= 0.9, f"the pool's slots were busy {busy:.1%} of the run"

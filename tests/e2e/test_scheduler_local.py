@@ -1,0 +1,77 @@
+"""The DAGs under a real scheduler (LocalExecutor, PostgreSQL): the pool limit, retries after a killed task
+or worker without a second job, failures with their reason, and a spot interruption through a DAG."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+from scheduler import (GRID, check_the_pool_limit, deployment, grid_conf, skip_without_services, training_jobs,
+                       trials, wait_until)
+
+pytestmark = pytest.mark.scheduler
+TINY_LONG = {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "checkpointing_steps": 10}
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    skip_without_services()
+    with deployment(tmp_path_factory.mktemp("sched-local")) as airflow:
+        airflow.wait_for_dags(GRID)
+        airflow.unpause(GRID)
+        yield airflow
+
+
+def test_the_pool_caps_running_jobs_and_keeps_its_slots_busy(airflow):
+    check_the_pool_limit(airflow, "LocalExecutor")
+
+
+def _running_trial(airflow, run_id: str) -> dict:
+    """The trial's task instance once it runs and its training job is InProgress."""
+    sagemaker = airflow.stack.client("sagemaker")
+
+    def ready():
+        trial = next(iter(trials(airflow, run_id)), None)
+        if trial is None or trial["state"] != "running" or not trial.get("pid"):
+            return None
+        names = training_jobs(sagemaker, "gridsearch")
+        running = [n for n in names if sagemaker.describe_training_job(TrainingJobName=n)["TrainingJobStatus"]
+                   == "InProgress"]
+        return (trial, running[0]) if running else None
+
+    return wait_until(ready, 300, "a running trial with its job InProgress")
+
+
+@pytest.mark.parametrize("victim", ["task", "worker"])
+def test_a_killed_task_or_worker_is_retried_without_a_second_job(airflow, victim):
+    sagemaker = airflow.stack.client("sagemaker")
+    before = set(training_jobs(sagemaker, "gridsearch"))
+    run_id = airflow.trigger(GRID, grid_conf("tiny", [0.0007], [40], hyperparameters={**TINY_LONG}))
+    trial, job = _running_trial(airflow, run_id)
+    task = psutil.Process(trial["pid"])
+    if victim == "worker":  # the supervising worker and its task: as if their machine went away
+        worker = task.parent()
+        worker.kill()
+    task.kill()
+    run = airflow.wait_for_run(GRID, run_id, timeout=600)
+    (trial,) = trials(airflow, run_id)
+    assert run["state"] == "success" and trial["state"] == "success", trial
+    assert trial["try_number"] >= 2  # Airflow's retry, not the first try, finished it
+    new = sorted(set(training_jobs(sagemaker, "gridsearch")) - before)
+    assert new == [job], f"after the {victim} was killed: {new}"  # one job, the one the first try started
+    log = airflow.log(GRID, run_id, "train_trial", trial["try_number"], map_index=0)
+    assert "already running (an earlier try started it)" in log or "already completed" in log
+
+
+def test_a_failing_trial_fails_its_task_with_the_jobs_failure_reason(airflow):
+    sagemaker = airflow.stack.client("sagemaker")
+    run_id = airflow.trigger(GRID, grid_conf("empty", [0.0009], [2]))
+    airflow.wait_for_run(GRID, run_id, timeout=600)
+    instances = {t["task_id"]: t for t in airflow.task_instances(GRID, run_id)}
+    trial = instances["train_trial"]
+    assert trial["state"] == "failed" and trial["try_number"] == 3  # retried twice: -a2, -a3
+    log = airflow.log(GRID, run_id, "train_trial", 3, map_index=0)
+    assert "Reason: train channel has no images" in log, log[-3000:]  # the job's FailureReason, in the task log
+    assert instances["select_winner"]["state"] == "failed"
+    names = training_jobs(sagemaker, "lr-0-0009")
+    assert len(names) == 3 and all(
+        sagemaker.describe_training_job(TrainingJobName=n)["TrainingJobStatus"] == "Failed" for n in names)
