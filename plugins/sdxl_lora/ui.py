@@ -74,11 +74,11 @@ def report_location(run_id: str) -> tuple[str, str]:
 
 
 def _read(run_id: str, name: str) -> tuple[bytes, str]:
-    client, _ = _s3()
+    s3, _ = _s3()
     bucket, prefix = report_location(run_id)
     try:
-        found = client.get_object(Bucket=bucket, Key=f"{prefix}/{name}")
-    except client.exceptions.NoSuchKey:
+        found = s3.get_object(Bucket=bucket, Key=f"{prefix}/{name}")
+    except s3.exceptions.NoSuchKey:
         raise HTTPException(404, f"no report yet for run {run_id}: s3://{bucket}/{prefix}/{name} does not exist "
                                  "(it is written when the run's select_winner and publish_report tasks finish)")
     return found["Body"].read(), found.get("ContentType") or "application/octet-stream"
