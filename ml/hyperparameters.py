@@ -146,6 +146,10 @@ SPECS: tuple[Spec, ...] = (
          "Fraction of images held out and scored with a deterministic validation loss.", minimum=0,
          exclusive_maximum=1),
     Spec("logging_steps", int, 1, "Log step=N loss=X lr=Y every N optimizer steps.", minimum=1),
+    Spec("fast_path", bool, True,
+         "Fast training step: LoRA computed in the compute dtype with fp32 master weights, the loss read on logged "
+         "steps only, and on a CUDA GPU one CUDA graph per input shape (eager, with a warning, if capture fails). "
+         "Applies to single-process UNet LoRA training with AdamW; false: the accelerate loop."),
     Spec("deepspeed", bool, False,
          "With several GPUs, launch with the shipped DeepSpeed ZeRO-2 accelerate configuration."),
 )

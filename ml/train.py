@@ -13,6 +13,8 @@ faster and resumable:
   (ml/seeds.py, ml/stream.py, ml/checkpoints.py);
 - SIGTERM (spot interruption, StopTrainingJob) checkpoints at the next optimizer step and
   exits with status 143 (ml/interruption.py).
+- the step itself, by default, is ml/fast_step.py's: LoRA computed in the compute dtype with
+  fp32 master weights, no host synchronisation per step, and CUDA graphs on a GPU (fast_path).
 
 This module is the job: `train()` is the loop, as in diffusers' script; the loss is ml/loss.py
 and the base model's parts and the LoRA file are ml/models.py.
@@ -34,6 +36,7 @@ from ml import metrics, reporting, seeds
 from ml.checkpoints import PROGRESS_FILE, check_resumable, complete_checkpoints, register_lora_hooks, save_checkpoint
 from ml.contract import LORA_WEIGHTS, ContainerPaths, JobError, configure_logging, exit_now
 from ml.data import load_imagefolder, split_validation
+from ml.fast_step import FastStep, StepInputs, fast_path_blockers, make_optimizer
 from ml.frozen import cache_frozen, conditioning, latent_source, sample_latents
 from ml.hyperparameters import Hyperparameters, parse
 from ml.interruption import EXIT_INTERRUPTED, Interrupted, StopFlag, check_stop_everywhere
@@ -149,6 +152,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         baseline_val_loss = validation_loss(unet, scheduler, val_cache, text_encoders, device, weight_dtype)
         log.info(metrics.val_loss_line(baseline_val_loss, baseline=True))
 
+    fast_path_off = fast_path_blockers(hp, world)
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
     for encoder in text_encoders or ():
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": hp.text_encoder_lr})
@@ -156,6 +160,8 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(groups)
+    elif not fast_path_off:
+        optimizer = make_optimizer(groups[0]["params"], hp.learning_rate, device)
     else:
         # fused: one kernel for all LoRA tensors instead of a loop of small ops per tensor
         optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
@@ -176,6 +182,18 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         accelerator.load_state(str(checkpoint))
         global_step = resumed_from = progress["global_step"]
         log.info("resumed from %s at step %d", checkpoint.name, global_step)
+
+    fast = None
+    if not fast_path_off:  # built after resuming: it captures the loaded optimizer state and loss scale
+        fast = FastStep(unet, optimizer.optimizer, scheduler, weight_dtype, device, hp.gradient_accumulation_steps,
+                        hp.max_grad_norm, hp.snr_gamma, scaler=accelerator.scaler)
+        log.info("training step: fast path (LoRA computed in %s, fp32 master weights%s)",
+                 str(weight_dtype).removeprefix("torch."), ", CUDA graphs per input shape" if fast.graphs else "")
+    else:
+        log.info("training step: accelerate loop (fast path off: %s)", ", ".join(fast_path_off))
+    # fp16 loss scaling skips steps with overflowing gradients, and the LR schedule waits for them as
+    # accelerate's does; only a schedule that changes needs to know (a read of the device per step).
+    schedule_follows_skips = accelerator.scaler is not None and hp.lr_scheduler != "constant"
 
     per_epoch = micro_batches_per_epoch(hp, train_cache.buckets, world)
     log.info("training: %d images, %d micro-batches per epoch, %d optimizer steps, %d process(es) on %s",
@@ -199,14 +217,14 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
                 index = global_step * hp.gradient_accumulation_steps + micro
                 pairs = micro_batch(hp, index, train_cache.buckets, rank, world)
                 generator = seeds.generator(hp.seed, seeds.NOISE, index, rank)
+                if fast is not None:
+                    latents, noise, timesteps = draw_noise(hp, scheduler, train_cache, pairs, generator)
+                    embeds, pooled = conditioning(train_cache, [i for i, _ in pairs], None, "cpu")
+                    time_ids = torch.stack([train_cache.time_ids[i, f] for i, f in pairs])
+                    fast.micro_step(StepInputs(latents, noise, timesteps, embeds, pooled, time_ids))
+                    continue
                 with accelerator.accumulate(*trained):
-                    latents = sample_latents(train_cache, pairs, generator)
-                    noise = torch.randn(latents.shape, generator=generator)
-                    if hp.noise_offset:
-                        noise += hp.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                               generator=generator)
-                    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                              generator=generator)
+                    latents, noise, timesteps = draw_noise(hp, scheduler, train_cache, pairs, generator)
                     images = [i for i, _ in pairs]
                     embeds, pooled = conditioning(train_cache, images, text_encoders, device)
                     time_ids = torch.stack([train_cache.time_ids[i, f] for i, f in pairs])
@@ -222,13 +240,21 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+            if fast is not None:
+                fast.update()
+                if not (schedule_follows_skips and fast.step_was_skipped()):
+                    lr_scheduler.scheduler.step()
             global_step += 1
             steps_run += 1
-            lr = lr_scheduler.get_last_lr()[0]
+            logged = global_step % hp.logging_steps == 0 or global_step == max_steps
+            if fast is not None and logged:
+                step_loss = fast.last_loss()  # the fast path reads the device on logged steps only
             if progress_bar is not None:
                 progress_bar.update(1)
-                progress_bar.set_postfix(loss=f"{step_loss:.4f}")
-            if global_step % hp.logging_steps == 0 or global_step == max_steps:
+                if fast is None or logged:
+                    progress_bar.set_postfix(loss=f"{step_loss:.4f}")
+            if logged:
+                lr = float(lr_scheduler.get_last_lr()[0])
                 losses.append({"step": global_step, "loss": step_loss, "lr": lr})
                 if accelerator.is_main_process:
                     log.info(metrics.step_line(global_step, step_loss, lr))
@@ -288,6 +314,8 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "processes": world,
             "device": str(device),
+            "fast_path": fast is not None,
+            "cuda_graphs": fast.captured() if fast is not None else 0,
             "samples": samples,
             "sample_seeds": [reporting.sample_seed(i) for i in range(len(samples))],
         }
@@ -296,6 +324,16 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         log.info("LoRA written to %s", paths.model / LORA_WEIGHTS)
     accelerator.end_training()
     return summary
+
+
+def draw_noise(hp: Hyperparameters, scheduler, cache, pairs, generator: torch.Generator):
+    """A micro-batch's sampled latents, noise and timesteps, drawn in this order from its generator."""
+    latents = sample_latents(cache, pairs, generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    if hp.noise_offset:
+        noise += hp.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    return latents, noise, timesteps
 
 
 def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtype) -> list[str]:

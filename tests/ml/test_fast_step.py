@@ -1,0 +1,177 @@
+"""The training step's fast path (ml/fast_step.py) against the accelerate loop, on the tiny SDXL.
+
+Both paths draw the same latents, noise and timesteps and apply the same loss, clipping, AdamW
+update and loss scaling, so they learn the same weights. On a CPU the fast path runs eagerly; the
+CUDA-graph tests run where a GPU is present and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Options that exercise every part of the step: accumulation, a changing schedule, Min-SNR
+# weighting, noise offset, flips and a batch that does not divide the dataset.
+EXERCISED = {"max_train_steps": 6, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine", "lr_warmup_steps": 2,
+             "snr_gamma": 5.0, "noise_offset": 0.05, "random_flip": True, "train_batch_size": 3}
+STEP_LINE = re.compile(r"step=(\d+) loss=(\S+) lr=(\S+)$")
+
+
+def _step_lines(stdout: str) -> list[tuple[int, float, float]]:
+    found = [STEP_LINE.search(line) for line in stdout.splitlines()]
+    return [(int(m[1]), float(m[2]), float(m[3])) for m in found if m]
+
+
+def _assert_same_training(fast, eager, loss_rtol: float, weight_atol: float) -> None:
+    assert fast.summary()["fast_path"] is True and eager.summary()["fast_path"] is False
+    fast_lines, eager_lines = _step_lines(fast.stdout), _step_lines(eager.stdout)
+    assert [s for s, _, _ in fast_lines] == [s for s, _, _ in eager_lines] == list(range(1, len(fast_lines) + 1))
+    for (_, fast_loss, fast_lr), (_, eager_loss, eager_lr) in zip(fast_lines, eager_lines):
+        assert fast_lr == eager_lr
+        assert fast_loss == pytest.approx(eager_loss, rel=loss_rtol)
+    expected, actual = load_file(eager.lora), load_file(fast.lora)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert actual[key].dtype == torch.float32  # the saved LoRA is the fp32 master weights
+        torch.testing.assert_close(actual[key], expected[key], atol=weight_atol, rtol=0)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_fast_path_learns_what_the_accelerate_loop_learns(make_job, mixed_precision):
+    values = {**EXERCISED, "mixed_precision": mixed_precision}
+    fast = make_job({**values, "fast_path": True}).run()
+    eager = make_job({**values, "fast_path": False}).run()
+    assert fast.returncode == 0, fast.stdout
+    assert eager.returncode == 0, eager.stdout
+    assert "training step: fast path" in fast.stdout and "training step: accelerate loop" in eager.stdout
+    # bf16 rounds activations; both paths round the same values, in a different order of operations.
+    tolerance = {"no": (1e-4, 1e-5), "bf16": (2e-2, 2e-3)}[mixed_precision]
+    _assert_same_training(fast, eager, *tolerance)
+
+
+def test_fast_path_resumes_to_the_same_weights(make_job):
+    values = {**EXERCISED, "max_train_steps": 8, "checkpointing_steps": 3, "checkpoints_total_limit": 5}
+    whole = make_job(values).run()
+    assert whole.returncode == 0, whole.stdout
+    assert whole.summary()["fast_path"] is True
+    resumed = make_job(values)
+    shutil.copytree(whole.checkpoints / "checkpoint-3", resumed.checkpoints / "checkpoint-3")
+    resumed.run()
+    assert resumed.returncode == 0, resumed.stdout
+    assert resumed.summary()["resumed_from_step"] == 3
+    expected, actual = load_file(whole.lora), load_file(resumed.lora)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0)
+    assert _step_lines(resumed.stdout) == _step_lines(whole.stdout)[3:]
+
+
+def test_loss_is_logged_every_logging_steps_and_at_the_end(make_job):
+    job = make_job({"max_train_steps": 7, "logging_steps": 3}).run()
+    assert job.returncode == 0, job.stdout
+    assert [step for step, _, _ in _step_lines(job.stdout)] == [3, 6, 7]
+    assert [entry["step"] for entry in job.summary()["losses"]] == [3, 6, 7]
+    assert all(loss > 0 for _, loss, _ in _step_lines(job.stdout))
+
+
+def test_options_the_fast_path_does_not_cover_use_the_accelerate_loop(make_job):
+    job = make_job({"train_text_encoder": True, "gradient_checkpointing": True, "max_train_steps": 2}).run()
+    assert job.returncode == 0, job.stdout
+    assert "fast path off: train_text_encoder, gradient_checkpointing" in job.stdout
+    assert job.summary()["fast_path"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs: run where a GPU is present.
+
+
+@cuda
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
+def test_cuda_graphs_learn_what_the_accelerate_loop_learns(make_job, mixed_precision):
+    values = {**EXERCISED, "mixed_precision": mixed_precision, "max_train_steps": 8}
+    fast = make_job({**values, "fast_path": True}).run()
+    eager = make_job({**values, "fast_path": False}).run()
+    assert fast.returncode == 0, fast.stdout
+    assert eager.returncode == 0, eager.stdout
+    # 10 images in batches of 3: shapes of 3 and of 1, each captured, and the update.
+    assert fast.summary()["cuda_graphs"] == 3, fast.stdout
+    assert "capture" not in fast.stdout or "failed" not in fast.stdout
+    tolerance = {"no": (1e-4, 1e-5), "fp16": (1e-2, 1e-3)}[mixed_precision]
+    _assert_same_training(fast, eager, *tolerance)
+
+
+@cuda
+def test_cuda_graphs_per_bucket_shape(make_job, tmp_path, base_model):
+    from test_train_buckets import prepared_dataset
+
+    # Wide and portrait buckets: two latent shapes, never mixed in a batch, each its own graph.
+    dataset = prepared_dataset(tmp_path, base_model, resolution=32, latent_cache=True)
+    values = {"max_train_steps": 12, "train_batch_size": 1, "mixed_precision": "fp16"}
+    fast = make_job({**values, "fast_path": True}, train=dataset).run()
+    eager = make_job({**values, "fast_path": False}, train=dataset).run()
+    assert fast.returncode == 0, fast.stdout
+    assert eager.returncode == 0, eager.stdout
+    assert fast.summary()["cuda_graphs"] == 3, fast.stdout  # two bucket shapes and the update
+    _assert_same_training(fast, eager, 1e-2, 1e-3)
+
+
+@cuda
+def test_a_failed_capture_falls_back_to_the_same_eager_step(monkeypatch, caplog, base_model):
+    """FastStep itself: capture raising gives a warning and the eager result."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from ml.fast_step import FastStep, StepInputs, make_optimizer
+
+    def build():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet").cuda()
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+        step = FastStep(unet, make_optimizer(params, 1e-3, torch.device("cuda")), scheduler, torch.float32,
+                        torch.device("cuda"), 1, 1.0, None)
+        return unet, step
+
+    generator = torch.Generator().manual_seed(1)
+    config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
+    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    batches = [StepInputs(torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator),
+                          torch.randint(0, 1000, (2,), generator=generator),
+                          torch.randn(2, 77, config["cross_attention_dim"], generator=generator),
+                          torch.randn(2, pooled_dim, generator=generator), torch.rand(2, 6, generator=generator) * 32)
+               for _ in range(4)]
+
+    def train(step):
+        losses = []
+        for batch in batches:
+            step.micro_step(batch)
+            step.update()
+            losses.append(step.last_loss())
+        return losses
+
+    unet_graphs, graphed = build()
+    graphed_losses = train(graphed)
+    assert graphed.captured() == 2
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    unet_eager, fallback = build()
+    with caplog.at_level(logging.WARNING, logger="ml.fast_step"):
+        fallback_losses = train(fallback)
+    assert "CUDA graph capture of the micro-batch shape" in caplog.text and "capture refused" in caplog.text
+    assert fallback.captured() == 0 and not fallback.graphs
+    assert fallback_losses == pytest.approx(graphed_losses, rel=1e-4)
+    for (name, a), (_, b) in zip(unet_graphs.named_parameters(), unet_eager.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
