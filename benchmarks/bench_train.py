@@ -15,6 +15,8 @@ compared with the goals of issue 12.
   --model sdxl   the real SDXL architecture with random fp16 weights, for a GPU
   --config production   the original system's settings on top: gradient accumulation 4,
                  gradient checkpointing, text-encoder LoRAs, 8-bit Adam (CUDA only)
+  --accelerate-loop   a third job in the rotation: ours with fast_path=false, to see what the
+                 fast step (ml/fast_step.py) adds on this machine
 
 The reference needs `datasets` (the `bench` extra; `make bench-train` installs it). Where
 torchvision cannot import, the reference's folder goes on PYTHONPATH for its tvshim/.
@@ -210,7 +212,8 @@ def measure(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> tu
     return wall, usage.ru_maxrss / 1024
 
 
-def run_ours(run_dir: Path, base_model: Path, dataset: Path, hyperparameters: dict, env: dict[str, str]) -> Run:
+def run_ours(run_dir: Path, base_model: Path, dataset: Path, hyperparameters: dict, env: dict[str, str],
+             fast_path: bool = True) -> Run:
     """`python -m ml.train` in a SageMaker-style job directory."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a reused --workdir must not leave outputs behind
     lay_out_job(run_dir, base_model, dataset, {
@@ -218,6 +221,7 @@ def run_ours(run_dir: Path, base_model: Path, dataset: Path, hyperparameters: di
         "checkpointing_steps": hyperparameters["max_train_steps"] + 1,  # the reference writes none either
         "validation_split": 0,
         "logging_steps": 1,
+        "fast_path": str(fast_path).lower(),
     })
     # SM_NUM_GPUS=1: one training process, like the reference, also on a multi-GPU host.
     job_env = {**env, "SAGEMAKER_BASE_DIR": str(run_dir), "SM_NUM_GPUS": "1"}
@@ -348,6 +352,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="keep the base model, data and runs here (reused next time); default: a temporary directory")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--threads", type=int,
+                        help="OMP_NUM_THREADS for both jobs (default: torch's own choice); 1 keeps a shared, "
+                             "loaded machine from stalling both jobs' thread pools")
+    parser.add_argument("--accelerate-loop", action="store_true",
+                        help="a third job in the rotation: ours with fast_path=false (the accelerate loop)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.model]
     args.steps = args.steps or preset["steps"]
@@ -392,13 +401,18 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     hyperparameters = hyperparameters_for(args)
     # One environment for both (so the same thread settings), with the Hub out of reach.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     env_reference = reference_env(args.reference, env)
-    runs: dict[str, list[Run]] = {"ours": [], "reference": []}
-    jobs = (
+    jobs = [
         ("ours", lambda run_dir: run_ours(run_dir, base_model, dataset, hyperparameters, env)),
         ("reference", lambda run_dir: run_reference(args.reference, run_dir, base_model, dataset, hyperparameters,
                                                     env_reference)),
-    )
+    ]
+    if args.accelerate_loop:
+        jobs.append(("ours-accelerate-loop",
+                     lambda run_dir: run_ours(run_dir, base_model, dataset, hyperparameters, env, fast_path=False)))
+    runs: dict[str, list[Run]] = {name: [] for name, _ in jobs}
     print(f"reference: {args.reference}\nload average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
           flush=True)
     for repeat in range(args.repeats):
@@ -406,16 +420,19 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             run = run_job(workdir / "runs" / f"{name}-{repeat}")
             runs[name].append(run)
             gpu = f", {run.peak_gpu_mb:7.0f} MB peak GPU" if run.peak_gpu_mb else ""
-            print(f"run {repeat + 1}/{args.repeats} {name:9}: {run.wall_seconds:7.2f} s whole job, "
+            print(f"run {repeat + 1}/{args.repeats} {name:20}: {run.wall_seconds:7.2f} s whole job, "
                   f"{run.steps_per_second:7.3f} steps/s, {run.peak_rss_mb:7.0f} MB peak RSS{gpu}", flush=True)
-    ours, reference = medians(runs["ours"]), medians(runs["reference"])
+    median = {name: medians(found) for name, found in runs.items()}
     goals = GOALS[args.model] if args.config == "default" else []
     return {
         "model": args.model, "config": args.config, "repeats": args.repeats, "reference": str(args.reference),
+        "threads": args.threads,
         "hyperparameters": hyperparameters, "load_average_after": os.getloadavg(),
         "runs": {name: [asdict(run) for run in found] for name, found in runs.items()},
-        "median": {"ours": ours, "reference": reference},
-        **compare(ours, reference, goals), "goals": goals,
+        "median": median,
+        **compare(median["ours"], median["reference"], goals), "goals": goals,
+        **({"accelerate_loop": compare(median["ours-accelerate-loop"], median["reference"], [])["ratios"]}
+           if "ours-accelerate-loop" in median else {}),
     }
 
 
@@ -431,9 +448,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     hp = result["hyperparameters"]
     print_report(f"model {args.model}, config {args.config}: {hp['max_train_steps']} steps, resolution "
-                 f"{hp['resolution']}, batch {hp['train_batch_size']}, mixed precision {hp['mixed_precision']}; "
+                 f"{hp['resolution']}, batch {hp['train_batch_size']}, mixed precision {hp['mixed_precision']}, "
+                 f"threads {args.threads or 'default'}; "
                  f"median of {args.repeats} run(s) each, alternating",
                  result["median"]["ours"], result["median"]["reference"], result, result["goals"])
+    if "accelerate_loop" in result:
+        loop, ratios = result["median"]["ours-accelerate-loop"], result["accelerate_loop"]
+        print(f"\nours with fast_path=false (the accelerate loop): {loop['wall_seconds']:.2f} s whole job, "
+              f"{loop['steps_per_second']:.3f} steps/s, {loop['peak_rss_mb']:.0f} MB peak RSS; against the reference "
+              f"{ratios['whole_job_speedup']:.2f}x whole job, {ratios['loop_speedup']:.2f}x loop")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in result['load_average_after'])} "
           f"(1, 5, 15 min) on {os.cpu_count()} CPUs")
     if args.json:

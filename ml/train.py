@@ -2,7 +2,7 @@
 
 The loop follows diffusers' train_text_to_image_lora_sdxl.py (peft adapters on the UNet's
 attention projections and optionally on both text encoders, epsilon/v targets, Min-SNR
-weighting, noise offset, SDXL size conditioning) with three differences that make it
+weighting, noise offset, SDXL size conditioning) with four differences that make it
 faster and resumable:
 
 - the VAE is frozen, so every image is encoded once and its latent distribution reused
@@ -12,7 +12,7 @@ faster and resumable:
   run resumed from a checkpoint continues exactly where the interrupted one stopped
   (ml/seeds.py, ml/stream.py, ml/checkpoints.py);
 - SIGTERM (spot interruption, StopTrainingJob) checkpoints at the next optimizer step and
-  exits with status 143 (ml/interruption.py).
+  exits with status 143 (ml/interruption.py);
 - the step itself, by default, is ml/fast_step.py's: LoRA computed in the compute dtype with
   fp32 master weights, no host synchronisation per step, and CUDA graphs on a GPU (fast_path).
 

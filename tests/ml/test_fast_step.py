@@ -68,8 +68,10 @@ def test_fast_path_resumes_to_the_same_weights(make_job):
     assert resumed.summary()["resumed_from_step"] == 3
     expected, actual = load_file(whole.lora), load_file(resumed.lora)
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0)
-    assert _step_lines(resumed.stdout) == _step_lines(whole.stdout)[3:]
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=0)
+    after, before = _step_lines(resumed.stdout), _step_lines(whole.stdout)[3:]
+    assert [(step, lr) for step, _, lr in after] == [(step, lr) for step, _, lr in before]
+    assert [loss for _, loss, _ in after] == pytest.approx([loss for _, loss, _ in before], rel=1e-4)
 
 
 def test_loss_is_logged_every_logging_steps_and_at_the_end(make_job):
