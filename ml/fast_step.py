@@ -121,8 +121,9 @@ class FastStep:
         self.scaler = scaler
         self.found_inf = None
         if scaler is not None:
-            scaler._lazy_init_scale_growth_tracker(device)  # its tensors, so checkpoints save our scale
-            self.found_inf = torch.zeros(1, device=device)
+            if scaler._scale is None:  # its tensors (a resumed scale included), so checkpoints save ours
+                scaler._lazy_init_scale_growth_tracker(device)
+            self.found_inf = torch.zeros((), device=device)  # 0-d, as GradScaler's: AdamW subtracts it from steps
 
         self._runs: dict[tuple, int] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StepInputs]] = {}

@@ -8,6 +8,7 @@ CUDA-graph tests run where a GPU is present and skip elsewhere.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 
@@ -123,57 +124,115 @@ def test_cuda_graphs_per_bucket_shape(make_job, tmp_path, base_model):
     _assert_same_training(fast, eager, 1e-2, 1e-3)
 
 
-@cuda
-def test_a_failed_capture_falls_back_to_the_same_eager_step(monkeypatch, caplog, base_model):
-    """FastStep itself: capture raising gives a warning and the eager result."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def _lora_unet(base_model, device: str):
+    """The tiny UNet with a rank-4 LoRA, initialised the same way on every call."""
+    from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from ml.fast_step import FastStep, StepInputs, make_optimizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet").to(device)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    return unet, [p for p in unet.parameters() if p.requires_grad]
 
-    def build():
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet").cuda()
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        params = [p for p in unet.parameters() if p.requires_grad]
-        scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
-        step = FastStep(unet, make_optimizer(params, 1e-3, torch.device("cuda")), scheduler, torch.float32,
-                        torch.device("cuda"), 1, 1.0, None)
-        return unet, step
+
+def _batches(base_model, count: int):
+    from diffusers import UNet2DConditionModel
+
+    from ml.fast_step import StepInputs
 
     generator = torch.Generator().manual_seed(1)
     config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
     pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    batches = [StepInputs(torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator),
-                          torch.randint(0, 1000, (2,), generator=generator),
-                          torch.randn(2, 77, config["cross_attention_dim"], generator=generator),
-                          torch.randn(2, pooled_dim, generator=generator), torch.rand(2, 6, generator=generator) * 32)
-               for _ in range(4)]
+    return [StepInputs(torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator),
+                       torch.randint(0, 1000, (2,), generator=generator),
+                       torch.randn(2, 77, config["cross_attention_dim"], generator=generator),
+                       torch.randn(2, pooled_dim, generator=generator), torch.rand(2, 6, generator=generator) * 32)
+            for _ in range(count)]
 
-    def train(step):
+
+def test_loss_scaling_skips_and_rescales_as_grad_scaler_does(base_model):
+    """fp16's dynamic loss scaling, on the device (here a CPU): steps whose gradients overflow are
+    skipped and the scale backs off, then grows, exactly as torch's GradScaler loop does."""
+    from diffusers import DDPMScheduler
+
+    from ml.fast_step import FastStep, make_optimizer
+    from ml.loss import diffusion_loss
+
+    scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+    batches = _batches(base_model, 8)
+    batches[0].noise *= 1e25  # a first step whose gradients overflow
+    settings = {"init_scale": 2.0**16, "growth_interval": 2}  # the scale grows within the test
+
+    unet, params = _lora_unet(base_model, "cpu")
+    scaler = torch.amp.GradScaler("cpu", **settings)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    expected_losses, expected_scales = [], []
+    for batch in batches:
+        loss = diffusion_loss(unet, scheduler, batch.latents, batch.noise, batch.timesteps, batch.prompt_embeds,
+                              batch.pooled, batch.time_ids)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        expected_losses.append(float(loss.detach()))
+        expected_scales.append(scaler.get_scale())
+
+    fast_unet, fast_params = _lora_unet(base_model, "cpu")
+    fast_scaler = torch.amp.GradScaler("cpu", **settings)
+    fast = FastStep(fast_unet, make_optimizer(fast_params, 1e-3, torch.device("cpu")), scheduler, torch.float32,
+                    torch.device("cpu"), 1, 1.0, None, scaler=fast_scaler)
+    losses, scales, skipped = [], [], []
+    for batch in batches:
+        fast.micro_step(batch)
+        fast.update()
+        losses.append(fast.last_loss())
+        scales.append(fast_scaler.get_scale())
+        skipped.append(fast.step_was_skipped())
+
+    assert skipped == [True] + [False] * 7
+    assert scales == expected_scales == [2.0**15, 2.0**15, 2.0**16, 2.0**16, 2.0**17, 2.0**17, 2.0**18, 2.0**18]
+    assert not math.isfinite(losses[0]) and not math.isfinite(expected_losses[0])
+    assert losses[1:] == pytest.approx(expected_losses[1:], rel=1e-6)
+    for actual, expected in zip(fast_params, params):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+@cuda
+def test_a_failed_capture_falls_back_to_the_same_eager_step(monkeypatch, caplog, base_model):
+    """FastStep itself: capture raising gives a warning and the eager result."""
+    from diffusers import DDPMScheduler
+
+    from ml.fast_step import FastStep, make_optimizer
+
+    scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
+    batches = _batches(base_model, 4)
+
+    def train():
+        unet, params = _lora_unet(base_model, "cuda")
+        step = FastStep(unet, make_optimizer(params, 1e-3, torch.device("cuda")), scheduler, torch.float32,
+                        torch.device("cuda"), 1, 1.0, None)
         losses = []
         for batch in batches:
             step.micro_step(batch)
             step.update()
             losses.append(step.last_loss())
-        return losses
+        return step, params, losses
 
-    unet_graphs, graphed = build()
-    graphed_losses = train(graphed)
+    graphed, graphed_params, graphed_losses = train()
     assert graphed.captured() == 2
 
     def refuse(*args, **kwargs):
         raise RuntimeError("capture refused")
 
     monkeypatch.setattr(torch.cuda, "graph", refuse)
-    unet_eager, fallback = build()
     with caplog.at_level(logging.WARNING, logger="ml.fast_step"):
-        fallback_losses = train(fallback)
+        fallback, fallback_params, fallback_losses = train()
     assert "CUDA graph capture of the micro-batch shape" in caplog.text and "capture refused" in caplog.text
     assert fallback.captured() == 0 and not fallback.graphs
     assert fallback_losses == pytest.approx(graphed_losses, rel=1e-4)
-    for (name, a), (_, b) in zip(unet_graphs.named_parameters(), unet_eager.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for actual, expected in zip(fallback_params, graphed_params):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
