@@ -22,11 +22,11 @@ from sdxl_lora.naming import MAX_LENGTH
 MAX_ATTEMPTS = 20
 
 
-def attempt_name(base: str, attempt: int) -> str:
+def attempt_name(base: str, attempt: int, max_length: int = MAX_LENGTH) -> str:
     if attempt == 1:
         return base
     suffix = f"-a{attempt}"
-    return base[:MAX_LENGTH - len(suffix)].rstrip("-") + suffix
+    return base[:max_length - len(suffix)].rstrip("-") + suffix
 
 
 def describe_attempt(client, name: str) -> dict | None:
@@ -39,12 +39,13 @@ def describe_attempt(client, name: str) -> dict | None:
         raise
 
 
-def latest_attempt(client, base: str) -> dict | None:
-    """DescribeTrainingJob of the last attempt a run made at a job (`<base>`, `<base>-a2`, ...: each
-    attempt is started only after the one before ended); None when not even the first was created."""
+def latest_attempt(client, base: str, describe=describe_attempt, max_length: int = MAX_LENGTH) -> dict | None:
+    """The description (DescribeTrainingJob by default) of the last attempt a run made at a job (`<base>`,
+    `<base>-a2`, ...: each attempt is started only after the one before ended); None when not even the
+    first was created."""
     latest = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        description = describe_attempt(client, attempt_name(base, attempt))
+        description = describe(client, attempt_name(base, attempt, max_length))
         if description is None:
             break
         latest = description

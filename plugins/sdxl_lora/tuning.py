@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from ml.hyperparameters import SWEPT, HyperparameterError, to_sagemaker
 from ml.metrics import METRIC_DEFINITIONS
-from sdxl_lora import requests
+from sdxl_lora import operators, requests
 from sdxl_lora.naming import run_token, slug
 from sdxl_lora.settings import Settings
 
@@ -178,10 +178,7 @@ class ResumableSageMakerTuningOperator(SageMakerTuningOperator):
 
 
 def attempt_name(base: str, attempt: int) -> str:
-    if attempt == 1:
-        return base
-    suffix = f"-a{attempt}"
-    return base[:MAX_NAME_LENGTH - len(suffix)].rstrip("-") + suffix
+    return operators.attempt_name(base, attempt, MAX_NAME_LENGTH)
 
 
 def describe_attempt(client, name: str) -> dict | None:
@@ -196,10 +193,4 @@ def describe_attempt(client, name: str) -> dict | None:
 
 def latest_attempt(client, base: str) -> dict | None:
     """The description of the last tuning job a run started (`<base>`, `<base>-a2`, ...); None when none."""
-    latest = None
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        description = describe_attempt(client, attempt_name(base, attempt))
-        if description is None:
-            break
-        latest = description
-    return latest
+    return operators.latest_attempt(client, base, describe_attempt, MAX_NAME_LENGTH)
