@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-SHARED = ["ml.hyperparameters", "ml.metrics", "ml.images"]
+SHARED = ["ml.hyperparameters", "ml.metrics", "ml.images", "ml.manifest", "ml.buckets"]
 HEAVY = ["torch", "diffusers", "transformers", "peft", "accelerate", "PIL", "numpy", "safetensors"]
 
 
