@@ -9,6 +9,11 @@ invocation of the candidate through TargetVariant, which must return an image ->
 test later with `sdxl_lora_traffic` (weights only). If any step fails, what this run created is
 removed and an existing endpoint goes back to the config it served before.
 
+`async_output_path` (an `s3://` prefix) deploys an asynchronous endpoint instead (AsyncInferenceConfig,
+for long generations): the new model alone, answering InvokeEndpointAsync with its responses written
+under that prefix; its smoke test uploads the request to S3 and waits for the PNG there. An A/B share
+(`candidate_weight` below 1) is refused with it: InvokeEndpointAsync has no TargetVariant.
+
 The endpoint runs `sdxl-lora serve`: requests name an adapter and a per-request `lora_scale`.
 """
 
@@ -33,11 +38,22 @@ DAG_ID = "sdxl_lora_deploy"
         "candidate_weight": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
                                   description="Share of the traffic the new variant gets after its smoke test: 1 "
                                               "replaces what serves now, less runs an A/B test beside it."),
+        "async_output_path": Param("", type="string", pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?)?$",
+                                   description="Empty: a real-time endpoint. An s3:// prefix: an asynchronous "
+                                               "endpoint (InvokeEndpointAsync, for long generations) writing "
+                                               "<prefix>/<inference id>.out, failures under <prefix>/failures; "
+                                               "needs candidate_weight 1."),
+        "async_max_concurrent_invocations": Param(1, type="integer", minimum=1, maximum=1000,
+                                                  description="Asynchronous endpoints: requests SageMaker sends "
+                                                              "each instance at once "
+                                                              "(MaxConcurrentInvocationsPerInstance)."),
     },
 )
 def sdxl_lora_deploy():
     deploy_group("{{ params.model_data_url }}", "{{ params.endpoint_name or '' }}", "{{ params.smoke_request }}",
-                 candidate_weight="{{ params.candidate_weight }}")
+                 candidate_weight="{{ params.candidate_weight }}",
+                 async_output_path="{{ params.async_output_path or '' }}",
+                 max_concurrent_invocations="{{ params.async_max_concurrent_invocations }}")
 
 
 sdxl_lora_deploy()

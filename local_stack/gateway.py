@@ -2,7 +2,7 @@
 
 Requests signed for the `sagemaker` service go to this package: the control plane
 (JSON protocol, X-Amz-Target: SageMaker.*) and the runtime (POST
-/endpoints/<name>/invocations). Every other request (S3, CloudWatch Logs, IAM, STS)
+/endpoints/<name>/invocations and /async-invocations). Every other request (S3, CloudWatch Logs, IAM, STS)
 goes to moto's server application, in this process.
 """
 
@@ -22,6 +22,7 @@ from local_stack.jobs import JobService, Options
 from local_stack.tuning import TuningService
 
 INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/invocations$")
+ASYNC_INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/async-invocations$")
 
 
 class SageMaker:
@@ -78,7 +79,7 @@ def _signed_for_sagemaker(environ: dict) -> bool:
 
 
 def _respond(start_response, status: int, body: bytes, headers: dict[str, str]) -> list[bytes]:
-    reason = {200: "OK", 400: "Bad Request", 424: "Failed Dependency", 500: "Internal Server Error"}.get(status, "")
+    reason = {200: "OK", 202: "Accepted", 400: "Bad Request", 424: "Failed Dependency", 500: "Internal Server Error"}.get(status, "")
     start_response(f"{status} {reason}", [*headers.items(), ("Content-Length", str(len(body))),
                                           ("x-amzn-RequestId", str(uuid.uuid4()))])
     return [body]
@@ -104,6 +105,9 @@ class Gateway:
             match = INVOCATIONS.match(environ.get("PATH_INFO", ""))
             if match and environ["REQUEST_METHOD"] == "POST":
                 return self._invoke(environ, start_response, match.group(1))
+            match = ASYNC_INVOCATIONS.match(environ.get("PATH_INFO", ""))
+            if match and environ["REQUEST_METHOD"] == "POST":
+                return self._invoke_async(environ, start_response, match.group(1))
         return self.moto_app(environ, start_response)
 
     @staticmethod
@@ -133,6 +137,20 @@ class Gateway:
         if attributes:
             headers["X-Amzn-SageMaker-Custom-Attributes"] = attributes
         return _respond(start_response, status, body, headers)
+
+    def _invoke_async(self, environ, start_response, endpoint: str):
+        """InvokeEndpointAsync: 202 with the InferenceId; where the answer will be in the headers."""
+        try:
+            inference_id, output, failure = self.sagemaker.hosting.invoke_async(
+                endpoint, environ.get("HTTP_X_AMZN_SAGEMAKER_INPUTLOCATION"),
+                environ.get("HTTP_X_AMZN_SAGEMAKER_CONTENT_TYPE", ""), environ.get("HTTP_X_AMZN_SAGEMAKER_ACCEPT", ""),
+                environ.get("HTTP_X_AMZN_SAGEMAKER_INFERENCE_ID"))
+        except ApiError as error:
+            return _error(start_response, error)
+        headers = {"Content-Type": "application/json", "X-Amzn-SageMaker-OutputLocation": output}
+        if failure:
+            headers["X-Amzn-SageMaker-FailureLocation"] = failure
+        return _respond(start_response, 202, json.dumps({"InferenceId": inference_id}).encode(), headers)
 
 
 def _check_port_free(host: str, port: int) -> None:

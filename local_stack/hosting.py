@@ -5,6 +5,11 @@ port (model data downloaded and unpacked as SageMaker does) and goes InService w
 every /ping answers. UpdateEndpoint brings the new variants up beside the old ones and
 switches traffic only then, so no request is dropped; a failed update leaves the old
 config serving, as AWS rolls back.
+
+An endpoint whose config has AsyncInferenceConfig answers InvokeEndpointAsync: the request body is
+read from InputLocation in S3 and sent to a variant in a background thread (at most
+MaxConcurrentInvocationsPerInstance at once), and the answer goes to `<S3OutputPath>/<inference id>.out`,
+or an error to `<S3FailurePath>/<inference id>-error.out`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import socket
 import threading
 import time
 import urllib.error
+import uuid
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +57,8 @@ class Endpoint:
     description: dict
     variants: list[Variant] = field(default_factory=list)
     generation: int = 0
+    async_config: dict | None = None  # the serving config's AsyncInferenceConfig
+    async_slots: threading.Semaphore | None = None  # MaxConcurrentInvocationsPerInstance per instance
 
 
 class HostingService:
@@ -101,6 +109,9 @@ class HostingService:
                 raise validation(f"Variant name {variant['VariantName']} is used more than once")
             seen.add(variant["VariantName"])
             self._model(variant["ModelName"])
+        async_config = request.get("AsyncInferenceConfig")
+        if async_config is not None:
+            _check_async_config(async_config)
         with self.lock:
             if name in self.configs:
                 raise validation(f'Cannot create already existing endpoint configuration "{self._arn("endpoint-config", name)}".')
@@ -108,6 +119,8 @@ class HostingService:
                 "EndpointConfigName": name, "EndpointConfigArn": self._arn("endpoint-config", name),
                 "ProductionVariants": variants, "CreationTime": time.time(),
             }
+            if async_config is not None:
+                self.configs[name]["AsyncInferenceConfig"] = async_config
         return {"EndpointConfigArn": self._arn("endpoint-config", name)}
 
     def describe_endpoint_config(self, request: dict) -> dict:
@@ -233,24 +246,57 @@ class HostingService:
             if chosen is None:
                 raise _runtime_validation(f"Target variant {target_variant} not found for Endpoint {name}")
         else:
-            weighted = [v for v in variants if v.weight > 0]  # a variant at weight 0 gets no traffic
-            if not weighted:
-                raise _runtime_validation(f"Endpoint {name} has no variant with traffic weight above 0.")
-            chosen = random.choices(weighted, weights=[v.weight for v in weighted])[0]
-        request = urllib.request.Request(f"http://127.0.0.1:{chosen.port}/invocations", data=body, method="POST",
-                                         headers={"Content-Type": content_type or "application/json",
-                                                  "Accept": accept or "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=600) as response:
-                return (response.status, response.read(), response.headers.get_content_type(), chosen.name,
-                        response.headers.get(CUSTOM_ATTRIBUTES))
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            raise ApiError("ModelError", f"Received client error ({error.code}) from primary with message "
-                           f'"{detail}". See https://{REGION}.console.aws.amazon.com/cloudwatch/ in account '
-                           f"{ACCOUNT} for more information.", status=424) from None
-        except (urllib.error.URLError, OSError) as error:
-            raise ApiError("ModelError", f"variant {chosen.name} did not answer: {error}", status=424) from None
+            chosen = _choose(name, variants)
+        status, answer, answer_type, attributes = _invoke_variant(chosen, body, content_type, accept)
+        return status, answer, answer_type, chosen.name, attributes
+
+    def invoke_async(self, name: str, input_location: str | None, content_type: str, accept: str,
+                     inference_id: str | None) -> tuple[str, str, str | None]:
+        """InvokeEndpointAsync: queue the request in InputLocation; (inference id, output and failure
+        locations) at once, the answer in S3 later."""
+        with self.lock:
+            endpoint = self.endpoints.get(name)
+            if endpoint is None:
+                raise _runtime_validation(f"Endpoint {name} of account {ACCOUNT} not found.")
+            if endpoint.async_config is None and endpoint.description["EndpointStatus"] != "Creating":
+                raise _runtime_validation(f"Endpoint {name} of account {ACCOUNT} is not an asynchronous inference "
+                                          "endpoint: its endpoint config has no AsyncInferenceConfig. Use "
+                                          "InvokeEndpoint.")
+            if endpoint.description["EndpointStatus"] not in ("InService", "Updating"):
+                raise _runtime_validation(f"Endpoint {name} is not in service (status "
+                                          f"{endpoint.description['EndpointStatus']}).")
+            variants, output, slots = list(endpoint.variants), endpoint.async_config["OutputConfig"], \
+                endpoint.async_slots
+        if not input_location:
+            raise _runtime_validation("1 validation error detected: Value null at 'inputLocation' failed to satisfy "
+                                      "constraint: Member must not be null")
+        if not input_location.startswith("s3://"):
+            raise _runtime_validation(f"InputLocation {input_location} is not an s3:// URI.")
+        inference_id = inference_id or str(uuid.uuid4())
+        output_uri = f"{output['S3OutputPath'].rstrip('/')}/{inference_id}.out"
+        failure_uri = (f"{output['S3FailurePath'].rstrip('/')}/{inference_id}-error.out"
+                       if output.get("S3FailurePath") else None)
+        chosen = _choose(name, variants)
+        threading.Thread(target=self._run_async, name=f"async-{inference_id}", daemon=True,
+                         args=(chosen, slots, input_location, content_type, accept, output_uri, failure_uri)).start()
+        return inference_id, output_uri, failure_uri
+
+    def _run_async(self, variant: Variant, slots: threading.Semaphore, input_location: str, content_type: str,
+                   accept: str, output_uri: str, failure_uri: str | None) -> None:
+        s3 = self.clients.s3
+        with slots:
+            try:
+                bucket, key = split_s3_uri(input_location)
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                _, answer, answer_type, _ = _invoke_variant(variant, body, content_type, accept)
+            except Exception as error:  # noqa: BLE001 - every failure goes to the failure location
+                message = error.message if isinstance(error, ApiError) else f"{type(error).__name__}: {error}"
+                if failure_uri:
+                    bucket, key = split_s3_uri(failure_uri)
+                    s3.put_object(Bucket=bucket, Key=key, Body=message.encode(), ContentType="text/plain")
+                return
+            bucket, key = split_s3_uri(output_uri)
+            s3.put_object(Bucket=bucket, Key=key, Body=answer, ContentType=answer_type)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -277,10 +323,19 @@ class HostingService:
                 retired, endpoint.variants = endpoint.variants, started
                 endpoint.generation += 1
                 endpoint.config_name = config["EndpointConfigName"]
+                endpoint.async_config = config.get("AsyncInferenceConfig")
+                if endpoint.async_config:
+                    per_instance = endpoint.async_config.get("ClientConfig", {}).get(
+                        "MaxConcurrentInvocationsPerInstance", 1)
+                    endpoint.async_slots = threading.BoundedSemaphore(
+                        per_instance * sum(v.instance_count for v in started))
                 d = endpoint.description
                 d.pop("FailureReason", None)
                 d.update({"EndpointConfigName": config["EndpointConfigName"], "EndpointStatus": "InService",
                           "LastModifiedTime": time.time(), "ProductionVariants": [_variant_summary(v) for v in started]})
+                d.pop("AsyncInferenceConfig", None)
+                if endpoint.async_config:
+                    d["AsyncInferenceConfig"] = endpoint.async_config
         _stop_variants(retired)  # after the switch: requests in flight to them finish first
 
     def _start_variant(self, endpoint: Endpoint, spec: dict) -> Variant:
@@ -332,6 +387,54 @@ class HostingService:
 
 def _runtime_validation(message: str) -> ApiError:
     return ApiError("ValidationError", message)  # sagemaker-runtime's name for it
+
+
+def _check_async_config(config) -> None:
+    """CreateEndpointConfig's checks of AsyncInferenceConfig (SNS notifications are not emulated: the
+    local stack needs S3OutputPath)."""
+    output = config.get("OutputConfig") if isinstance(config, dict) else None
+    if not isinstance(output, dict):
+        raise validation("1 validation error detected: Value null at 'asyncInferenceConfig.outputConfig' failed to "
+                         "satisfy constraint: Member must not be null")
+    for key in ("S3OutputPath", "S3FailurePath"):
+        value = output.get(key)
+        if value is not None and (not isinstance(value, str) or not value.startswith("s3://")
+                                  or not value[5:].split("/", 1)[0]):
+            raise validation(f"AsyncInferenceConfig.OutputConfig.{key} {value!r} is not an s3://bucket/prefix URI")
+    if not output.get("S3OutputPath"):
+        raise validation("AsyncInferenceConfig.OutputConfig.S3OutputPath is required on the local stack (SNS "
+                         "notifications are not emulated)")
+    concurrency = (config.get("ClientConfig") or {}).get("MaxConcurrentInvocationsPerInstance", 1)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 1000:
+        raise validation(f"1 validation error detected: Value '{concurrency}' at "
+                         "'asyncInferenceConfig.clientConfig.maxConcurrentInvocationsPerInstance' failed to satisfy "
+                         "constraint: Member must have value between 1 and 1000")
+
+
+def _choose(name: str, variants: list[Variant]) -> Variant:
+    weighted = [v for v in variants if v.weight > 0]  # a variant at weight 0 gets no traffic
+    if not weighted:
+        raise _runtime_validation(f"Endpoint {name} has no variant with traffic weight above 0.")
+    return random.choices(weighted, weights=[v.weight for v in weighted])[0]
+
+
+def _invoke_variant(variant: Variant, body: bytes, content_type: str,
+                    accept: str) -> tuple[int, bytes, str, str | None]:
+    """POST /invocations to a variant's serving process: status, body, content type, custom attributes."""
+    request = urllib.request.Request(f"http://127.0.0.1:{variant.port}/invocations", data=body, method="POST",
+                                     headers={"Content-Type": content_type or "application/json",
+                                              "Accept": accept or "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return (response.status, response.read(), response.headers.get_content_type(),
+                    response.headers.get(CUSTOM_ATTRIBUTES))
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode(errors="replace")
+        raise ApiError("ModelError", f"Received client error ({error.code}) from primary with message "
+                       f'"{detail}". See https://{REGION}.console.aws.amazon.com/cloudwatch/ in account '
+                       f"{ACCOUNT} for more information.", status=424) from None
+    except (urllib.error.URLError, OSError) as error:
+        raise ApiError("ModelError", f"variant {variant.name} did not answer: {error}", status=424) from None
 
 
 def _wait_for_ping(variant: Variant) -> None:

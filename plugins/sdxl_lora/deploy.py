@@ -9,6 +9,10 @@ TargetVariant, and only then does traffic shift (UpdateEndpointWeightsAndCapacit
 (candidate_weight 1), or a share for an A/B test. Variants left at weight 0 by an earlier
 promotion are dropped by the next deployment. Promote or roll back an A/B test by changing
 weights (`traffic_group`, the sdxl_lora_traffic DAG); no instance restarts.
+An asynchronous endpoint (async_output_path set: AsyncInferenceConfig, InvokeEndpointAsync) has
+one variant, the new model: InvokeEndpointAsync has no TargetVariant, so the smoke test cannot reach a
+candidate beside serving variants. Its smoke test uploads the request to S3, invokes it asynchronously
+and waits for the response (or the failure) to appear in S3.
 If anything after the plan fails, rollback removes what this run created and puts an existing
 endpoint back on the config it served before, then fails the run.
 """
@@ -30,6 +34,8 @@ from sdxl_lora.settings import Settings
 
 log = logging.getLogger(__name__)
 
+ASYNC_SMOKE_TIMEOUT_SECONDS = 3600  # an async invocation may take up to an hour (InvocationTimeoutSeconds)
+
 def variant_name(model_data_url: str, run_id: str) -> str:
     """A stable, valid variant name per deployed model and run (what TargetVariant names)."""
     from sdxl_lora import naming
@@ -50,10 +56,12 @@ def target_weights(serving: dict[str, float], candidate: str, candidate_weight: 
 
 
 def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_id: str,
-                    current: dict | None, candidate_weight: float = 1.0, training: dict | None = None) -> dict:
+                    current: dict | None, candidate_weight: float = 1.0, training: dict | None = None,
+                    async_output_path: str = "", max_concurrent_invocations: int = 1) -> dict:
     """The request dicts of one deployment (pure: tests call it). current: DescribeEndpoint and its
     config's variants, {"config": name, "variants": [{"VariantName", "ModelName", "CurrentWeight"}]}, or None.
-    training: the job that made the model and its val_loss (serving.training), kept in the serving record."""
+    training: the job that made the model and its val_loss (serving.training), kept in the serving record.
+    async_output_path: deploy an asynchronous endpoint of the new model alone, writing responses there."""
     from sdxl_lora import naming, requests
 
     token = naming.run_token(model_data_url)
@@ -63,14 +71,23 @@ def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_
     # Variants that serve traffic stay beside the candidate; those at weight 0 (promoted away from) go.
     serving = {v["VariantName"]: (v["ModelName"], float(v["CurrentWeight"]))
                for v in (current or {}).get("variants", []) if float(v["CurrentWeight"]) > 0}
+    if async_output_path:
+        if candidate_weight != 1:
+            raise ValueError(f"candidate_weight {candidate_weight} asks for an A/B test, which an asynchronous "
+                             "endpoint cannot run (InvokeEndpointAsync has no TargetVariant to smoke-test the "
+                             "candidate before traffic shifts): use candidate_weight 1 or leave async_output_path "
+                             "empty")
+        serving = {}  # the async config replaces what serves: one variant, smoke-tested once it serves
     variants = {**serving, candidate: (model_name, 0.0 if serving else 1.0)}
-    config = requests.endpoint_config_request(settings, config_name, variants)
+    config = requests.endpoint_config_request(settings, config_name, variants, async_output_path,
+                                              max_concurrent_invocations)
     return {
         "model": requests.model_request(settings, model_name, model_data_url),
         "endpoint_config": config,
         "endpoint": {"Endpoint": {"EndpointName": endpoint, "EndpointConfigName": config_name}},
         "previous_config": (current or {}).get("config"),
         "candidate": candidate,
+        "async_input": settings.uri("async-inputs", endpoint, f"{config_name}.json") if async_output_path else None,
         "training": training or serving_record.training(None, None),
         "weights": target_weights({name: weight for name, (_, weight) in serving.items()}, candidate,
                                   candidate_weight),
@@ -97,31 +114,92 @@ def current_deployment(client, endpoint: str) -> dict | None:
 
 @task
 def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, training: dict | None = None,
-         run_id: str | None = None) -> dict:
+         async_output_path: str | None = None, max_concurrent_invocations=1, run_id: str | None = None) -> dict:
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()
     endpoint = endpoint_name or settings.endpoint_name
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
     return plan_deployment(settings, model_data_url, endpoint, run_id, current_deployment(client, endpoint),
-                           float(candidate_weight or 1.0), training)
+                           float(candidate_weight or 1.0), training, (async_output_path or "").strip(),
+                           int(max_concurrent_invocations or 1))
 
 
 def check_image(name: str, response: dict) -> dict:
     """The smoke test's verdict on one InvokeEndpoint answer: JSON with a decodable PNG."""
+    return check_body(name, response["Body"].read())
+
+
+def check_body(name: str, raw: bytes) -> dict:
+    """The smoke test's verdict on one answer's body: JSON with a decodable PNG."""
     import base64
     import json
 
-    body = json.loads(response["Body"].read())
+    body = json.loads(raw)
     image = base64.b64decode(body["images"][0])
     if not image.startswith(b"\x89PNG"):
         raise ValueError(f"endpoint {name} answered without a PNG image")
     return body
 
 
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def read_s3_object(s3, uri: str) -> bytes | None:
+    """The object's bytes, or None while it does not exist."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = _split_s3(uri)
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as error:
+        if error.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+
+
+def wait_for_async_result(read, output_location: str, failure_location: str | None, check_interval: float,
+                          timeout: float) -> bytes:
+    """Poll S3 (read: uri -> bytes or None) until the response appears at output_location; the failure
+    object at failure_location, or nothing within timeout seconds, is an error naming the location."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = read(output_location)
+        if body is not None:
+            return body
+        failure = read(failure_location) if failure_location else None
+        if failure is not None:
+            raise RuntimeError(f"the asynchronous invocation failed ({failure_location}): "
+                               f"{failure.decode(errors='replace')[:2000]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no response at {output_location} (nor a failure at {failure_location}) after "
+                               f"{timeout:.0f} s")
+        time.sleep(check_interval)
+
+
+def invoke_async_and_wait(runtime, s3, endpoint: str, request: dict, input_uri: str, inference_id: str,
+                          check_interval: float, timeout: float = ASYNC_SMOKE_TIMEOUT_SECONDS) -> tuple[bytes, str]:
+    """InvokeEndpointAsync with the request uploaded to input_uri; the response body and where it lies."""
+    import json
+
+    bucket, key = _split_s3(input_uri)
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(request).encode(), ContentType="application/json")
+    response = runtime.invoke_endpoint_async(EndpointName=endpoint, ContentType="application/json",
+                                             Accept="application/json", InputLocation=input_uri,
+                                             InferenceId=inference_id)
+    output = response["OutputLocation"]
+    return wait_for_async_result(lambda uri: read_s3_object(s3, uri), output, response.get("FailureLocation"),
+                                 check_interval, timeout), output
+
+
 @task
 def smoke_test(deployment: dict, request: dict) -> dict:
-    """One real invocation of the candidate variant (TargetVariant), before any traffic reaches it."""
+    """One real invocation of the candidate variant (TargetVariant), before any traffic reaches it; on an
+    asynchronous endpoint, one InvokeEndpointAsync of its only variant, waited for in S3."""
     import json
 
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
@@ -129,6 +207,15 @@ def smoke_test(deployment: dict, request: dict) -> dict:
     settings = Settings.resolve()
     runtime = AwsBaseHook(aws_conn_id=settings.aws_conn_id, client_type="sagemaker-runtime").conn
     name = deployment["endpoint"]["Endpoint"]["EndpointName"]
+    if deployment.get("async_input"):
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        raw, output = invoke_async_and_wait(runtime, S3Hook(aws_conn_id=settings.aws_conn_id).conn, name, request,
+                                            deployment["async_input"], deployment["candidate"],
+                                            settings.check_interval_seconds)
+        body = check_body(name, raw)
+        return {"endpoint": name, "variant": deployment["candidate"], "seed": body["seed"],
+                "inference_seconds": body.get("inference_seconds"), "output_location": output}
     response = runtime.invoke_endpoint(EndpointName=name, ContentType="application/json", Accept="application/json",
                                        TargetVariant=deployment["candidate"], Body=json.dumps(request))
     body = check_image(name, response)
@@ -226,12 +313,14 @@ def _ignore_missing(call, **kwargs) -> None:
 
 
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
-                 candidate_weight=1.0, training=None) -> TaskGroup:
+                 candidate_weight=1.0, training=None, async_output_path="", max_concurrent_invocations=1) -> TaskGroup:
     """The deployment tasks as a group; arguments may be XComArgs or templated strings. training:
-    the training job and val_loss behind the model (serving.training), recorded for later comparisons."""
+    the training job and val_loss behind the model (serving.training), recorded for later comparisons.
+    async_output_path: non-empty deploys an asynchronous endpoint writing its responses there."""
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
-        deployment = plan(model_data_url, endpoint_name, candidate_weight, training)
+        deployment = plan(model_data_url, endpoint_name, candidate_weight, training, async_output_path,
+                          max_concurrent_invocations)
         model = SageMakerModelOperator(task_id="create_model", config=deployment["model"],
                                        aws_conn_id=settings.aws_conn_id)
         config = SageMakerEndpointConfigOperator(task_id="create_endpoint_config",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ml.hyperparameters import to_sagemaker
 from ml.metrics import METRIC_DEFINITIONS
 from sdxl_lora.naming import slug
@@ -114,8 +116,32 @@ def model_request(settings: Settings, model_name: str, model_data_url: str) -> d
     return request
 
 
-def endpoint_config_request(settings: Settings, config_name: str, variants: dict[str, tuple[str, float]]) -> dict:
-    """variants: variant name -> (model name, traffic weight); several make an A/B test."""
+ASYNC_OUTPUT_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?$")
+MAX_ASYNC_CONCURRENCY = 1000  # AsyncInferenceClientConfig.MaxConcurrentInvocationsPerInstance: 1 to 1000
+
+
+def async_inference_config(settings: Settings, output_path: str, max_concurrent_invocations: int = 1) -> dict:
+    """AsyncInferenceConfig: responses under output_path (`<output_path>/<inference id>.out`), failures
+    under `<output_path>/failures/`, encrypted with output_kms_key_id when set."""
+    if not ASYNC_OUTPUT_PATTERN.match(output_path or ""):
+        raise ValueError(f"async output path must be an s3://bucket/prefix URI, got {output_path!r}")
+    if isinstance(max_concurrent_invocations, bool) or not isinstance(max_concurrent_invocations, int) \
+            or not 1 <= max_concurrent_invocations <= MAX_ASYNC_CONCURRENCY:
+        raise ValueError(f"max concurrent async invocations per instance must be an integer from 1 to "
+                         f"{MAX_ASYNC_CONCURRENCY}, got {max_concurrent_invocations!r}")
+    output_path = output_path.rstrip("/")
+    output = {"S3OutputPath": output_path, "S3FailurePath": f"{output_path}/failures"}
+    if settings.output_kms_key_id:
+        output["KmsKeyId"] = settings.output_kms_key_id
+    return {"OutputConfig": output, "ClientConfig": {"MaxConcurrentInvocationsPerInstance": max_concurrent_invocations}}
+
+
+def endpoint_config_request(settings: Settings, config_name: str, variants: dict[str, tuple[str, float]],
+                            async_output_path: str = "", max_concurrent_invocations: int = 1) -> dict:
+    """variants: variant name -> (model name, traffic weight); several make an A/B test.
+    async_output_path: an asynchronous endpoint (InvokeEndpointAsync) writing its responses there. It
+    takes one variant: InvokeEndpointAsync has no TargetVariant, so nothing could smoke-test a candidate
+    beside the serving variants or address one variant of an A/B test."""
     request = {
         "EndpointConfigName": config_name,
         "ProductionVariants": [
@@ -124,6 +150,13 @@ def endpoint_config_request(settings: Settings, config_name: str, variants: dict
             for variant, (model, weight) in variants.items()
         ],
     }
+    if async_output_path:
+        if len(variants) != 1:
+            raise ValueError(f"an asynchronous endpoint takes one production variant, got {len(variants)} "
+                             f"({', '.join(variants)}): InvokeEndpointAsync has no TargetVariant, so a candidate "
+                             "cannot be smoke-tested beside serving variants, nor an A/B variant addressed")
+        request["AsyncInferenceConfig"] = async_inference_config(settings, async_output_path,
+                                                                 max_concurrent_invocations)
     if settings.endpoint_kms_key_id:
         request["KmsKeyId"] = settings.endpoint_kms_key_id
     return request
