@@ -16,8 +16,9 @@ $(READY): pyproject.toml constraints.txt
 demo: $(READY)
 	$(BIN)/sdxl-lora-ops demo --workdir outputs/demo
 
+# The last demo's runs and reports (outputs/demo) when there is one, else a fresh outputs/airflow.
 airflow: $(READY)
-	$(BIN)/sdxl-lora-ops airflow --workdir outputs/airflow
+	$(BIN)/sdxl-lora-ops airflow
 
 # Build and push the job images to ECR: make images REGION=eu-west-1 ACCOUNT=111122223333 [PREFIX=sdxl-lora] [TAG=...]
 images: $(READY)

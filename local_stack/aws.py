@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -77,3 +79,60 @@ def untar(archive: Path, destination: Path) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(destination, filter="data")
+
+
+# -- S3 kept across restarts (`local-stack --persist`) ----------------------------------------------
+# moto keeps S3 in memory; a stack started with --persist writes every object under <workdir>/s3/ when it
+# stops and puts them back when it starts on the same workdir. One file per object (named by its index, so
+# keys that are both an object and a "folder" never clash) and a manifest with each object's key, content
+# type and user metadata. The snapshot is written beside the old one and swapped in, so a stop that is cut
+# short leaves the previous snapshot whole.
+
+SNAPSHOT_DIR = "s3"
+MANIFEST = "manifest.json"
+
+
+def save_s3(s3, directory: Path) -> int:
+    """Write every bucket's objects into directory (replacing what was there); returns the count."""
+    staging = directory.with_name(directory.name + ".saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "objects").mkdir(parents=True)
+    buckets: dict[str, list[dict]] = {}
+    count = 0
+    for bucket in s3.list_buckets().get("Buckets", []):
+        name = bucket["Name"]
+        entries = buckets.setdefault(name, [])
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+            for item in page.get("Contents", []):
+                response = s3.get_object(Bucket=name, Key=item["Key"])
+                blob = f"objects/{count:08d}"
+                with (staging / blob).open("wb") as out:
+                    for chunk in response["Body"].iter_chunks(1 << 20):
+                        out.write(chunk)
+                entries.append({"key": item["Key"], "file": blob,
+                                "content_type": response.get("ContentType", "binary/octet-stream"),
+                                "metadata": response.get("Metadata", {})})
+                count += 1
+    (staging / MANIFEST).write_text(json.dumps({"buckets": buckets}))
+    previous = directory.with_name(directory.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if directory.exists():
+        directory.rename(previous)
+    staging.rename(directory)
+    shutil.rmtree(previous, ignore_errors=True)
+    return count
+
+
+def restore_s3(s3, directory: Path) -> int:
+    """Put back what save_s3 wrote (buckets first); returns the count, 0 when there is no snapshot."""
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        return 0
+    count = 0
+    for name, entries in json.loads(manifest.read_text())["buckets"].items():
+        s3.create_bucket(Bucket=name)  # idempotent in us-east-1
+        for entry in entries:
+            s3.upload_file(str(directory / entry["file"]), name, entry["key"],
+                           ExtraArgs={"ContentType": entry["content_type"], "Metadata": entry["metadata"]})
+            count += 1
+    return count

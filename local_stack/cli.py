@@ -17,7 +17,8 @@ import sys
 def _local_stack(args: argparse.Namespace) -> int:
     from local_stack import main
 
-    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at, host=args.host)
+    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at, host=args.host,
+                    persist=args.persist)
 
 
 def _airflow(args: argparse.Namespace) -> int:
@@ -79,21 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help="training (and, separately, processing) jobs allowed to run at once")
     command.add_argument("--spot-interruption-at", metavar="REGEX",
                          help="interrupt each managed-spot training job once, at its first log line matching REGEX")
+    command.add_argument("--persist", action=argparse.BooleanOptionalAction, default=False,
+                         help="save S3's objects under WORKDIR/s3/ on stop and restore them on start (jobs and "
+                              "endpoints are not kept); `demo` and `airflow` start their stack with it")
     command.set_defaults(handler=_local_stack)
 
     command = commands.add_parser("airflow", help="the Airflow UI against a local stack with staged data",
                                   description="Starts the local stack, stages a tiny SDXL and raw frames, and runs "
                                               "Airflow (api-server on loopback, scheduler, dag-processor, triggerer) "
                                               "with the pool and the aws_default connection. Ctrl-C or SIGTERM stops "
-                                              "everything.")
-    command.add_argument("--workdir", default="outputs/airflow")
+                                              "everything. Without --workdir it shows the last `demo`'s runs "
+                                              "and reports (outputs/demo) when there is one, else outputs/airflow.")
+    command.add_argument("--workdir", default=None,
+                         help="default: outputs/demo after a `demo` (its Airflow home and S3), else outputs/airflow")
     command.add_argument("--port", type=int, default=8080)
     command.set_defaults(handler=_airflow)
 
     command = commands.add_parser("demo", help="the whole pipeline through the DAGs, on this machine",
                                   description="prepare -> grid search -> deploy -> invoke, through the real DAGs "
                                               "against the local stack, on a tiny SDXL.")
-    command.add_argument("--workdir", default="outputs/demo")
+    command.add_argument("--workdir", default="outputs/demo",
+                         help="its Airflow home and S3 (kept: `airflow` shows them); replaced by the next demo")
     command.add_argument("--train-only", action="store_true",
                          help="only run one training job in a SageMaker-style directory, without Airflow")
     command.add_argument("--steps", type=int, default=40, help="optimizer steps with --train-only")

@@ -7,6 +7,12 @@ triggerer: local_stack/airflow_services.py) and triggers sdxl_dataset_prepare ->
 (which deploys its winner) through its REST API, so the trials run side by side within the pool. It
 prints the leaderboard, invokes the endpoint with lora_scale 0.8 and saves the image. Everything lands
 under the work dir. `ui` (`make airflow`) starts the same Airflow and keeps it running for the browser.
+
+Both start the stack with `--persist`: its S3 objects are saved under <workdir>/stack/s3/ when it stops and
+put back when it starts again on that work dir. So `make airflow` after `make demo` opens the demo's own
+Airflow home (its runs, notes and task logs) over the demo's S3 (its leaderboard, sheets and curves): the
+Grid report tab shows the demo's grid. SageMaker jobs and endpoints are not kept (they end with the stack).
+Each demo starts afresh: it drops the previous demo's Airflow database and S3 snapshot first.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +34,7 @@ from local_stack.hosting import free_port
 
 BUCKET, PREFIX, VERSION, ENDPOINT = "sdxl-lora-local", "sdxl-finetune-lora", "demo", "sdxl-lora-demo"
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_WORKDIR, UI_WORKDIR = Path("outputs/demo"), Path("outputs/airflow")  # relative to where make runs
 SMOKE = {"prompt": "storyboard frame, ink outline, a red circle on the left, flat colours, hard shadow",
          "width": 64, "height": 64, "num_inference_steps": 8, "seed": 7, "lora_scale": 0.8}
 # Prepared at the training resolution, so the trials use the cached latents of the 16:9 bucket.
@@ -49,7 +57,7 @@ def _start_stack(workdir: Path, port: int) -> subprocess.Popen:
     with log.open("w") as out:
         # A session of its own: a Ctrl-C at the terminal reaches the launcher, which stops the stack last.
         stack = subprocess.Popen([sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(port),
-                                  "--workdir", str(workdir / "stack")], stdout=out, stderr=subprocess.STDOUT,
+                                  "--workdir", str(workdir / "stack"), "--persist"], stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     deadline = time.monotonic() + 120
     while "\nready\n" not in log.read_text():
@@ -137,15 +145,35 @@ def _training_pool_size() -> int:
     return Settings.from_environment().training_pool_size
 
 
-def ui(workdir: str, port: int = 8080) -> int:
-    """`make airflow`: the Airflow UI against a fresh local stack with staged data, until Ctrl-C or SIGTERM."""
+def ui_workdir(workdir: str | None, cwd: Path | None = None) -> Path:
+    """`make airflow`'s work dir: the one asked for; else the last demo's (its Airflow database is there),
+    so the UI shows the demo's runs and reports; else outputs/airflow."""
+    if workdir is not None:
+        return Path(workdir)
+    base = cwd or Path.cwd()
+    demo = base / DEMO_WORKDIR
+    return demo if (demo / "airflow" / "airflow.db").exists() else base / UI_WORKDIR
+
+
+def _forget_previous_demo(root: Path) -> None:
+    """A demo starts afresh: no runs, S3 objects or endpoint records of an earlier demo."""
+    home = root / "airflow"
+    for path in home.glob("airflow.db*"):
+        path.unlink()
+    shutil.rmtree(root / "stack" / "s3", ignore_errors=True)
+
+
+def ui(workdir: str | None, port: int = 8080) -> int:
+    """`make airflow`: the Airflow UI against the local stack with staged data, until Ctrl-C or SIGTERM.
+    On the demo's work dir (the default after `make demo`) it shows the demo's runs and reports."""
     import boto3
 
     stopping = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):  # both stop everything, quietly
         signal.signal(number, lambda *_: stopping.set())
-    root = Path(workdir).resolve()
+    root = ui_workdir(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    reused = (root / "airflow" / "airflow.db").exists()
     stack_port = free_port()
     endpoint_url = f"http://127.0.0.1:{stack_port}"
     _step(f"starting the local stack on {endpoint_url}")
@@ -159,6 +187,9 @@ def ui(workdir: str, port: int = 8080) -> int:
         airflow = _start_airflow(root, endpoint_url, s3, port=port, paused_at_creation=False)
         _step(f"Airflow UI on {airflow.url} (loopback only): user admin, password {airflow.password}\n"
               f"   Try sdxl_dataset_prepare with version '{VERSION}'. Ctrl-C stops everything.")
+        if reused:
+            print(f"   Earlier runs from {root}: their reports and S3 objects are back (DAG run -> Grid report); "
+                  "their SageMaker jobs and endpoints are not (they ended with that stack).", flush=True)
         while not stopping.wait(1):
             dead = [name for name, process in airflow.processes.items() if process.poll() is not None]
             if dead:
@@ -179,6 +210,7 @@ def main(workdir: str) -> int:
 
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    _forget_previous_demo(root)
     port = free_port()
     endpoint_url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
@@ -215,6 +247,7 @@ def main(workdir: str) -> int:
         print(f"variant {response['InvokedProductionVariant']}, seed {body['seed']}: image saved to {image}")
         print(f"leaderboard: s3://{BUCKET}/{board_key} (local stack files under {root / 'stack'})")
         print(f"demo finished in {time.monotonic() - started:.0f} s")
+        print("`make airflow` now shows this demo's runs: sdxl_lora_grid_search -> its run -> Grid report")
         return 0
     finally:
         if airflow is not None:

@@ -15,7 +15,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from local_stack.aws import Clients
+from local_stack.aws import SNAPSHOT_DIR, Clients, restore_s3, save_s3
 from local_stack.errors import ApiError
 from local_stack.hosting import HostingService
 from local_stack.jobs import JobService, Options
@@ -164,9 +164,12 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 class LocalStack:
-    """The server: start() binds the port (a clear error when taken), stop() ends jobs and endpoints."""
+    """The server: start() binds the port (a clear error when taken), stop() ends jobs and endpoints.
 
-    def __init__(self, workdir: Path, port: int = 4566, host: str = "127.0.0.1", options: Options | None = None):
+    With persist, start() puts back the S3 objects a previous stop() saved under the same workdir."""
+
+    def __init__(self, workdir: Path, port: int = 4566, host: str = "127.0.0.1", options: Options | None = None,
+                 persist: bool = False):
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
@@ -178,12 +181,20 @@ class LocalStack:
         _check_port_free(host, port)  # werkzeug would print its own message and exit
         self.server = make_server(host, port, gateway, threaded=True, request_handler=MotoRequestHandler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="local-stack", daemon=True)
+        # --persist: S3 objects are saved under <workdir>/s3/ on stop and put back on start (jobs and
+        # endpoints are not: they end with the stack).
+        self.snapshot = self.workdir / SNAPSHOT_DIR if persist else None
+        self.restored = 0
 
     def start(self) -> "LocalStack":
         self.thread.start()
+        if self.snapshot is not None:
+            self.restored = restore_s3(Clients(self.endpoint_url).s3, self.snapshot)
         return self
 
     def stop(self) -> None:
-        self.sagemaker.shutdown()
+        self.sagemaker.shutdown()  # first: jobs that end upload their outputs, which the snapshot keeps
+        if self.snapshot is not None:
+            save_s3(Clients(self.endpoint_url).s3, self.snapshot)
         self.server.shutdown()
         self.server.server_close()

@@ -14,11 +14,11 @@ from local_stack.jobs import Options
 
 
 def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at: str | None,
-        host: str = "127.0.0.1") -> int:
+        host: str = "127.0.0.1", persist: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns everything else
     options = Options(max_concurrent_jobs=max_concurrent_jobs, spot_interruption_pattern=spot_interruption_at)
-    stack = LocalStack(Path(workdir), port=port, host=host, options=options)
+    stack = LocalStack(Path(workdir), port=port, host=host, options=options, persist=persist)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -26,11 +26,13 @@ def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at:
     stack.start()
     print(f"local stack serving S3, CloudWatch Logs, IAM, STS and SageMaker on {stack.endpoint_url}")
     print(f"work dir: {stack.workdir}")
+    if stack.snapshot is not None:
+        print(f"S3 kept in {stack.snapshot} across restarts: {stack.restored} objects restored")
     print("client environment:")
     for key, value in client_environment(stack.endpoint_url).items():
         print(f"  export {key}={value}")
     print("ready", flush=True)
     stop.wait()
-    print("stopping: ending jobs and endpoints", flush=True)
+    print("stopping: ending jobs and endpoints" + (", saving S3" if stack.snapshot else ""), flush=True)
     stack.stop()
     return 0

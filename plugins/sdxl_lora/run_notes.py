@@ -7,7 +7,7 @@ metadata database session; the note is set when the run starts and checked again
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from airflow.listeners import hookimpl
 
@@ -33,7 +33,9 @@ def _link(dag_run) -> None:
         return
     from airflow.configuration import conf
 
-    base_url = conf.get("api", "base_url", fallback="") or ""
+    # Only base_url's path: the link then holds wherever the UI is served from (the demo's Airflow on a
+    # free port, the same database later behind `make airflow` on 8080, a proxy's host).
+    base_url = urlsplit(conf.get("api", "base_url", fallback="") or "").path
     updated = note_with_link(dag_run.note, dag_run.dag_id, dag_run.run_id, base_url)
     if updated != dag_run.note:
         dag_run.note = updated  # committed with the state change by the caller's session

@@ -24,3 +24,13 @@ def test_the_listener_notes_grid_runs_only():
     run_notes.on_dag_run_success(dag_run=grid, msg="success")
     run_notes.on_dag_run_running(dag_run=other, msg="started")
     assert "plugin/sdxl-lora-report" in grid.note and other.note is None
+
+
+def test_the_listeners_link_keeps_only_the_base_urls_path(monkeypatch):
+    """The demo's Airflow runs on a free port, `make airflow` opens the same database on 8080: the note's
+    link must not name the host or port it was written under."""
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://127.0.0.1:41234/team/")
+    grid = SimpleNamespace(dag_id="sdxl_lora_grid_search", run_id="r1", note=None)
+    run_notes.on_dag_run_running(dag_run=grid, msg="started")
+    assert grid.note.endswith("(/team/dags/sdxl_lora_grid_search/runs/r1/plugin/sdxl-lora-report)"), grid.note
+    assert "41234" not in grid.note
