@@ -56,6 +56,8 @@ class LogSink:
         logs.create_log_stream(logGroupName=group, logStreamName=stream)
 
     def add(self, line: str) -> None:
+        if not line:  # CloudWatch Logs refuses empty messages (and its agent drops them)
+            return
         with self.lock:
             self.pending.append({"timestamp": int(time.time() * 1000), "message": line})
             due = len(self.pending) >= 100 or time.monotonic() - self.last_flush > 0.5
