@@ -142,6 +142,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("validation_prompt", str, None, "Prompt rendered after training into model/samples/.", optional=True),
     Spec("num_validation_images", int, 4, "Images rendered from validation_prompt.", minimum=0),
     Spec("num_validation_inference_steps", int, 25, "Denoising steps of the validation images.", minimum=1),
+    Spec("validation_images_at_checkpoints", bool, False,
+         "Also render validation_prompt at every checkpoint into model/samples/step-N/ (a pipeline load each)."),
     Spec("validation_split", float, 0.0,
          "Fraction of images held out and scored with a deterministic validation loss.", minimum=0,
          exclusive_maximum=1),

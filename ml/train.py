@@ -200,6 +200,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
              len(train_examples), per_epoch, max_steps, world, device)
     losses: list[dict] = []
     validation_losses: list[dict] = []  # measured at every checkpoint: the validation curve
+    checkpoint_samples: dict[int, list[str]] = {}  # step -> images, with validation_images_at_checkpoints
     loop_started = time.monotonic()
     steps_run = 0
     progress_bar = None
@@ -264,6 +265,12 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
                     point = validation_loss(unet, scheduler, val_cache, text_encoders, device, weight_dtype)
                     validation_losses.append({"step": global_step, "val_loss": point})
                     log.info("validation loss %.6f at step %d", point, global_step)
+                if hp.validation_images_at_checkpoints and hp.validation_prompt and hp.num_validation_images:
+                    if accelerator.is_main_process:
+                        checkpoint_samples[global_step] = render_checkpoint_samples(
+                            accelerator, base, paths.model, hp, global_step, (unet, text_encoders, unet_config,
+                                                                               text_config), device, weight_dtype)
+                    accelerator.wait_for_everyone()
     except Interrupted:
         if global_step > 0 and not (paths.checkpoints / f"checkpoint-{global_step}" / PROGRESS_FILE).exists():
             save_checkpoint(accelerator, paths.checkpoints, global_step, hp)
@@ -317,6 +324,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             "fast_path": fast is not None,
             "cuda_graphs": fast.captured() if fast is not None else 0,
             "samples": samples,
+            "checkpoint_samples": {str(step): names for step, names in checkpoint_samples.items()},
             "sample_seeds": [reporting.sample_seed(i) for i in range(len(samples))],
         }
         reporting.write(paths.model, paths.output, summary, LORA_WEIGHTS,
@@ -336,23 +344,43 @@ def draw_noise(hp: Hyperparameters, scheduler, cache, pairs, generator: torch.Ge
     return latents, noise, timesteps
 
 
-def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtype) -> list[str]:
-    """Render validation_prompt with the saved LoRA, which also proves the file loads."""
+def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, dtype, lora_dir: Path | None = None,
+                   folder: str = "samples") -> list[str]:
+    """Render validation_prompt with the saved LoRA (in lora_dir, by default model_dir), which also proves
+    the file loads; the images go to model_dir/folder/."""
     from diffusers import StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype).to(device)
-    pipeline.load_lora_weights(str(model_dir), weight_name=LORA_WEIGHTS)
+    pipeline.load_lora_weights(str(lora_dir or model_dir), weight_name=LORA_WEIGHTS)
     pipeline.set_progress_bar_config(disable=True)
-    out = model_dir / "samples"
+    out = model_dir / folder
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for index in range(hp.num_validation_images):
         generator = torch.Generator(device="cpu").manual_seed(reporting.sample_seed(index))  # same in every trial
         image = pipeline(hp.validation_prompt, height=hp.resolution, width=hp.resolution,
                          num_inference_steps=hp.num_validation_inference_steps, generator=generator).images[0]
-        name = f"samples/sample-{index}.png"
+        name = f"{folder}/sample-{index}.png"
         image.save(model_dir / name)
         names.append(name)
+    return names
+
+
+def render_checkpoint_samples(accelerator, base: str, model_dir: Path, hp: Hyperparameters, step: int, models,
+                              device, dtype) -> list[str]:
+    """validation_prompt rendered with the LoRA as it is at a checkpoint, into model/samples/step-<step>/:
+    the same prompt and seeds as the final samples, so the images show training's progress. The LoRA
+    goes through a temporary file and a pipeline of its own; the training models are left as they are."""
+    import tempfile
+
+    unet, text_encoders, unet_config, text_config = models
+    with tempfile.TemporaryDirectory(prefix="lora-") as scratch:
+        save_lora(accelerator, Path(scratch), unet, text_encoders, unet_config, text_config)
+        render_dtype = dtype if torch.cuda.is_available() else torch.float32
+        names = render_samples(base, model_dir, hp, device, render_dtype, lora_dir=Path(scratch),
+                               folder=f"samples/step-{step}")
+    gc.collect()
+    log.info("rendered %d validation images at step %d", len(names), step)
     return names
 
 

@@ -90,3 +90,21 @@ def test_a_job_writes_curve_samples_card_and_the_output_data_report(make_job, da
         "README.md", "loss_curve.png", "samples/sample-0.png", "samples/sample-1.png", "training_summary.json"]
     assert json.loads((report / "training_summary.json").read_text()) == summary
     Image.open(io.BytesIO((report / "samples" / "sample-0.png").read_bytes())).verify()
+
+
+def test_validation_images_at_checkpoints_when_asked_without_changing_the_training(make_job):
+    settings = {"max_train_steps": 4, "checkpointing_steps": 2, "validation_prompt": "a red circle",
+                "num_validation_images": 1, "num_validation_inference_steps": 2}
+    asked = make_job({**settings, "validation_images_at_checkpoints": "true"}).run()
+    plain = make_job(settings).run()
+    for job in (asked, plain):
+        assert job.returncode == 0, job.stdout
+    summary = asked.summary()
+    assert summary["checkpoint_samples"] == {"2": ["samples/step-2/sample-0.png"]}
+    with Image.open(asked.model / "samples" / "step-2" / "sample-0.png") as image:
+        assert image.size == (32, 32)
+    assert plain.summary()["checkpoint_samples"] == {}
+    assert not (plain.model / "samples" / "step-2").exists()
+    # Rendering at a checkpoint leaves the training models alone: the same losses and the same final LoRA.
+    assert [r["loss"] for r in summary["losses"]] == pytest.approx([r["loss"] for r in plain.summary()["losses"]])
+    assert (asked.model / "samples" / "sample-0.png").read_bytes() == (plain.model / "samples" / "sample-0.png").read_bytes()
