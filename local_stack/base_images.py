@@ -1,8 +1,8 @@
 """The Hugging Face Deep Learning Containers each job image builds on, looked up per region.
 
 The SageMaker Python SDK's `image_uris.retrieve` knows which ECR registry serves each region (most
-use AWS's DLC account, some have their own). containers/*/Dockerfile default to the us-east-1 URI
-of the same spec; `containers/build_and_push.sh` builds on the URI of the target region.
+use AWS's DLC account, some have their own). containers/*/Dockerfile take the base as a build
+argument with no default; `containers/build_and_push.sh` builds on the URI of the target region.
 """
 
 from __future__ import annotations

@@ -25,11 +25,12 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def base_of(path: Path) -> str:
+    """The FROM line with the build arguments' defaults filled in (an argument without one stays ${NAME})."""
     steps = instructions(path)
     args = {k.split("=", 1)[0]: k.split("=", 1)[1] for kind, k in steps if kind == "ARG" and "=" in k}
     frm = [a for kind, a in steps if kind == "FROM"]
     assert len(frm) == 1, f"{path}: one FROM"
-    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], frm[0])
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), frm[0])
 
 
 def pinned(image: str) -> bool:
@@ -45,9 +46,10 @@ def test_job_image_dockerfile_matches_the_registry(image):
     steps = dict(instructions(path))
     assert json.loads(steps["ENTRYPOINT"]) == ["sdxl-lora"]
     assert json.loads(steps["CMD"]) == [IMAGE_VERBS[image]]
-    base = base_of(path)
-    assert pinned(base), f"{path}: unpinned base {base}"
-    assert base == base_images.retrieve(image, "us-east-1"), "Dockerfile default and `sdxl-lora-ops base-images`"
+    # The base is a build argument without a default: its registry account is the SDK's to name, per region.
+    assert base_of(path) == "${BASE_IMAGE}" and ("ARG", "BASE_IMAGE") in instructions(path)
+    base = base_images.retrieve(image, "us-east-1")  # what build_and_push.sh passes, per region
+    assert pinned(base), f"{image}: unpinned base {base}"
     assert '.[payload]' in steps["RUN"] and "-c constraints.txt" in steps["RUN"]
 
 

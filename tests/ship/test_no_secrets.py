@@ -9,7 +9,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_ACCOUNTS = {
     "123456789012",  # AWS's documented example account; moto's default account (local stack, tests)
     "111122223333",  # AWS's other documented example account (docs/aws.md, containers/build_and_push.sh)
-    "763104351884",  # AWS's public Deep Learning Containers registry (containers/*/Dockerfile bases)
 }
 ACCOUNT = re.compile(r"(?<![\w.-])(\d{12})(?![\w])")
 ARN_ACCOUNT = re.compile(r"arn:aws[\w-]*:[\w-]+:[\w-]*:(\d{12}):")
