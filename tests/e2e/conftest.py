@@ -145,3 +145,17 @@ def processes_under(path: Path) -> list[int]:
         if str(path) in text and process.pid != os.getpid():
             found.append(process.pid)
     return found
+
+
+@pytest.fixture(scope="session")
+def scheduled(tmp_path_factory):
+    """One real Airflow (LocalExecutor on PostgreSQL; tests/e2e/scheduler.py) against a local stack of its own,
+    shared by every scheduler test that needs no settings of its own: starting one costs about a minute.
+    Each test unpauses the DAGs it runs and tells its runs and jobs apart from the others' by run id."""
+    from scheduler import GRID, deployment, skip_without_services
+
+    skip_without_services()
+    with deployment(tmp_path_factory.mktemp("sched-local")) as airflow:
+        airflow.wait_for_dags(GRID)
+        airflow.unpause(GRID)
+        yield airflow

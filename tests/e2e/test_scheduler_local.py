@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import psutil
 import pytest
-from scheduler import (GRID, check_the_pool_limit, deployment, grid_conf, skip_without_services, training_jobs,
-                       trials, wait_until)
+from scheduler import GRID, check_the_pool_limit, grid_conf, training_jobs, trials, wait_until
 
 pytestmark = pytest.mark.scheduler
 TINY_LONG = {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "checkpointing_steps": 10}
 
 
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
-    skip_without_services()
-    with deployment(tmp_path_factory.mktemp("sched-local")) as airflow:
-        airflow.wait_for_dags(GRID)
-        airflow.unpause(GRID)
-        yield airflow
+@pytest.fixture
+def airflow(scheduled):
+    return scheduled
 
 
 def test_the_pool_caps_running_jobs_and_keeps_its_slots_busy(airflow):
