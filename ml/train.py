@@ -392,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     try:
         hp = parse(paths.read_hyperparameters())
-        from ml import launch
+        from ml import evaluate, launch
+
+        if evaluate.requested(paths):  # a scoring job: an existing adapter's val_loss, nothing trained
+            evaluate.score(paths, hp, stop)
+            return 0
 
         config = launch.distributed_config(paths, hp)
         if config is not None:
