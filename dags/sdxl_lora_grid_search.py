@@ -15,8 +15,23 @@ run's "Grid report" tab shows: costs, links, one XY sheet of validation images p
   first try started instead of paying for a second one.
 - Failed trials are listed on the leaderboard and never chosen; the others are still compared.
 
+**When the run fails.** A run that selected a winner (and deployed it, when asked) ends green
+even if some trials failed: a sweep explores, and a trial that fails (a diverging learning rate, a
+rank too large for the instance) is one of its results, as in a SageMaker tuning job, which
+completes with failed trials among its counts. The failed trials stay visible: their tasks are
+red in the Grid view, with the job's FailureReason in the task log, and the leaderboard's title
+counts them ("1 of 4 trials failed"), each listed with its reason. The run ends **failed** when
+no trial succeeded (select_winner finds no winner), or when building the trials, the report or
+any deploy task failed: the `watcher` task (trigger rule ONE_FAILED, downstream of every task but
+the trials, whose outcome select_winner judges) fails the run then, because the tasks that end it
+(publish_report, the deploy group's rollback) succeed after a failure upstream.
+
 Params: lists of at most 10 values each (10 x 10 x 10 = 1000 trials, within Airflow's mapping
-limit of 1024), plus the fixed hyperparameters of every trial.
+limit of 1024), plus the fixed hyperparameters of every trial. In the trigger form each list is a
+text box with one value per line (`0.0001`, `2e-4`; blank lines are ignored); through the API, a
+JSON list of numbers. Numbers out of bounds and text that is not a number are refused when the run
+is triggered; `build_trials`, the first task, reads the text and refuses, without retrying, a
+value out of bounds or listed twice, naming the Param and the value.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import logging
 from airflow.sdk import Param, TriggerRule, chain, dag, task
 from ml.hyperparameters import SWEPT
 from sdxl_lora.dag_common import (dag_arguments, endpoint_param, grid_param, hyperparameters_param, job_kwargs,
-                                  run_date, smoke_param, version_param)
+                                  run_date, smoke_param, version_param, watch)
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
@@ -58,12 +73,16 @@ log = logging.getLogger(__name__)
 def sdxl_lora_grid_search():
     @task
     def build_trials(**context) -> list[dict]:
+        from airflow.sdk.exceptions import AirflowFailException
         from sdxl_lora import grid, naming, requests
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
         version = params["dataset_version"] or run_date(context)
-        trials = grid.expand(params["learning_rates"], params["max_train_steps"], params["ranks"])
+        try:
+            trials = grid.from_params(params)
+        except grid.GridError as error:  # a bad Param: a retry would fail the same way
+            raise AirflowFailException(str(error)) from None
         log.info("%d trials on dataset version %s", len(trials), version)
         configs = []
         for trial in trials:
@@ -79,7 +98,8 @@ def sdxl_lora_grid_search():
     def select_winner(configs: list[dict], run_id: str) -> dict:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from sdxl_lora import naming, operators, selection, serving
+        from airflow.sdk.exceptions import AirflowFailException
+        from sdxl_lora import grid, naming, operators, selection, serving
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
@@ -92,16 +112,23 @@ def sdxl_lora_grid_search():
             results.append(selection.from_description(description, float(values["learning_rate"]),
                                                       int(values["max_train_steps"]), int(values["rank"])))
         folder = settings.uri("grid_search", naming.run_token(run_id))
+        failed = [r for r in results if not r.usable]
+        for result in failed:
+            log.warning("trial %s failed (%s): %s", result.job_name, result.status,
+                        result.failure_reason or "no validation loss")
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
         s3.load_string(selection.leaderboard_json(results), f"{folder}/leaderboard.json", replace=True)
-        s3.load_string(selection.leaderboard_markdown(results, f"{DAG_ID} {run_id}"), f"{folder}/leaderboard.md",
-                       replace=True)
+        title = grid.leaderboard_title(f"{DAG_ID} {run_id}", len(results), len(failed))
+        s3.load_string(selection.leaderboard_markdown(results, title), f"{folder}/leaderboard.md", replace=True)
         best = selection.winner(results)
         if best is None:
-            raise RuntimeError(f"no trial completed with a validation loss; leaderboard at {folder}/leaderboard.md")
-        log.info("winner %s (val_loss %.6g); leaderboard at %s/leaderboard.md", best.job_name, best.val_loss, folder)
+            raise AirflowFailException(f"no trial completed with a validation loss ({len(failed)} of {len(results)} "
+                                       f"failed): the run fails; leaderboard at {folder}/leaderboard.md")
+        log.info("winner %s (val_loss %.6g) among %d trials, %d failed; leaderboard at %s/leaderboard.md",
+                 best.job_name, best.val_loss, len(results), len(failed), folder)
         return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
-                "leaderboard": f"{folder}/leaderboard.md", "training": serving.training(best.job_name, best.val_loss)}
+                "leaderboard": f"{folder}/leaderboard.md", "trials": len(results), "failed_trials": len(failed),
+                "training": serving.training(best.job_name, best.val_loss)}
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def publish_report(configs: list[dict], run_id: str) -> str:
@@ -119,7 +146,9 @@ def sdxl_lora_grid_search():
                  len(board["sheets"]), board["estimated_cost_usd"], folder)
         return f"{folder}/report/{report.LEADERBOARD}"
 
-    @task.short_circuit
+    # Skips the deploy group's first task; the rest follow their trigger rules (and so are skipped),
+    # the watcher after them is not skipped with them.
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
     def deploy_requested(params: dict) -> bool:
         return params["deploy_winner"]
 
@@ -134,6 +163,7 @@ def sdxl_lora_grid_search():
 
     chain(trials, winner, deploy_requested(), deployment)
     trials >> publish_report(configs)
+    watch(judged_downstream=[trials])  # a failed trial alone leaves the run green: select_winner judges the trials
 
 
 sdxl_lora_grid_search()

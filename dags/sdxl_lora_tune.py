@@ -13,6 +13,16 @@ timesteps) that every trial logs. Its trials are the same training job as a grid
 - The tuning job's name is deterministic per run: a retried task waits for or reuses it.
 - `select_winner` ranks every trial into the same leaderboard as the grid
   (`tuning/<run>/leaderboard.{json,md}`); the winner can go to the same deploy tasks.
+
+**When the run fails.** As with the grid, failed trials alone do not fail a run that found a
+winner: SageMaker completes a tuning job with some failed trials (it counts them), and the
+leaderboard's title says how many of its trials failed, each listed with its reason. The run ends
+**failed** when no trial succeeded (select_winner finds no winner), when the tuning job itself
+failed or was stopped (the `tune` task fails), or when planning or a deploy task failed: the
+`watcher` task (trigger rule ONE_FAILED, downstream of every task) fails it then.
+
+`ranks` is a text box in the trigger form, one rank per line (a JSON list of integers through the
+API); `plan_tuning` reads it and refuses, without retrying, a bad rank or range, naming the Param.
 """
 
 from __future__ import annotations
@@ -21,8 +31,8 @@ import logging
 
 from airflow.sdk import Param, TriggerRule, chain, dag, task
 from ml.hyperparameters import SWEPT, value_schema
-from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, run_date, smoke_param,
-                                  version_param, waiting_kwargs)
+from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, list_param, run_date,
+                                  smoke_param, version_param, waiting_kwargs, watch)
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.settings import Settings
 from sdxl_lora.tuning import MAX_CATEGORICAL_VALUES, STRATEGIES, ResumableSageMakerTuningOperator
@@ -51,8 +61,7 @@ def _bound_param(name: str, default, description: str) -> Param:
         "learning_rate_max": _bound_param("learning_rate", 1e-3, "Upper end of the learning-rate range."),
         "max_train_steps_min": _bound_param("max_train_steps", 500, "Fewest optimizer steps a trial trains."),
         "max_train_steps_max": _bound_param("max_train_steps", 3000, "Most optimizer steps a trial trains."),
-        "ranks": Param([4, 16, 64], type="array", items=value_schema("rank"), minItems=1,
-                       maxItems=MAX_CATEGORICAL_VALUES, uniqueItems=True, description="LoRA ranks to choose from."),
+        "ranks": list_param("rank", [4, 16, 64], "LoRA ranks to choose from.", MAX_CATEGORICAL_VALUES),
         "max_jobs": Param(12, type="integer", minimum=1, maximum=500,
                           description="Training jobs the tuning job launches in all."),
         "max_parallel_jobs": Param(4, type="integer", minimum=1, maximum=100,
@@ -73,7 +82,8 @@ def _bound_param(name: str, default, description: str) -> Param:
 def sdxl_lora_tune():
     @task
     def plan_tuning(**context) -> dict:
-        from sdxl_lora import requests, tuning
+        from airflow.sdk.exceptions import AirflowFailException
+        from sdxl_lora import grid, requests, tuning
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
@@ -82,9 +92,12 @@ def sdxl_lora_tune():
         if parallel < params["max_parallel_jobs"]:
             log.info("max_parallel_jobs %d capped to %d: the training pool admits %d jobs (setting "
                      "training_pool_size)", params["max_parallel_jobs"], parallel, settings.training_pool_size)
-        ranges = tuning.parameter_ranges(params["learning_rate_min"], params["learning_rate_max"],
-                                         params["max_train_steps_min"], params["max_train_steps_max"],
-                                         params["ranks"])
+        try:  # a bad Param: a retry would fail the same way
+            ranks = grid.values("ranks", params["ranks"], "rank", MAX_CATEGORICAL_VALUES)
+            ranges = tuning.parameter_ranges(params["learning_rate_min"], params["learning_rate_max"],
+                                             params["max_train_steps_min"], params["max_train_steps_max"], ranks)
+        except (grid.GridError, tuning.TuningError) as error:
+            raise AirflowFailException(str(error)) from None
         name = tuning.tuning_job_name(JOB_PREFIX, run_id)
         return tuning.tuning_request(
             settings, name, settings.processed_dataset(version), params["hyperparameters"], ranges,
@@ -95,13 +108,14 @@ def sdxl_lora_tune():
     def select_winner(config: dict, run_id: str) -> dict:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from sdxl_lora import naming, selection, serving, tuning
+        from airflow.sdk.exceptions import AirflowFailException
+        from sdxl_lora import grid, naming, selection, serving, tuning
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
         tuning_job = tuning.latest_attempt(client, config["HyperParameterTuningJobName"])
         if tuning_job is None:
-            raise RuntimeError(f"tuning job {config['HyperParameterTuningJobName']} was never created")
+            raise AirflowFailException(f"tuning job {config['HyperParameterTuningJobName']} was never created")
         name = tuning_job["HyperParameterTuningJobName"]
         static = config["TrainingJobDefinition"]["StaticHyperParameters"]
         results = []
@@ -115,20 +129,28 @@ def sdxl_lora_tune():
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
         s3.load_string(selection.leaderboard_json(results), f"{folder}/leaderboard.json", replace=True)
         status = tuning_job["HyperParameterTuningJobStatus"]
-        title = f"{DAG_ID} {run_id}: tuning job {name} ({strategy}, {status})"
+        failed = [r for r in results if not r.usable]
+        for result in failed:
+            log.warning("trial %s failed (%s): %s", result.job_name, result.status,
+                        result.failure_reason or "no validation loss")
+        title = grid.leaderboard_title(f"{DAG_ID} {run_id}: tuning job {name} ({strategy}, {status})", len(results),
+                                       len(failed))
         s3.load_string(selection.leaderboard_markdown(results, title), f"{folder}/leaderboard.md", replace=True)
         best = selection.winner(results)
         if best is None:
-            raise RuntimeError(f"no trial of {name} completed with a validation loss; leaderboard at "
-                               f"{folder}/leaderboard.md")
+            raise AirflowFailException(f"no trial of {name} completed with a validation loss ({len(failed)} of "
+                                       f"{len(results)} failed): the run fails; leaderboard at {folder}/leaderboard.md")
         sagemaker_best = (tuning_job.get("BestTrainingJob") or {}).get("TrainingJobName")
-        log.info("winner %s (val_loss %.6g); SageMaker's BestTrainingJob: %s", best.job_name, best.val_loss,
-                 sagemaker_best)
+        log.info("winner %s (val_loss %.6g) among %d trials, %d failed; SageMaker's BestTrainingJob: %s",
+                 best.job_name, best.val_loss, len(results), len(failed), sagemaker_best)
         return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
                 "leaderboard": f"{folder}/leaderboard.md", "tuning_job": name, "sagemaker_best": sagemaker_best,
+                "trials": len(results), "failed_trials": len(failed),
                 "training": serving.training(best.job_name, best.val_loss)}
 
-    @task.short_circuit
+    # Skips the deploy group's first task; the rest follow their trigger rules (and so are skipped),
+    # the watcher after them is not skipped with them.
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
     def deploy_requested(params: dict) -> bool:
         return params["deploy_winner"]
 
@@ -140,6 +162,7 @@ def sdxl_lora_tune():
                               "{{ params.smoke_request }}", training=winner["training"])
 
     chain(tuned, winner, deploy_requested(), deployment)
+    watch()  # the tuning job's own status judges its trials: Completed with some failed is green
 
 
 sdxl_lora_tune()

@@ -6,8 +6,10 @@ all arrive for the same intent. ``parse`` accepts them alike, ignores ``sagemake
 keys, warns about unknown keys and names the key and the value it cannot use.
 
 The same table gives the JSON schema of the DAGs' ``hyperparameters`` Params
-(``hyperparameters_schema``) and of the grid's list items (``value_schema``), so the trigger
-form refuses what the job would refuse, before any job starts. ``PRESETS`` holds the
+(``hyperparameters_schema``), of one value (``value_schema``) and of one item of a list Param such
+as the grid's (``list_item_schema``: a number, or its text as the trigger form's one-value-per-line
+box sends it; ``coerce`` reads it), so the trigger form refuses what the job would refuse, before
+any job starts. ``PRESETS`` holds the
 production settings and the grid's fixed set derived from them.
 
 Pure Python: the DAGs build training requests and Params from this module without torch.
@@ -30,7 +32,11 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 class HyperparameterError(JobError, ValueError):
-    """A hyperparameter value the job cannot use; the message names the key."""
+    """A hyperparameter value the job cannot use; the message names the key, `reason` says what is wrong alone."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +57,7 @@ class Spec:
     choices: tuple[str, ...] = ()
 
     def value_schema(self) -> dict[str, Any]:
-        """JSON schema of one value (None excluded): what a grid's list Param takes as its items."""
+        """JSON schema of one value (None excluded): a tuning range's end; list Params take list_item_schema."""
         schema: dict[str, Any] = {"type": _JSON_TYPES[self.kind]}
         for key, bound in (("minimum", self.minimum), ("exclusiveMinimum", self.exclusive_minimum),
                            ("maximum", self.maximum), ("exclusiveMaximum", self.exclusive_maximum),
@@ -63,6 +69,29 @@ class Spec:
         elif self.kind is str and not self.optional:
             schema["minLength"] = 1  # the parser reads an empty string as "no value"
         return schema
+
+    def list_item_schema(self) -> dict[str, Any]:
+        """JSON schema of one item of a list Param of this numeric hyperparameter: a JSON number within the
+        bounds, or its text, as the trigger form sends it (one value per line; a blank line is allowed, and
+        ignored). No "type" at the top: Airflow's form shows an array whose items have no type (or "string")
+        as a text box, one value per line, and an array of numbers as a JSON editor. The text's bounds are
+        checked by `coerce` in the DAG's first task; its pattern stays short because Airflow's HTTP 400
+        quotes it, with this schema's title and description."""
+        if self.kind not in (int, float):
+            raise HyperparameterError(f"{self.name}: only numeric hyperparameters make list Params")
+        numbers = {key: value for key, value in self.value_schema().items() if key != "type"}
+        return {"title": self.name,
+                "description": f"each value: a {self.name}, {self.words()} (a JSON number, or its text as the "
+                               "form's one-value-per-line box sends it)",
+                "anyOf": [{"type": _JSON_TYPES[self.kind]}, {"type": "string"}], **numbers,
+                "pattern": _TEXT_PATTERNS[self.kind]}
+
+    def words(self) -> str:
+        """What a value must be, in words: 'an integer in [1, 1024]', 'a number in (0, 0.1]'."""
+        noun = {int: "an integer", float: "a number", bool: "true or false", str: "text"}[self.kind]
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        return f"{noun} {self.requirement()}".strip()
 
     def json_schema(self) -> dict[str, Any]:
         """JSON schema of the hyperparameter as a property of the DAGs' `hyperparameters` Param."""
@@ -100,6 +129,9 @@ class Spec:
 
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+# What the text of a list item may hold (blank allowed); the job's parser reads and bounds it. Readable on purpose:
+# Airflow's HTTP 400 quotes the pattern a value fails ("'1,5' does not match '^[-+0-9.eE ]*$'").
+_TEXT_PATTERNS = {int: "^[0-9 ]*$", float: "^[-+0-9.eE ]*$"}
 MAX_LEARNING_RATE = 0.1  # far above any LoRA learning rate; a larger one is a typo
 MAX_RANK = 1024
 MAX_TRAIN_STEPS = 100_000
@@ -196,6 +228,10 @@ def _unwrap(raw: Any) -> Any:
     return value
 
 
+def _refused(spec: Spec, reason: str, raw: Any) -> HyperparameterError:
+    return HyperparameterError(f"{spec.name}: {reason}, got {raw!r}", reason)
+
+
 def _coerce(spec: Spec, raw: Any) -> Any:
     value = _unwrap(raw)
     if isinstance(value, str):
@@ -203,7 +239,7 @@ def _coerce(spec: Spec, raw: Any) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS):
         if spec.optional:
             return None
-        raise HyperparameterError(f"{spec.name}: a value is required, got {raw!r}")
+        raise _refused(spec, "a value is required", raw)
     if spec.kind is bool:
         if isinstance(value, bool):
             return value
@@ -212,30 +248,30 @@ def _coerce(spec: Spec, raw: Any) -> Any:
             return True
         if word in _FALSE_WORDS:
             return False
-        raise HyperparameterError(f"{spec.name}: expected true or false, got {raw!r}")
+        raise _refused(spec, "expected true or false", raw)
     if spec.kind is int:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise HyperparameterError(f"{spec.name}: expected an integer, got {raw!r}") from None
+            raise _refused(spec, "expected an integer", raw) from None
         if isinstance(value, bool) or not number.is_integer():
-            raise HyperparameterError(f"{spec.name}: expected an integer, got {raw!r}")
+            raise _refused(spec, "expected an integer", raw)
         value = int(number)
     elif spec.kind is float:
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise HyperparameterError(f"{spec.name}: expected a number, got {raw!r}") from None
+            raise _refused(spec, "expected a number", raw) from None
         if not math.isfinite(value):
-            raise HyperparameterError(f"{spec.name}: expected a finite number, got {raw!r}")
+            raise _refused(spec, "expected a finite number", raw)
     else:
         value = str(value)
         if spec.choices and value not in spec.choices:
-            raise HyperparameterError(f"{spec.name}: expected one of {', '.join(spec.choices)}, got {raw!r}")
+            raise _refused(spec, f"expected one of {', '.join(spec.choices)}", raw)
     if spec.kind in (int, float):
         problem = spec.violation(value)
         if problem:
-            raise HyperparameterError(f"{spec.name}: must be {problem}, got {raw!r}")
+            raise _refused(spec, f"must be {problem}", raw)
     return value
 
 
@@ -280,10 +316,24 @@ def hyperparameters_schema(exclude: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def value_schema(name: str) -> dict[str, Any]:
-    """JSON schema of one value of a hyperparameter (None excluded): a grid's list items, a tuning range's ends."""
+    """JSON schema of one value of a hyperparameter (None excluded): a tuning range's ends."""
     if name not in SPEC_BY_NAME:
         raise HyperparameterError(f"unknown hyperparameter: {name}")
     return SPEC_BY_NAME[name].value_schema()
+
+
+def list_item_schema(name: str) -> dict[str, Any]:
+    """JSON schema of one item of a list Param of a numeric hyperparameter (the grid's values, the tuning ranks)."""
+    if name not in SPEC_BY_NAME:
+        raise HyperparameterError(f"unknown hyperparameter: {name}")
+    return SPEC_BY_NAME[name].list_item_schema()
+
+
+def coerce(name: str, raw: Any) -> Any:
+    """One value of a hyperparameter, read and checked as the job reads it (a number or its text)."""
+    if name not in SPEC_BY_NAME:
+        raise HyperparameterError(f"unknown hyperparameter: {name}")
+    return _coerce(SPEC_BY_NAME[name], raw)
 
 
 # What the grid and automatic tuning vary per trial; every other hyperparameter is fixed for a run.

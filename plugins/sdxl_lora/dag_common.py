@@ -1,19 +1,25 @@
-"""What every DAG of the project shares: its @dag arguments, the Params that recur and the
-keyword arguments of the SageMaker operators that wait for a job."""
+"""What every DAG of the project shares: its @dag arguments, the Params that recur, the
+keyword arguments of the SageMaker operators that wait for a job, and the watcher that fails a
+run when one of its tasks failed."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param
+from airflow.sdk import Param, TriggerRule, task
 
-from ml.hyperparameters import hyperparameters_schema, preset, value_schema
+from ml.hyperparameters import SPEC_BY_NAME, hyperparameters_schema, list_item_schema, preset
 from sdxl_lora.assets import VERSION_PATTERN
+from sdxl_lora.grid import MAX_GRID_VALUES
 from sdxl_lora.settings import Settings
 
 NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
-MAX_GRID_VALUES = 10  # 10 x 10 x 10 = 1000 trials, within Airflow's [core] max_map_length of 1024
+WATCHER = "watcher"
+FAILED_STATES = ("failed", "upstream_failed")
+log = logging.getLogger(__name__)
 SMOKE_REQUEST = {"prompt": "storyboard frame, ink outline, a red circle on the left", "width": 512, "height": 512,
                  "num_inference_steps": 4, "seed": 0, "lora_scale": 0.8}
 
@@ -53,10 +59,20 @@ def hyperparameters_param(preset_name: str, description: str, exclude: tuple[str
                  **hyperparameters_schema(exclude=exclude))
 
 
+def list_param(name: str, default: list, description: str, max_values: int) -> Param:
+    """A list of values of one numeric hyperparameter. The trigger form shows it as a text box, one value per
+    line (items without a "type"; an array of numbers would get a JSON editor), and sends text; the API may
+    send numbers. Numbers are bounded at trigger time, text is checked for its characters there and read
+    and bounded by the DAG's first task (sdxl_lora.grid.values), which also drops blank lines and refuses
+    duplicates (so no uniqueItems: two empty lines would be refused as duplicates)."""
+    return Param(default, type="array", items=list_item_schema(name), minItems=1, maxItems=max_values,
+                 description=f"{description} One value per line (through the API, a JSON list of numbers); "
+                             f"each {SPEC_BY_NAME[name].words()}; at most {max_values} values.")
+
+
 def grid_param(name: str, default: list, description: str) -> Param:
-    """A list of values of one hyperparameter, each bounded as the job bounds it."""
-    return Param(default, type="array", items=value_schema(name), minItems=1, maxItems=MAX_GRID_VALUES,
-                 uniqueItems=True, description=description)
+    """A grid list (learning rates, steps, ranks): at most MAX_GRID_VALUES values."""
+    return list_param(name, default, description, MAX_GRID_VALUES)
 
 
 def endpoint_param() -> Param:
@@ -73,3 +89,66 @@ def run_date(context) -> str:
     """The run's date: its logical date, or when it was triggered (runs from the UI may have no logical date)."""
     when = context.get("logical_date") or context["dag_run"].run_after
     return when.strftime("%Y-%m-%d")
+
+
+@task(task_id=WATCHER, trigger_rule=TriggerRule.ONE_FAILED, retries=0)
+def _watcher(**context) -> None:
+    """Runs only when a task it watches failed (or could not run because one upstream of it failed)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    ti = context["ti"]
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id],
+                                    task_ids=sorted(context["task"].upstream_task_ids)).get(ti.run_id, {})
+    except Exception:  # noqa: BLE001 - naming the failed tasks is a courtesy; failing the run is the job
+        log.exception("could not read the watched tasks' states")
+        states = {}
+    raise AirflowFailException(failure_summary(states))
+
+
+def failure_summary(states: dict[str, str | None]) -> str:
+    """The watcher's message: the tasks that failed, then those that could not run because of them."""
+    failed = sorted(name for name, state in states.items() if state == "failed")
+    blocked = sorted(name for name, state in states.items() if state == "upstream_failed")
+    if not failed and not blocked:
+        return "a task of this run failed"
+    words = [f"failed: {', '.join(failed)}"] if failed else []
+    if blocked:
+        words.append(f"not run because of it: {', '.join(blocked)}")
+    return "this run failed; " + "; ".join(words)
+
+
+def watch(judged_downstream: Iterable = ()):
+    """Airflow's watcher pattern (its system tests): a last task, trigger rule ONE_FAILED, downstream of every
+    task of the DAG, that fails when one of them failed. Airflow sets a run's state from its leaf tasks, and
+    cleanup or report tasks (ALL_DONE, ONE_FAILED) succeed after a failure upstream: without the watcher such a
+    run ends green. Call it last in the @dag function.
+
+    judged_downstream: tasks whose failure alone must not fail the run because a watched task downstream of them
+    judges their outcome (the grid's trials: select_winner fails when no trial succeeded). Tasks that skip their
+    direct downstream (short-circuit, branch) are not wired to the watcher, which they would skip; their failure
+    reaches it through the tasks after them. A short-circuit that skips everything downstream of it
+    (ignore_downstream_trigger_rules=True, the default) would skip the watcher too, so it is refused."""
+    watcher = _watcher().operator
+    dag = watcher.dag
+    judged = {getattr(getattr(t, "operator", t), "task_id") for t in judged_downstream}
+    unknown = judged - set(dag.task_ids)
+    if unknown:
+        raise ValueError(f"watch(): no task {', '.join(sorted(unknown))} in {dag.dag_id}")
+    indirect = set(judged)
+    for task_ in dag.tasks:
+        if task_ is watcher or task_.task_id in judged:
+            continue
+        if task_.inherits_from_skipmixin:
+            if getattr(task_, "ignore_downstream_trigger_rules", False):
+                raise ValueError(f"{dag.dag_id}.{task_.task_id} skips every task downstream of it, the watcher "
+                                 "included: give it ignore_downstream_trigger_rules=False (its direct downstream "
+                                 "tasks are skipped, the others follow their trigger rules)")
+            if task_.downstream_task_ids:
+                indirect.add(task_.task_id)
+                continue
+        task_ >> watcher
+    unwatched = indirect - watcher.get_flat_relative_ids(upstream=True)
+    if unwatched:
+        raise ValueError(f"watch(): no task downstream of {', '.join(sorted(unwatched))} reaches the watcher")
+    return watcher

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def test_docs_tags_and_retries(dagbag, dag_id):
     dag = dagbag.dags[dag_id]
     assert dag.doc_md and dag.doc_md.strip().startswith("###")
     assert {"sdxl", "lora", "sagemaker"} <= set(dag.tags)
-    assert all(task.retries >= 1 for task in dag.tasks)
+    assert all(task.retries >= 1 for task in dag.tasks if task.task_id != "watcher")  # it fails on purpose, once
     for name in dag.params:
         param = dag.params.get_param(name)
         assert param.schema.get("type") and param.description, name  # the trigger form shows both
@@ -46,9 +47,10 @@ def test_tune_params_offer_the_strategies_and_reject_bad_input(dagbag):
     from airflow.sdk.definitions.param import ParamValidationError
 
     for bad in ({"strategy": "Grid"}, {"learning_rate_min": 0}, {"max_train_steps_min": 0}, {"ranks": []},
-                {"ranks": [4, 4]}, {"max_jobs": 0}, {"max_parallel_jobs": 0}, {"random_seed": -1}):
+                {"ranks": ["four"]}, {"ranks": [0]}, {"max_jobs": 0}, {"max_parallel_jobs": 0}, {"random_seed": -1}):
         with pytest.raises(ParamValidationError):
             _validated(dag, bad)
+    assert _validated(dag, {"ranks": ["4", "16", ""]})["ranks"] == ["4", "16", ""]  # as the form sends them
 
 
 def _validated(dag, conf: dict):
@@ -65,10 +67,13 @@ def test_grid_params_accept_the_original_grid_and_reject_bad_input(dagbag):
     assert len(good["ranks"]) == 5
     from airflow.sdk.definitions.param import ParamValidationError
 
-    for bad in ({"learning_rates": []}, {"learning_rates": [-1]}, {"ranks": [0]}, {"ranks": [4, 4]},
-                {"max_train_steps": list(range(1, 12))}, {"dataset_version": "../etc"}, {"deploy_winner": "yes"}):
+    for bad in ({"learning_rates": []}, {"learning_rates": [-1]}, {"ranks": [0]}, {"learning_rates": ["abc"]},
+                {"ranks": ["1,5"]}, {"ranks": [4.5]}, {"max_train_steps": list(range(1, 12))},
+                {"dataset_version": "../etc"}, {"deploy_winner": "yes"}):
         with pytest.raises(ParamValidationError):
             _validated(dag, bad)
+    typed = _validated(dag, {"learning_rates": ["0.0001", "2e-4", ""], "max_train_steps": ["500"], "ranks": ["4"]})
+    assert typed["learning_rates"] == ["0.0001", "2e-4", ""]  # the form's text passes; build_trials reads it
 
 
 def test_prepare_params(dagbag):
@@ -157,3 +162,108 @@ def test_a_scheduled_retrain_before_any_dataset_skips_and_one_with_its_dataset_t
         s3.put_object(Bucket="sdxl-lora-local", Key="sdxl-finetune-lora/proc_dataset/2026-11-02/manifest.json",
                       Body=b"{}")
         assert choose(**scheduled) == "2026-11-02"
+
+
+LIST_PARAMS = {"sdxl_lora_grid_search": {"learning_rates": "learning_rate", "max_train_steps": "max_train_steps",
+                                         "ranks": "rank"},
+               "sdxl_lora_tune": {"ranks": "rank"}}
+
+
+@pytest.mark.parametrize("dag_id", sorted(LIST_PARAMS))
+def test_list_params_are_text_boxes_one_value_per_line(dagbag, dag_id):
+    """Airflow 3's trigger form renders an array Param by its items (airflow/ui/dist, the flexible form's field
+    selector): enum or examples -> a multi-select of those values; items without "type" or "string" -> a text
+    box, one value per line, sent as a list of strings; other items -> a JSON editor. Every list Param of ours
+    is an array of numbers, and must be the text box."""
+    from ml.hyperparameters import list_item_schema
+
+    dag = dagbag.dags[dag_id]
+    arrays = {name for name in dag.params if dag.params.get_param(name).schema.get("type") == "array"}
+    assert arrays == set(LIST_PARAMS[dag_id])
+    for name, hyperparameter in LIST_PARAMS[dag_id].items():
+        schema = dag.params.get_param(name).schema
+        assert schema["items"] == list_item_schema(hyperparameter)
+        assert "type" not in schema["items"] and not {"enum", "examples"} & set(schema)
+        assert "One value per line" in dag.params.get_param(name).description
+
+
+def test_a_bad_list_value_is_refused_naming_the_param_and_the_value(dagbag):
+    """What the API's HTTP 400 says (its detail is the ParamValidationError of the DAG's serialized Params)."""
+    from airflow.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    grid = DagSerialization.from_dict(DagSerialization.to_dict(dagbag.dags["sdxl_lora_grid_search"]))
+    cases = {"learning_rates": (["0.0001", "abc"], "'abc' does not match '^[-+0-9.eE ]*$'"),
+             "ranks": ([4, 2048], "2048 is greater than the maximum of 1024"),
+             "max_train_steps": (["1,000"], "'1,000' does not match '^[0-9 ]*$'")}
+    for name, (value, words) in cases.items():
+        with pytest.raises(ParamValidationError) as refused:
+            grid.params.deep_merge({name: value}).validate()
+        first_line, rest = str(refused.value).split("\n", 1)
+        assert first_line == f"Invalid input for param {name}: {words}"
+        assert "each value: a " in rest  # the items' description, printed with the schema that refused
+
+
+def _callable_context(monkeypatch, params: dict, **extra) -> dict:
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from airflow.sdk import Variable
+
+    monkeypatch.setattr(Variable, "get", staticmethod(lambda key, default=None: default))
+    return {"params": params, "run_id": "manual__2026-11-26T10:00:00+00:00", "logical_date": None,
+            "dag_run": SimpleNamespace(run_after=datetime(2026, 11, 26, tzinfo=timezone.utc)), **extra}
+
+
+def test_build_trials_reads_the_forms_text_and_refuses_a_bad_value_without_retrying(dagbag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["sdxl_lora_grid_search"]
+    build = dag.get_task("build_trials").python_callable
+    params = {**{name: dag.params[name] for name in dag.params}, "dataset_version": "v1",
+              "learning_rates": ["1e-4", "0.0002", ""], "max_train_steps": ["500"], "ranks": [" 4"]}
+    configs = build(**_callable_context(monkeypatch, params))
+    assert [(c["HyperParameters"]["learning_rate"], c["HyperParameters"]["max_train_steps"],
+             c["HyperParameters"]["rank"]) for c in configs] == [("0.0001", "500", "4"), ("0.0002", "500", "4")]
+    assert configs[1]["TrainingJobName"].endswith("-lr-0-0002-mts-500-r-4")
+    for bad, words in ((["0.5"], "Param learning_rates: '0.5' is not a valid learning_rate: must be in (0, 0.1]"),
+                       (["1e-4", "0.0001"], "Param learning_rates lists 0.0001 twice")):
+        with pytest.raises(AirflowFailException, match=re.escape(words)):  # AirflowFail: no retry
+            build(**_callable_context(monkeypatch, {**params, "learning_rates": bad}))
+
+
+def test_plan_tuning_reads_the_ranks_as_typed(dagbag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["sdxl_lora_tune"]
+    plan = dag.get_task("plan_tuning").python_callable
+    params = {**{name: dag.params[name] for name in dag.params}, "dataset_version": "v1", "ranks": ["4", "16", ""]}
+    request = plan(**_callable_context(monkeypatch, params))
+    (ranks,) = request["HyperParameterTuningJobConfig"]["ParameterRanges"]["CategoricalParameterRanges"]
+    assert ranks == {"Name": "rank", "Values": ["4", "16"]}
+    with pytest.raises(AirflowFailException, match=re.escape("Param ranks: '2048' is not a valid rank: must be in")):
+        plan(**_callable_context(monkeypatch, {**params, "ranks": ["4", "2048"]}))
+
+
+WATCHED = {"sdxl_lora_grid_search": {"train_trial"}, "sdxl_lora_tune": set()}  # judged by select_winner instead
+
+
+@pytest.mark.parametrize("dag_id", sorted(WATCHED))
+def test_a_watcher_fails_the_run_when_a_task_failed(dagbag, dag_id):
+    """Airflow sets a run's state from its leaf tasks, and publish_report and the deploy group's rollback succeed
+    after a failure upstream: without the watcher a grid whose trials all failed ended green (issue 9)."""
+    from airflow.sdk import TriggerRule
+
+    dag = dagbag.dags[dag_id]
+    watcher = dag.get_task("watcher")
+    assert watcher.trigger_rule == TriggerRule.ONE_FAILED and watcher.retries == 0
+    assert [task.task_id for task in dag.leaves] == ["watcher"]  # the run's state is the watcher's
+    # Wired to every task but the short-circuit (which would skip it) and the judged ones; those reach it
+    # through the tasks after them: every task is upstream of the watcher.
+    assert watcher.upstream_task_ids == set(dag.task_ids) - {"watcher", "deploy_requested"} - WATCHED[dag_id]
+    assert watcher.get_flat_relative_ids(upstream=True) == set(dag.task_ids) - {"watcher"}
+    assert dag.get_task("deploy_requested").ignore_downstream_trigger_rules is False
+    select = dag.get_task("select_winner")
+    assert select.trigger_rule == TriggerRule.ALL_DONE and select.task_id in watcher.upstream_task_ids
+    for judged in WATCHED[dag_id]:  # a failed trial reaches the watcher only as select_winner's verdict
+        assert select.task_id in dag.get_task(judged).downstream_task_ids

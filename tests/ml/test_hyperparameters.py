@@ -5,8 +5,8 @@ import pytest
 
 import jsonschema
 
-from ml.hyperparameters import (PRESETS, PRODUCTION, SPEC_BY_NAME, SPECS, SWEPT, HyperparameterError,
-                                hyperparameters_schema, parse, preset, to_sagemaker, value_schema)
+from ml.hyperparameters import (PRESETS, PRODUCTION, SPEC_BY_NAME, SPECS, SWEPT, HyperparameterError, coerce,
+                                hyperparameters_schema, list_item_schema, parse, preset, to_sagemaker, value_schema)
 
 
 @pytest.mark.parametrize(
@@ -209,3 +209,73 @@ def test_to_sagemaker_refuses_bad_values():
         to_sagemaker({"rnak": 4})
     with pytest.raises(HyperparameterError, match="rank"):
         to_sagemaker({"rank": -1})
+
+
+# A list Param's items (the grid's lists, the tuning ranks) as the API sends them (numbers) and as the trigger
+# form's one-value-per-line box sends them (text). The form (jsonschema, at trigger time) and the DAG's first task
+# (coerce, as the job reads a value) must agree: what both accept is the number the job trains with; numbers out of
+# bounds are refused by the form already, text out of bounds by coerce (JSON schema cannot bound a string's number).
+LISTED = ("learning_rate", "max_train_steps", "rank")
+ITEM = {name: jsonschema.validators.validator_for({})(list_item_schema(name)) for name in LISTED}
+GOOD_ITEMS = [("learning_rate", 1e-6, ("1e-6", "0.000001", " 1E-06 ", "+1e-6")), ("learning_rate", 0.1, ("0.1", ".1")),
+              ("max_train_steps", 1, ("1", " 1")), ("max_train_steps", 100000, ("100000",)),
+              ("rank", 4, ("4", "4 ", "004")), ("rank", 1024, ("1024",))]
+BAD_NUMBERS = [("learning_rate", 0), ("learning_rate", 0.2), ("learning_rate", -1e-4), ("max_train_steps", 0),
+               ("max_train_steps", 100001), ("rank", 0), ("rank", 1025), ("rank", 4.5), ("rank", True)]
+BAD_TEXT = [("learning_rate", "0.2"), ("learning_rate", "0"), ("learning_rate", "-1e-4"), ("learning_rate", "abc"),
+            ("learning_rate", "1,5"), ("learning_rate", "1e-4e"), ("learning_rate", "nan"), ("learning_rate", "inf"),
+            ("max_train_steps", "0"), ("max_train_steps", "100001"), ("rank", "1025"),
+            ("rank", "4.5"), ("rank", "four"), ("rank", "1 2")]
+
+
+@pytest.mark.parametrize("name, number, texts", GOOD_ITEMS)
+def test_list_items_are_numbers_or_their_text_and_read_as_the_job_reads_them(name, number, texts):
+    ITEM[name].validate(number)
+    assert coerce(name, number) == number
+    for text in texts:
+        ITEM[name].validate(text)
+        value = coerce(name, text)
+        assert value == number and type(value) is SPEC_BY_NAME[name].kind, text
+        assert parse(to_sagemaker({name: value})).values[name] == number  # and the job trains with it
+
+
+@pytest.mark.parametrize("name, value", BAD_NUMBERS)
+def test_list_items_refuse_numbers_the_job_refuses_at_trigger_time(name, value):
+    assert not ITEM[name].is_valid(value)
+    with pytest.raises(HyperparameterError, match=name):
+        coerce(name, value)
+
+
+@pytest.mark.parametrize("name, text", BAD_TEXT)
+def test_text_items_the_job_refuses_are_refused_by_the_form_or_by_coerce(name, text):
+    with pytest.raises(HyperparameterError, match=name) as refused:
+        coerce(name, text)
+    assert refused.value.reason and name not in refused.value.reason  # the reason alone, for the Param's message
+    if not any(c.isalpha() and c not in "eE" for c in text) and "," not in text:
+        return  # digits and signs: the form's pattern lets them through, coerce bounds them
+    assert not ITEM[name].is_valid(text), text  # letters, commas: refused at trigger time already
+
+
+def test_list_items_render_as_a_one_value_per_line_box_and_say_what_they_take():
+    # Airflow 3's trigger form (ui/dist: the field for an array) shows a text box, one value per line, when the
+    # items have no "type" or "string", a JSON editor otherwise; enum or examples would make it a multi-select.
+    for name in LISTED:
+        schema = list_item_schema(name)
+        assert "type" not in schema and "enum" not in schema and "examples" not in schema
+        assert schema["title"] == name and SPEC_BY_NAME[name].words() in schema["description"]
+    assert list_item_schema("rank")["pattern"] == "^[0-9 ]*$"  # short: the HTTP 400 quotes it
+    assert SPEC_BY_NAME["learning_rate"].words() == "a number in (0, 0.1]"
+    assert SPEC_BY_NAME["rank"].words() == "an integer in [1, 1024]"
+    assert ITEM["rank"].is_valid("")  # a blank line from the form; the DAG's first task drops it
+    assert not ITEM["rank"].is_valid(None) and not ITEM["max_train_steps"].is_valid("none")  # never "unset"
+    with pytest.raises(HyperparameterError, match="only numeric hyperparameters"):
+        list_item_schema("mixed_precision")
+    with pytest.raises(HyperparameterError, match="unknown hyperparameter: rnak"):
+        coerce("rnak", 4)
+
+
+def test_a_refusal_keeps_its_reason_apart_from_the_key():
+    with pytest.raises(HyperparameterError) as refused:
+        coerce("learning_rate", "0.5")
+    assert str(refused.value) == "learning_rate: must be in (0, 0.1], got '0.5'"
+    assert refused.value.reason == "must be in (0, 0.1]"

@@ -1,6 +1,8 @@
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+import pytest
+
 from sdxl_lora.dag_common import dag_arguments, run_date
 
 
@@ -31,3 +33,97 @@ def test_operators_share_their_keyword_arguments_from_the_settings():
     assert waiting_kwargs(settings) == {"aws_conn_id": "aws_other", "wait_for_completion": True, "check_interval": 5,
                                         "deferrable": True}
     assert job_kwargs(settings) == {**waiting_kwargs(settings), "print_log": True, "max_attempts": 21}
+
+
+def _dag_with_a_cleanup(**short_circuit):
+    """build -> train (mapped) -> select (ALL_DONE) -> deploy? (short-circuit) -> deploy -> rollback (ALL_DONE)."""
+    import pendulum
+    from airflow.sdk import DAG, TriggerRule, task
+
+    with DAG("watched", start_date=pendulum.datetime(2026, 1, 1), schedule=None) as dag:
+        @task
+        def build() -> list[int]:
+            return [1, 2]
+
+        @task
+        def train(value: int) -> int:
+            return value
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def select(values) -> int:
+            return max(values)
+
+        @task.short_circuit(**short_circuit)
+        def wanted() -> bool:
+            return False
+
+        @task
+        def deploy(value: int) -> None:
+            pass
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def rollback() -> None:
+            pass
+
+        trained = train.expand(value=build())
+        chosen = select(trained)
+        deployed = deploy(chosen)
+        chosen >> wanted() >> deployed >> rollback()
+    return dag, trained
+
+
+def test_the_watcher_is_downstream_of_every_task_and_fails_on_one_failure():
+    from airflow.sdk import TriggerRule
+
+    from sdxl_lora.dag_common import WATCHER, watch
+
+    dag, _ = _dag_with_a_cleanup(ignore_downstream_trigger_rules=False)
+    with dag:
+        watcher = watch()
+    assert watcher.task_id == WATCHER and watcher.trigger_rule == TriggerRule.ONE_FAILED and watcher.retries == 0
+    # Wired to every task but the short-circuit, which would skip it; that one reaches it through deploy.
+    assert watcher.upstream_task_ids == set(dag.task_ids) - {WATCHER, "wanted"}
+    assert watcher.get_flat_relative_ids(upstream=True) == set(dag.task_ids) - {WATCHER}
+    assert not watcher.downstream_task_ids  # a leaf: its failure is the run's
+
+
+def test_tasks_judged_downstream_are_watched_only_through_their_judge():
+    from sdxl_lora.dag_common import WATCHER, watch
+
+    dag, trained = _dag_with_a_cleanup(ignore_downstream_trigger_rules=False)
+    with dag:
+        watcher = watch(judged_downstream=[trained])
+    assert "train" not in watcher.upstream_task_ids and {"build", "select", "rollback"} <= watcher.upstream_task_ids
+    assert "train" in watcher.get_flat_relative_ids(upstream=True)
+
+
+def test_a_short_circuit_that_would_skip_the_watcher_is_refused():
+    from sdxl_lora.dag_common import watch
+
+    dag, _ = _dag_with_a_cleanup()  # ignore_downstream_trigger_rules=True, the default: skips every task after it
+    with dag, pytest.raises(ValueError, match="watched.wanted skips every task downstream of it"):
+        watch()
+    dag, _ = _dag_with_a_cleanup(ignore_downstream_trigger_rules=False)
+    with dag, pytest.raises(ValueError, match="no task nothing"):
+        watch(judged_downstream=[SimpleNamespace(task_id="nothing")])
+
+
+def test_the_watchers_message_names_what_failed_and_what_it_blocked():
+    from sdxl_lora.dag_common import failure_summary
+
+    assert failure_summary({"select_winner": "failed", "publish_report": "success", "deploy.plan": "upstream_failed",
+                            "deploy.rollback": "upstream_failed", "build_trials": "success"}) == \
+        "this run failed; failed: select_winner; not run because of it: deploy.plan, deploy.rollback"
+    assert failure_summary({}) == "a task of this run failed"
+
+
+def test_list_params_are_one_value_per_line_boxes_that_say_what_they_take():
+    from sdxl_lora.dag_common import grid_param, list_param
+
+    param = grid_param("learning_rate", [1e-4, 2e-4], "Learning rates to try.")
+    assert param.value == [1e-4, 2e-4] and param.schema["maxItems"] == 10 and "uniqueItems" not in param.schema
+    assert "type" not in param.schema["items"]  # Airflow's form: a text box, one value per line
+    assert param.description == ("Learning rates to try. One value per line (through the API, a JSON list of "
+                                 "numbers); each a number in (0, 0.1]; at most 10 values.")
+    assert param.resolve(["0.0001", "2e-4", ""]) == ["0.0001", "2e-4", ""]  # what the form sends passes
+    assert list_param("rank", [4], "Ranks.", 28).schema["maxItems"] == 28
