@@ -7,9 +7,11 @@ reported with its reason), uncaptioned images captioned by InstructBLIP, each im
 SDXL aspect-ratio bucket, optionally the VAE latents cached. The result is an imagefolder with
 metadata.jsonl and `manifest.json`, whose summary this DAG prints in the `publish` task's log.
 
-`version` defaults to the run's logical date, so a backfill over dates prepares one version per
-date. A version is skipped when its raw files (their S3 ETags) and the options are unchanged since
-it was last prepared; `force` prepares it again. With `instance_count` above 1 the instances share
+`version` defaults to the run's logical date (`YYYY-MM-DD`), so a backfill over dates prepares one
+version per date. The schedule is daily: after each day, that day's raw version is prepared when one
+landed; a scheduled or backfill run whose date has no raw files is skipped, saying so in its log.
+A version is skipped when its raw files (their S3 ETags) and the options are unchanged since it was
+last prepared; `force` prepares it again. With `instance_count` above 1 the instances share
 the captioning and `publish` merges their parts into one manifest. The processed dataset is an
 outlet Asset (its event names the version), so `sdxl_lora_train` can run when a new version lands.
 """
@@ -19,11 +21,11 @@ from __future__ import annotations
 import json
 import logging
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerProcessingOperator
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, chain, dag, task
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import dag_arguments, job_kwargs, run_date, version_param
 from sdxl_lora.datasets import OPTIONS
+from sdxl_lora.operators import ResumableSageMakerProcessingOperator
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
@@ -39,7 +41,8 @@ def _split(uri: str) -> tuple[str, str]:
 
 @dag(
     **dag_arguments(DAG_ID, __doc__, "data"),
-    schedule=None,
+    # After each day, that day's version (logical date = the day): what a backfill over dates prepares.
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     params={
         "version": version_param("Dataset version (raw_dataset/<version>/); empty: the run's logical date."),
         "force": Param(False, type="boolean", description="Prepare again even when inputs and options are unchanged."),
@@ -69,7 +72,7 @@ def sdxl_dataset_prepare():
     def plan(**context) -> dict:
         """The version, its options and their content key; whether it must be prepared."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from sdxl_lora import datasets
+        from sdxl_lora import assets, datasets
 
         settings = Settings.resolve()
         params = context["params"]
@@ -80,8 +83,7 @@ def sdxl_dataset_prepare():
         bucket, prefix = _split(raw)
         objects = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                    for o in page.get("Contents", [])]
-        if not objects:
-            raise ValueError(f"{raw} holds no files: upload the raw images of version {version} there first")
+        assets.require_raw_files(version, context["dag_run"].run_type, raw, len(objects))
         key = datasets.input_key(settings, raw, objects, options)
         previous = None
         bucket, manifest_key = _split(settings.processed_dataset(version) + "manifest.json")
@@ -145,12 +147,8 @@ def sdxl_dataset_prepare():
 
     planned = plan()
     request = build_request(planned)
-    prepare = SageMakerProcessingOperator(
-        task_id="prepare",
-        config=request,
-        action_if_job_exists="fail",  # the name is per run and version: an existing job means a retry
-        **job_kwargs(SETTINGS),
-    )
+    # The job's name is per run and version: a retry finds the job its first try started (no second job).
+    prepare = ResumableSageMakerProcessingOperator(task_id="prepare", config=request, **job_kwargs(SETTINGS))
     chain(planned, changed(planned), request, prepare, publish(planned))
 
 
