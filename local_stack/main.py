@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+from local_stack import runner
 from local_stack.aws import client_environment
 from local_stack.gateway import LocalStack
 from local_stack.jobs import Options
@@ -24,6 +25,7 @@ def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stack.start()
+    runner.prestart()  # the warm starter imports the torch stack while the stack waits for its first job
     print(f"local stack serving S3, CloudWatch Logs, IAM, STS and SageMaker on {stack.endpoint_url}")
     print(f"work dir: {stack.workdir}")
     if stack.snapshot is not None:

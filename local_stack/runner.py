@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from local_stack.warm import DISABLE, WarmStarter
 from ml.images import verb_for
 
 # `sdxl-lora` inside an image is the project's CLI; here it is this interpreter's.
@@ -72,6 +74,26 @@ class LogSink:
             self.logs.put_log_events(logGroupName=self.group, logStreamName=self.stream, logEvents=events)
 
 
+_warm: WarmStarter | None = None
+_warm_lock = threading.Lock()
+
+
+def warm_starter() -> WarmStarter:
+    """This stack's warm starter (local_stack/warm.py), created on first use and stopped at exit."""
+    global _warm
+    with _warm_lock:
+        if _warm is None:
+            _warm = WarmStarter()
+            atexit.register(_warm.stop)
+        return _warm
+
+
+def prestart() -> None:
+    """Load the warm starter's libraries while the stack waits for its first job."""
+    if os.environ.get(DISABLE, "1") != "0":
+        warm_starter().start()
+
+
 class ContainerProcess:
     """A running job process with its own SAGEMAKER_BASE_DIR; lines go to on_line and the sink."""
 
@@ -80,9 +102,12 @@ class ContainerProcess:
         self.base = base
         self.tail: deque[str] = deque(maxlen=20)  # last lines, for error messages
         self.log_file = (base / "container.log").open("a")
-        self.process = subprocess.Popen(
-            command, env={**os.environ, **env, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=base)
+        env = {**os.environ, **env, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
+        # Forked from the warm starter when it can be (the torch stack already imported), else a new process.
+        self.process = warm_starter().launch(command, env, base) or subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            cwd=base)
+        self.warm = not isinstance(self.process, subprocess.Popen)
         self.sink, self.on_line = sink, on_line
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -132,14 +132,14 @@ def wait_for_endpoint(sagemaker, name: str, **kw) -> dict:
 
 
 def processes_under(path: Path) -> list[int]:
-    """PIDs of live processes whose environment or command line names path."""
+    """PIDs of live processes whose environment, command line or working directory names path."""
     import psutil
 
     found = []
-    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
-        try:
-            text = " ".join(process.info["cmdline"] or []) + str((process.info["environ"] or {}).get(
-                "SAGEMAKER_BASE_DIR", ""))
+    for process in psutil.process_iter(["pid", "cmdline", "environ", "cwd"]):
+        try:  # a warm-started container (local_stack/warm.py) shows only its working directory, its job's
+            text = " ".join([*(process.info["cmdline"] or []), str((process.info["environ"] or {}).get(
+                "SAGEMAKER_BASE_DIR", "")), process.info["cwd"] or ""])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if str(path) in text and process.pid != os.getpid():
