@@ -9,6 +9,12 @@ invocation of the candidate through TargetVariant, which must return an image ->
 test later with `sdxl_lora_traffic` (weights only). If any step fails, what this run created is
 removed and an existing endpoint goes back to the config it served before.
 
+Retries: names are fixed per run and model, so a retried task (a killed worker, say) uses the model and
+config its earlier try created and waits for the endpoint creation or update already under way: one
+model, one config, one deployment. An endpoint that goes Failed, or an update SageMaker rolls back (the
+endpoint stays InService on its old config), fails the task at once with the endpoint's FailureReason;
+`rollback` then deletes the new model and config, and the endpoint too when this run created it.
+
 `async_output_path` (an `s3://` prefix) deploys an asynchronous endpoint instead (AsyncInferenceConfig,
 for long generations): the new model alone, answering InvokeEndpointAsync with its responses written
 under that prefix; its smoke test uploads the request to S3 and waits for the PNG there. An A/B share

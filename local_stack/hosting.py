@@ -3,8 +3,12 @@
 CreateEndpoint starts one serving process per production variant on a free loopback
 port (model data downloaded and unpacked as SageMaker does) and goes InService when
 every /ping answers. UpdateEndpoint brings the new variants up beside the old ones and
-switches traffic only then, so no request is dropped; a failed update leaves the old
-config serving, as AWS rolls back.
+switches traffic only then, so no request is dropped. As on AWS, while a deployment is under way
+DescribeEndpoint names the config serving (EndpointConfigName) and the one being deployed
+(PendingDeploymentSummary); a variant whose container exits or whose /ping never answers 200 (model
+artifacts that do not load, say) fails the deployment with a FailureReason naming it: a new endpoint
+ends Failed, an update is rolled back (InService on the old config, its variants serving throughout,
+FailureReason set).
 
 An endpoint whose config has AsyncInferenceConfig answers InvokeEndpointAsync: the request body is
 read from InputLocation in S3 and sent to a variant in a background thread (at most
@@ -89,6 +93,9 @@ class HostingService:
     def describe_model(self, request: dict) -> dict:
         return dict(self._model(request.get("ModelName")))
 
+    def list_models(self, request: dict) -> dict:
+        return {"Models": self._listed(self.models, request, "ModelName", "ModelArn")}
+
     def delete_model(self, request: dict) -> dict:
         name = request.get("ModelName")
         with self.lock:
@@ -126,6 +133,9 @@ class HostingService:
     def describe_endpoint_config(self, request: dict) -> dict:
         return dict(self._config(request.get("EndpointConfigName")))
 
+    def list_endpoint_configs(self, request: dict) -> dict:
+        return {"EndpointConfigs": self._listed(self.configs, request, "EndpointConfigName", "EndpointConfigArn")}
+
     def delete_endpoint_config(self, request: dict) -> dict:
         name = request.get("EndpointConfigName")
         with self.lock:
@@ -147,6 +157,7 @@ class HostingService:
                 "EndpointName": name, "EndpointArn": self._arn("endpoint", name),
                 "EndpointConfigName": config["EndpointConfigName"], "EndpointStatus": "Creating",
                 "CreationTime": now, "LastModifiedTime": now, "ProductionVariants": [],
+                "PendingDeploymentSummary": _pending(config, now),
             })
             self.endpoints[name] = endpoint
         threading.Thread(target=self._deploy, args=(endpoint, config, False), daemon=True).start()
@@ -161,8 +172,9 @@ class HostingService:
             if status != "InService":
                 raise validation(f"Cannot update in-progress endpoint \"{endpoint.description['EndpointArn']}\" "
                                  f"(status {status}).")
-            endpoint.description["EndpointStatus"] = "Updating"
-            endpoint.description["LastModifiedTime"] = time.time()
+            now = time.time()
+            endpoint.description.update({"EndpointStatus": "Updating", "LastModifiedTime": now,
+                                         "PendingDeploymentSummary": _pending(config, now)})
         threading.Thread(target=self._deploy, args=(endpoint, config, True), daemon=True).start()
         return {"EndpointArn": endpoint.description["EndpointArn"]}
 
@@ -312,6 +324,7 @@ class HostingService:
             _stop_variants(started)
             with self.lock:
                 d = endpoint.description
+                d.pop("PendingDeploymentSummary", None)
                 d["FailureReason"] = str(error)[:1024]
                 d["EndpointStatus"] = "InService" if updating else "Failed"  # an update rolls back
                 d["LastModifiedTime"] = time.time()
@@ -331,6 +344,7 @@ class HostingService:
                         per_instance * sum(v.instance_count for v in started))
                 d = endpoint.description
                 d.pop("FailureReason", None)
+                d.pop("PendingDeploymentSummary", None)
                 d.update({"EndpointConfigName": config["EndpointConfigName"], "EndpointStatus": "InService",
                           "LastModifiedTime": time.time(), "ProductionVariants": [_variant_summary(v) for v in started]})
                 d.pop("AsyncInferenceConfig", None)
@@ -362,6 +376,13 @@ class HostingService:
         return Variant(spec["VariantName"], float(spec.get("InitialVariantWeight", 1.0)), port, process,
                        int(spec.get("InitialInstanceCount", 1)), container["Image"])
 
+    def _listed(self, items: dict[str, dict], request: dict, name_key: str, arn_key: str) -> list[dict]:
+        """ListModels / ListEndpointConfigs: name, ARN and CreationTime, NameContains applied, newest first."""
+        with self.lock:
+            found = [{k: item[k] for k in (name_key, arn_key, "CreationTime")} for name, item in items.items()
+                     if not request.get("NameContains") or request["NameContains"] in name]
+        return sorted(found, key=lambda item: item["CreationTime"], reverse=True)
+
     def _model(self, name) -> dict:
         with self.lock:
             if name not in self.models:
@@ -383,6 +404,11 @@ class HostingService:
     @staticmethod
     def _arn(kind: str, name) -> str:
         return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{kind}/{str(name).lower()}"
+
+
+def _pending(config: dict, now: float) -> dict:
+    return {"EndpointConfigName": config["EndpointConfigName"], "StartTime": now,
+            "ProductionVariants": [{"VariantName": v["VariantName"]} for v in config["ProductionVariants"]]}
 
 
 def _runtime_validation(message: str) -> ApiError:
@@ -443,8 +469,8 @@ def _wait_for_ping(variant: Variant) -> None:
         code = variant.process.poll()
         if code is not None:
             last = " | ".join(list(variant.process.tail)[-3:])
-            raise RuntimeError(f"variant {variant.name}: the serving process exited with status {code} before "
-                               f"/ping answered; its last lines: {last}")
+            raise RuntimeError(f"The primary container for production variant {variant.name} did not pass the ping "
+                               f"health check: it exited with status {code}; its last lines: {last}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{variant.port}/ping", timeout=2) as response:
                 if response.status == 200:
@@ -452,11 +478,13 @@ def _wait_for_ping(variant: Variant) -> None:
         except urllib.error.HTTPError as error:  # 503: still loading, or the model failed to load
             state = _json_or_empty(error.read())
             if state.get("status") == "failed":
-                raise RuntimeError(f"variant {variant.name}: the model failed to load: {state.get('error')}") from None
+                raise RuntimeError(f"The primary container for production variant {variant.name} did not pass the "
+                                   f"ping health check: {state.get('error')}") from None
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"variant {variant.name}: /ping did not answer 200 within {PING_TIMEOUT_SECONDS:.0f} s")
+    raise RuntimeError(f"The primary container for production variant {variant.name} did not pass the ping health "
+                       f"check: /ping did not answer 200 within {PING_TIMEOUT_SECONDS:.0f} s")
 
 
 def _json_or_empty(body: bytes) -> dict:

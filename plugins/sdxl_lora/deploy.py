@@ -15,18 +15,30 @@ candidate beside serving variants. Its smoke test uploads the request to S3, inv
 and waits for the response (or the failure) to appear in S3.
 If anything after the plan fails, rollback removes what this run created and puts an existing
 endpoint back on the config it served before, then fails the run.
+
+Retries. Model, endpoint config and variant names are deterministic per DAG run and model, so a retried
+task finds what its earlier try created: create_model and create_endpoint_config reuse an existing
+resource of their name when it is the one the plan asked for (and refuse, naming the difference, when
+it is not); create_or_update_endpoint waits for a creation or update of its config already under way,
+and accepts an endpoint already serving it, instead of failing or starting a second deployment.
+An endpoint that goes Failed, or an update that SageMaker rolled back (the endpoint InService on its old
+config with a FailureReason), fails the task at once with that FailureReason: retrying a deployment
+that failed cannot fix it.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 
 from airflow.providers.amazon.aws.operators.sagemaker import (
     SageMakerEndpointConfigOperator,
     SageMakerEndpointOperator,
     SageMakerModelOperator,
+    serialize,
 )
 from airflow.sdk import TaskGroup, TriggerRule, task
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from sdxl_lora import serving as serving_record
 from sdxl_lora.dag_common import waiting_kwargs
@@ -35,6 +47,8 @@ from sdxl_lora.settings import Settings
 log = logging.getLogger(__name__)
 
 ASYNC_SMOKE_TIMEOUT_SECONDS = 3600  # an async invocation may take up to an hour (InvocationTimeoutSeconds)
+# DescribeEndpoint statuses of a change under way: wait for them to settle before acting.
+CHANGING = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
 
 def variant_name(model_data_url: str, run_id: str) -> str:
     """A stable, valid variant name per deployed model and run (what TargetVariant names)."""
@@ -86,6 +100,7 @@ def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_
         "endpoint_config": config,
         "endpoint": {"Endpoint": {"EndpointName": endpoint, "EndpointConfigName": config_name}},
         "previous_config": (current or {}).get("config"),
+        "previous_weights": {v["VariantName"]: float(v["CurrentWeight"]) for v in (current or {}).get("variants", [])},
         "candidate": candidate,
         "async_input": settings.uri("async-inputs", endpoint, f"{config_name}.json") if async_output_path else None,
         "training": training or serving_record.training(None, None),
@@ -277,9 +292,248 @@ def record_serving(deployment: dict, smoke: dict, weights: dict) -> None:
                                                          serving_record.record_uri(settings, smoke["endpoint"]), replace=True)
 
 
+def describe_or_none(describe, **name) -> dict | None:
+    """A Describe* call's answer, or None when there is no resource of that name (ValidationException)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return describe(**name)
+    except ClientError as error:
+        if error.response["Error"]["Code"] == "ValidationException":
+            return None
+        raise
+
+
+def model_differences(existing: dict, wanted: dict) -> list[str]:
+    """How DescribeModel's answer differs from the CreateModel request this deployment would send."""
+    have, want = existing.get("PrimaryContainer") or {}, wanted.get("PrimaryContainer") or {}
+    return [f"{key} is {have.get(key)!r}, not {want[key]!r}" for key in ("Image", "ModelDataUrl", "Environment")
+            if key in want and have.get(key) != want[key]]
+
+
+def endpoint_config_differences(existing: dict, wanted: dict) -> list[str]:
+    """How DescribeEndpointConfig's answer differs from the CreateEndpointConfig request of this deployment."""
+    def variants(config: dict) -> dict:
+        return {v["VariantName"]: (v["ModelName"], float(v.get("InitialVariantWeight", 1.0)))
+                for v in config.get("ProductionVariants", [])}
+
+    found = []
+    if variants(existing) != variants(wanted):
+        found.append(f"its variants (name: model, weight) are {variants(existing)}, not {variants(wanted)}")
+    if bool(existing.get("AsyncInferenceConfig")) != bool(wanted.get("AsyncInferenceConfig")):
+        found.append(f"it is {'real-time' if wanted.get('AsyncInferenceConfig') else 'asynchronous'}, not "
+                     f"{'asynchronous' if wanted.get('AsyncInferenceConfig') else 'real-time'}")
+    return found
+
+
+class ReusableSageMakerModelOperator(SageMakerModelOperator):
+    """CreateModel, or the model of the same (deterministic) name that an earlier try of this task created:
+    the provider's operator fails on a retry because the name exists."""
+
+    def execute(self, context) -> dict:
+        name = self.config["ModelName"]
+        existing = describe_or_none(self.hook.conn.describe_model, ModelName=name)
+        if existing is None:
+            return super().execute(context)
+        differences = model_differences(existing, self.config)
+        if differences:
+            raise AirflowFailException(f"a model named {name} exists but is not the one this deployment creates: "
+                                       f"{'; '.join(differences)}. Delete it or deploy from another run.")
+        self.log.info("model %s already exists (an earlier try of this task created it): using it", name)
+        return {"Model": serialize(existing)}
+
+
+class ReusableSageMakerEndpointConfigOperator(SageMakerEndpointConfigOperator):
+    """CreateEndpointConfig, or the config of the same name that an earlier try of this task created."""
+
+    def execute(self, context) -> dict:
+        name = self.config["EndpointConfigName"]
+        existing = describe_or_none(self.hook.conn.describe_endpoint_config, EndpointConfigName=name)
+        if existing is None:
+            return super().execute(context)
+        differences = endpoint_config_differences(existing, self.config)
+        if differences:
+            raise AirflowFailException(f"an endpoint config named {name} exists but is not the one this deployment "
+                                       f"creates: {'; '.join(differences)}. Delete it or deploy from another run.")
+        self.log.info("endpoint config %s already exists (an earlier try of this task created it): using it", name)
+        return {"EndpointConfig": serialize(existing)}
+
+
+def endpoint_step(name: str, described: dict | None, config: str, config_created=None,
+                  updated: bool = False) -> tuple[str, str]:
+    """What create_or_update_endpoint does next, and why: "create", "update", "wait" (a change is under
+    way), "done" (the endpoint serves `config`) or "failed". described: DescribeEndpoint (None: no endpoint);
+    config_created: the config's CreationTime; updated: this try asked for the update itself.
+    A Failed endpoint on `config`, or an endpoint InService on another config with a FailureReason set
+    after `config` was created (SageMaker rolled our update back), is a failed deployment: a retry would
+    only deploy the same thing again."""
+    if described is None:
+        return "create", f"creating endpoint {name} with config {config}"
+    status = described["EndpointStatus"]
+    serving = described.get("EndpointConfigName")
+    pending = (described.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+    reason = described.get("FailureReason") or "no FailureReason given"
+    if status in CHANGING:
+        target = pending or (serving if status == "Creating" else None)
+        if target == config:
+            return "wait", (f"endpoint {name} is already {status} with config {config} (an earlier try started "
+                            "it): waiting for it")
+        return "wait", f"endpoint {name} is {status} (config {target or serving}): waiting for that to end first"
+    if status == "Failed":
+        if serving == config:
+            return "failed", f"endpoint {name} failed with config {config}: {reason}"
+        return "failed", (f"endpoint {name} is Failed (config {serving}: {reason}) and cannot be updated: delete it "
+                          "or deploy to another endpoint")
+    if status != "InService":
+        return "failed", f"endpoint {name} is {status} and cannot take config {config}: {reason}"
+    if serving == config:
+        return "done", f"endpoint {name} is InService with config {config}"
+    modified = described.get("LastModifiedTime")
+    rolled_back = updated or (modified is not None and config_created is not None and modified >= config_created)
+    if described.get("FailureReason") and rolled_back:
+        return "failed", (f"the update of endpoint {name} to config {config} failed and SageMaker rolled it back: "
+                          f"the endpoint serves its previous config {serving}. FailureReason: {reason}")
+    if updated:
+        return "failed", f"endpoint {name} is InService with config {serving}, not {config}, after the update"
+    return "update", f"updating endpoint {name} from config {serving} to {config}"
+
+
+class ResumableSageMakerEndpointOperator(SageMakerEndpointOperator):
+    """CreateEndpoint, or UpdateEndpoint when the endpoint exists, then wait for it to serve the config.
+
+    A retried try looks first (endpoint_step): it waits for a creation or update of its config that an earlier
+    try started, and accepts an endpoint already serving it; the provider's operator would try to update an
+    endpoint that is still Creating and fail. An update that SageMaker rolled back ends InService on the old
+    config, which the provider's waiter takes for success: here it fails the task with the FailureReason."""
+
+    def execute(self, context) -> dict:
+        self.preprocess_config()
+        return self._converge(updated=False, resumed=False)
+
+    def execute_complete(self, context, event: dict | None = None, updated: bool = False) -> dict:
+        if event and event.get("status") == "timeout":
+            raise AirflowException(f"the endpoint did not settle within {self.max_ingestion_time} s: {event}")
+        return self._converge(updated, resumed=True)
+
+    def _converge(self, updated: bool, resumed: bool) -> dict:
+        """Act on what DescribeEndpoint shows (endpoint_step) until the endpoint serves the config or the
+        deployment failed. updated: this task asked for an update to the config (or found one under way);
+        resumed: back from a deferral, so an endpoint serving the config is this try's doing."""
+        import time
+
+        from botocore.exceptions import ClientError
+
+        request = self.config.get("Endpoint", self.config)
+        name, config = request["EndpointName"], request["EndpointConfigName"]
+        client = self.hook.conn
+        created = client.describe_endpoint_config(EndpointConfigName=config)["CreationTime"]
+        deadline, first_look = time.monotonic() + self.max_ingestion_time, not resumed
+        while True:
+            described = describe_or_none(client.describe_endpoint, EndpointName=name)
+            step, why = endpoint_step(name, described, config, created, updated)
+            if step == "failed":
+                raise AirflowFailException(why)
+            if step == "done":
+                self.log.info("%s", f"{why} (an earlier try deployed it)" if first_look else why)
+                return {"EndpointConfig": serialize(client.describe_endpoint_config(EndpointConfigName=config)),
+                        "Endpoint": serialize(described)}
+            self.log.info("%s", why)
+            first_look = False
+            try:
+                if step == "create":
+                    self.hook.create_endpoint(request, wait_for_completion=False)
+                elif step == "update":
+                    self.hook.update_endpoint(request, wait_for_completion=False)
+                    updated = True
+                elif (described.get("PendingDeploymentSummary") or {}).get("EndpointConfigName") == config:
+                    updated = True  # an earlier try's update to this config: how it ends is this deployment's
+            except ClientError as error:  # another client changed it since DescribeEndpoint: look again
+                if not error.response["Error"]["Message"].startswith(("Cannot create already existing endpoint",
+                                                                     "Cannot update in-progress endpoint")):
+                    raise
+                self.log.warning("%s: looking again", error.response["Error"]["Message"])
+            if self.deferrable:
+                from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+
+                self.defer(trigger=SageMakerTrigger(job_name=name, job_type="endpoint", waiter_delay=self.check_interval,
+                                                    aws_conn_id=self.aws_conn_id, region_name=self.region_name,
+                                                    verify=self.verify, botocore_config=self.botocore_config),
+                           method_name="execute_complete", kwargs={"updated": updated},
+                           timeout=datetime.timedelta(seconds=self.max_ingestion_time))
+            settle(client, name, self.check_interval, deadline - time.monotonic(), self.log)
+
+
+def settle(client, endpoint: str, check_interval: float, timeout: float, logger=log) -> dict | None:
+    """DescribeEndpoint once no change is under way (None once there is no endpoint); each status logged."""
+    import time
+
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        described = describe_or_none(client.describe_endpoint, EndpointName=endpoint)
+        status = described and described["EndpointStatus"]
+        if status != last:
+            logger.info("endpoint %s: %s", endpoint, status or "none")
+            last = status
+        if status not in CHANGING:
+            return described
+        if time.monotonic() > deadline:
+            raise AirflowException(f"endpoint {endpoint} is still {status} after {timeout:.0f} s")
+        time.sleep(check_interval)
+
+
+def undo_deployment(client, deployment: dict, check_interval: float, timeout: float = 3600) -> list[str]:
+    """Remove what a failed deployment created, leaving the endpoint on what it served before; what was done,
+    one line each (logged as it happens). An existing endpoint on this run's config goes back to the previous
+    config and its weights; one that SageMaker already rolled back (or that serves another config) is left as it
+    is; a new endpoint this run created is deleted, Failed or not. Then this run's config and model go. A change
+    under way is waited for first: a model is not deleted under a deployment still starting it."""
+    endpoint = deployment["endpoint"]["Endpoint"]["EndpointName"]
+    ours = deployment["endpoint_config"]["EndpointConfigName"]
+    previous = deployment.get("previous_config")
+    done: list[str] = []
+
+    def note(line: str) -> None:
+        log.info("%s", line)
+        done.append(line)
+
+    described = settle(client, endpoint, check_interval, timeout)
+    serving = described and described["EndpointConfigName"]
+    if described is None:
+        note(f"endpoint {endpoint}: there is none" + (f" (it served {previous} when this run planned)"
+                                                         if previous else " to delete"))
+    elif serving != ours:
+        note(f"endpoint {endpoint} left as it is: {described['EndpointStatus']} with config {serving}"
+             + (" (its previous one: SageMaker rolled the failed update back)" if serving == previous else ""))
+    elif previous:
+        client.update_endpoint(EndpointName=endpoint, EndpointConfigName=previous)
+        after = settle(client, endpoint, check_interval, timeout)
+        if not after or after["EndpointStatus"] != "InService" or after["EndpointConfigName"] != previous:
+            raise RuntimeError(f"endpoint {endpoint} could not be put back on config {previous}: "
+                               f"{after and after['EndpointStatus']} ({after and after.get('FailureReason')})")
+        weights = dict(deployment.get("previous_weights") or {})
+        if sum(weights.values()) > 0:
+            set_weights(client, endpoint, weights, check_interval)
+        note(f"endpoint {endpoint} back on its previous config {previous}"
+             + (f" with weights {weights}" if weights else ""))
+    else:
+        client.delete_endpoint(EndpointName=endpoint)
+        reason = described.get("FailureReason")
+        note(f"deleted endpoint {endpoint} ({described['EndpointStatus']}" + (f": {reason})" if reason else ")"))
+    for kind, name, describe, delete, key in (
+            ("endpoint config", ours, client.describe_endpoint_config, client.delete_endpoint_config,
+             "EndpointConfigName"),
+            ("model", deployment["model"]["ModelName"], client.describe_model, client.delete_model, "ModelName")):
+        if describe_or_none(describe, **{key: name}) is None:
+            note(f"{kind} {name}: none to delete (never created, or already deleted)")
+        else:
+            _ignore_missing(delete, **{key: name})
+            note(f"deleted {kind} {name}")
+    return done
+
+
 @task(trigger_rule=TriggerRule.ONE_FAILED)
 def rollback(deployment: dict | None) -> None:
-    """Undo this run: the previous config serves again (or the new endpoint goes), new resources go.
+    """Undo this run (undo_deployment), then fail: the run is red even though this last task ran.
     Nothing to undo when the plan itself failed (no deployment)."""
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
@@ -287,19 +541,12 @@ def rollback(deployment: dict | None) -> None:
         log.info("nothing was deployed: nothing to roll back")
         return
     settings = Settings.resolve()
-    hook = SageMakerHook(aws_conn_id=settings.aws_conn_id)
-    client = hook.conn
     endpoint = deployment["endpoint"]["Endpoint"]["EndpointName"]
-    if deployment["previous_config"]:
-        hook.update_endpoint({"EndpointName": endpoint, "EndpointConfigName": deployment["previous_config"]},
-                             wait_for_completion=True, check_interval=settings.check_interval_seconds)
-    else:
-        _ignore_missing(client.delete_endpoint, EndpointName=endpoint)
-    _ignore_missing(client.delete_endpoint_config,
-                    EndpointConfigName=deployment["endpoint_config"]["EndpointConfigName"])
-    _ignore_missing(client.delete_model, ModelName=deployment["model"]["ModelName"])
-    raise RuntimeError(f"deployment to {endpoint} failed and was rolled back"
-                       + (f" to {deployment['previous_config']}" if deployment["previous_config"] else ""))
+    done = undo_deployment(SageMakerHook(aws_conn_id=settings.aws_conn_id).conn, deployment,
+                           settings.check_interval_seconds)
+    raise AirflowFailException(f"deployment to {endpoint} failed and was rolled back"
+                               + (f" to {deployment['previous_config']}" if deployment["previous_config"] else "")
+                               + ": " + "; ".join(done))
 
 
 def _ignore_missing(call, **kwargs) -> None:
@@ -321,13 +568,13 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
     with TaskGroup(group_id=group_id) as group:
         deployment = plan(model_data_url, endpoint_name, candidate_weight, training, async_output_path,
                           max_concurrent_invocations)
-        model = SageMakerModelOperator(task_id="create_model", config=deployment["model"],
-                                       aws_conn_id=settings.aws_conn_id)
-        config = SageMakerEndpointConfigOperator(task_id="create_endpoint_config",
-                                                 config=deployment["endpoint_config"],
-                                                 aws_conn_id=settings.aws_conn_id)
-        endpoint = SageMakerEndpointOperator(task_id="create_or_update_endpoint", config=deployment["endpoint"],
-                                             operation="create", **waiting_kwargs(settings))
+        model = ReusableSageMakerModelOperator(task_id="create_model", config=deployment["model"],
+                                               aws_conn_id=settings.aws_conn_id)
+        config = ReusableSageMakerEndpointConfigOperator(task_id="create_endpoint_config",
+                                                         config=deployment["endpoint_config"],
+                                                         aws_conn_id=settings.aws_conn_id)
+        endpoint = ResumableSageMakerEndpointOperator(task_id="create_or_update_endpoint",
+                                                      config=deployment["endpoint"], **waiting_kwargs(settings))
         smoke = smoke_test(deployment, smoke_request)
         shifted = shift_traffic(deployment, smoke)
         record = record_serving(deployment, smoke, shifted)
