@@ -80,9 +80,8 @@ class Spec:
         if self.kind not in (int, float):
             raise HyperparameterError(f"{self.name}: only numeric hyperparameters make list Params")
         numbers = {key: value for key, value in self.value_schema().items() if key != "type"}
-        return {"title": self.name,
-                "description": f"each value: a {self.name}, {self.words()} (a JSON number, or its text as the "
-                               "form's one-value-per-line box sends it)",
+        # Short: Airflow's 400 prints this schema with pprint, which would break a long description over lines.
+        return {"title": self.name, "description": f"each value: {self.words()}",
                 "anyOf": [{"type": _JSON_TYPES[self.kind]}, {"type": "string"}], **numbers,
                 "pattern": _TEXT_PATTERNS[self.kind]}
 

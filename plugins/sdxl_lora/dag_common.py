@@ -103,7 +103,9 @@ def _watcher(**context) -> None:
     except Exception:  # noqa: BLE001 - naming the failed tasks is a courtesy; failing the run is the job
         log.exception("could not read the watched tasks' states")
         states = {}
-    raise AirflowFailException(failure_summary(states))
+    summary = failure_summary(states)
+    log.error("%s", summary)  # a line of its own in the task log, beside the exception
+    raise AirflowFailException(summary)
 
 
 def failure_summary(states: dict[str, str | None]) -> str:

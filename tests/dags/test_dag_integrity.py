@@ -201,7 +201,7 @@ def test_a_bad_list_value_is_refused_naming_the_param_and_the_value(dagbag):
             grid.params.deep_merge({name: value}).validate()
         first_line, rest = str(refused.value).split("\n", 1)
         assert first_line == f"Invalid input for param {name}: {words}"
-        assert "each value: a " in rest  # the items' description, printed with the schema that refused
+        assert "each value: " in rest  # the items' description, printed with the schema that refused
 
 
 def _callable_context(monkeypatch, params: dict, **extra) -> dict:

@@ -60,13 +60,19 @@ def test_a_killed_task_or_worker_is_retried_without_a_second_job(airflow, victim
 def test_a_failing_trial_fails_its_task_with_the_jobs_failure_reason(airflow):
     sagemaker = airflow.stack.client("sagemaker")
     run_id = airflow.trigger(GRID, grid_conf("empty", [0.0009], [2]))
-    airflow.wait_for_run(GRID, run_id, timeout=600)
+    run = airflow.wait_for_run(GRID, run_id, timeout=600)
     instances = {t["task_id"]: t for t in airflow.task_instances(GRID, run_id)}
     trial = instances["train_trial"]
     assert trial["state"] == "failed" and trial["try_number"] == 3  # retried twice: -a2, -a3
     log = airflow.log(GRID, run_id, "train_trial", 3, map_index=0)
     assert "Reason: train channel has no images" in log, log[-3000:]  # the job's FailureReason, in the task log
     assert instances["select_winner"]["state"] == "failed"
+    # No trial succeeded: the run is red, though publish_report and the deploy group's last task succeed or skip
+    # after the failure; the watcher (ONE_FAILED) failed it, naming select_winner.
+    assert instances["publish_report"]["state"] == "success"
+    assert instances["watcher"]["state"] == "failed" and run["state"] == "failed", {
+        name: t["state"] for name, t in instances.items()}
+    assert "failed: select_winner" in airflow.log(GRID, run_id, "watcher", 1)
     names = training_jobs(sagemaker, "lr-0-0009")
     assert len(names) == 3 and all(
         sagemaker.describe_training_job(TrainingJobName=n)["TrainingJobStatus"] == "Failed" for n in names)

@@ -1,0 +1,140 @@
+"""The grid's list Params through the real REST API and scheduler (tests/e2e/scheduler.py, the shared `scheduled`
+Airflow): a bad value is refused with HTTP 400 naming the Param and the value, before any run exists; a grid typed
+as the trigger form sends it (text, one value per line, a blank line at the end) runs, and a trial that fails beside
+a winner leaves the run green with the failure counted on the leaderboard; and in Airflow's own trigger form (headless
+Chromium), the lists are text boxes of lines and a refusal reads as the 400 says."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+
+import pytest
+from scheduler import BUCKET, GRID, PREFIX, TINY, grid_conf, trials, wait_until
+from sdxl_lora.naming import run_token
+
+pytestmark = pytest.mark.scheduler
+TUNE = "sdxl_lora_tune"
+
+
+@pytest.fixture
+def airflow(scheduled):
+    return scheduled
+
+
+@pytest.mark.parametrize("dag_id, conf, words", [
+    (GRID, {"learning_rates": ["0.0001", "abc"]}, "Invalid input for param learning_rates: 'abc' does not match "
+                                                  "'^[-+0-9.eE ]*$'"),
+    (GRID, {"ranks": [4, 2048]}, "Invalid input for param ranks: 2048 is greater than the maximum of 1024"),
+    (GRID, {"max_train_steps": ["1,000"]}, "Invalid input for param max_train_steps: '1,000' does not match"),
+    (TUNE, {"ranks": ["4", "sixteen"]}, "Invalid input for param ranks: 'sixteen' does not match '^[0-9 ]*$'"),
+])
+def test_a_bad_list_value_is_refused_with_http_400_naming_the_param_and_the_value(airflow, dag_id, conf, words):
+    airflow.wait_for_dags(dag_id)  # parsed; a paused DAG still validates its Params on trigger
+    run_id = f"params-refused-{secrets.token_hex(4)}"
+    response = airflow.api.post(f"/dags/{dag_id}/dagRuns", json={"dag_run_id": run_id, "logical_date": None,
+                                                                  "conf": conf})
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert detail.splitlines()[0] == words or detail.startswith(words), detail
+    assert "each value: " in detail  # the items' description, printed with the schema that refused the value
+    assert airflow.api.get(f"/dags/{dag_id}/dagRuns/{run_id}").status_code == 404  # no run was created
+
+
+def test_a_grid_typed_as_text_runs_and_a_failed_trial_beside_a_winner_leaves_it_green(airflow):
+    # As the form's one-value-per-line boxes send them: text, a blank line where the user pressed Enter at the end.
+    # A polynomial schedule refuses a learning rate below its end rate (1e-7): that trial's job fails.
+    conf = grid_conf("tiny", ["1e-8", "0.001", ""], ["2"], ranks=[" 4"],
+                     hyperparameters={**TINY, "lr_scheduler": "polynomial"})
+    run_id = airflow.trigger(GRID, conf)
+    run = airflow.wait_for_run(GRID, run_id, timeout=600)
+    instances = airflow.task_instances(GRID, run_id)
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in instances}
+    failed, won = sorted(trials(airflow, run_id), key=lambda t: t["map_index"])
+    assert failed["rendered_map_index"].endswith("-lr-1e-08-mts-2-r-4") and failed["state"] == "failed", states
+    assert won["rendered_map_index"].endswith("-lr-0-001-mts-2-r-4") and won["state"] == "success", states
+    assert run["state"] == "success" and states[("watcher", -1)] == "skipped", states
+    board = airflow.stack.client("s3").get_object(
+        Bucket=BUCKET, Key=f"{PREFIX}/grid_search/{run_token(run_id)}/leaderboard.md")["Body"].read().decode()
+    assert board.splitlines()[0].endswith(": 1 of 2 trials failed (the winner is the best of the others)"), board
+    assert "lr_end" in board  # the failed trial's row carries its job's FailureReason
+    winner = airflow.request("GET", f"/dags/{GRID}/dagRuns/{run_id}/taskInstances/select_winner/xcomEntries/"
+                                    "return_value")["value"]
+    winner = json.loads(winner) if isinstance(winner, str) else winner
+    assert winner["winner"] == won["rendered_map_index"] and winner["failed_trials"] == 1, winner
+
+
+def test_the_trigger_form_shows_list_params_as_boxes_of_lines_and_its_refusals(airflow, tmp_path):
+    """In Airflow's own UI (headless Chromium): the grid's lists are text boxes holding one default per line; a
+    bad line is refused with the readable 400 in the form; the tune DAG's ranks typed with a trailing Enter reach
+    the run's conf as text, which plan_tuning reads (tests/dags). Skipped without Debian's chromium."""
+    from test_report_view import CHROMIUM, Chromium
+
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    airflow.wait_for_dags(TUNE)  # paused: a run triggered here stays queued, no job starts
+    token = airflow.api.headers["Authorization"].split()[1]
+    browser = Chromium(tmp_path / "profile")
+
+    def until(expression: str, what: str, timeout: float = 120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = browser.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.5)
+        raise AssertionError(f"the form never showed {what}: {browser.evaluate('document.body.innerText')[:3000]}")
+
+    def open_form(dag_id: str) -> dict:
+        browser.call("Page.navigate", url=f"{airflow.url}/dags/{dag_id}")
+        until("[...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Trigger')", "Trigger")
+        browser.evaluate("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Trigger').click()")
+        until("!!document.querySelector('[id^=element_]')", "the Params")
+        return {f["name"]: f for f in browser.evaluate(
+            "[...document.querySelectorAll('[id^=element_]')].map(e => ({name: e.id.slice(8), tag: e.tagName, "
+            "value: e.value, placeholder: e.placeholder}))")}
+
+    def type_lines(name: str, text: str) -> None:  # as a user types: select the box's text, type over it
+        browser.evaluate(f"(() => {{ const e = document.querySelector('#element_{name}'); e.focus(); e.select(); }})()")
+        browser.call("Input.insertText", text=text)
+
+    def press_trigger() -> None:
+        browser.evaluate("[...document.querySelectorAll('[role=dialog] button')]"
+                         ".filter(b => b.innerText.trim() === 'Trigger').pop().click()")
+
+    try:
+        browser.call("Network.enable")
+        browser.call("Network.setCookie", name="_token", value=token, url=airflow.url, path="/")
+        browser.call("Page.enable")
+        fields = open_form(GRID)
+        for name, lines in (("learning_rates", "0.0001\n0.0002"), ("max_train_steps", "500\n1000"), ("ranks", "4")):
+            assert fields[name]["tag"] == "TEXTAREA" and fields[name]["value"] == lines, fields[name]
+            assert fields[name]["placeholder"] == "Enter each string on a new line"
+        assert fields["hyperparameters"]["tag"] != "TEXTAREA"  # an object: Airflow's JSON editor
+        runs_before = {r["dag_run_id"] for r in airflow.runs(GRID)}
+        type_lines("learning_rates", "0.0001\nabc")
+        press_trigger()
+        refusal = until("document.body.innerText.includes('Invalid input for param') && document.body.innerText",
+                        "the refusal")
+        assert "400 Bad Request" in refusal and \
+            "Invalid input for param learning_rates: 'abc' does not match '^[-+0-9.eE ]*$'" in refusal
+        assert "each value: a number in (0, 0.1]" in refusal
+        assert {r["dag_run_id"] for r in airflow.runs(GRID)} == runs_before
+        shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        (tmp_path / "grid-form-refusal.png").write_bytes(shot)
+
+        tune_runs = {r["dag_run_id"] for r in airflow.runs(TUNE)}
+        fields = open_form(TUNE)
+        assert fields["ranks"]["tag"] == "TEXTAREA" and fields["ranks"]["value"] == "4\n16\n64"
+        browser.evaluate("[...document.querySelectorAll('[role=dialog] label')]"
+                         ".find(l => l.innerText.includes('Unpause')).click()")  # stays paused: no job
+        type_lines("ranks", "4\n16\n")
+        press_trigger()
+        (run,) = wait_until(lambda: [r for r in airflow.runs(TUNE) if r["dag_run_id"] not in tune_runs], 60,
+                            "the run the form triggered")
+    finally:
+        browser.close()
+    airflow.request("DELETE", f"/dags/{TUNE}/dagRuns/{run['dag_run_id']}")  # queued for good otherwise
+    assert run["conf"]["ranks"] == ["4", "16", ""], run["conf"]  # one string per line, the Enter's blank too
