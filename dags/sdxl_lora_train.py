@@ -4,20 +4,34 @@
 Trains one LoRA on a processed dataset version with the production hyperparameters (the original
 system's: learning rate 2e-4, rank 4, text encoders trained, 8-bit Adam, fp16, ...), as a SageMaker
 training job on spot capacity with checkpoints, and deploys it when its validation loss beats the
-adapter the endpoint serves now (the serving record keeps that adapter's training job and val_loss).
+adapter the endpoint serves now.
 
 Runs on the retraining cron (settings: `retrain_schedule`) and whenever `sdxl_dataset_prepare`
-publishes a processed dataset (Asset). The version it trains: `dataset_version` when given, else
-the one its triggering Asset event names, else its logical date's (so backfills train each
-version); never the newest in S3. A scheduled or backfill run whose date has no prepared version
-is skipped, saying so in the `dataset_version` task's log.
+publishes a processed dataset (Asset). An Asset-triggered run trains nothing itself: `version_runs`
+reads its events (and those of the Asset since, which Airflow would otherwise leave for a later
+event) and `queue_version_runs` queues one run per event, `dataset_<version>__<event time>`, with
+that version as `dataset_version`; runs go one at a time, in event order, so every prepared version
+is trained once and compared with what serves after the previous one. Other runs train
+`dataset_version` when given, else their logical date's `YYYY-MM-DD` (never the newest in S3). A
+scheduled or backfill run whose date has no prepared version is skipped, saying so in the
+`dataset_version` task's log.
+
+A run no one gave hyperparameters to (cron, Asset, backfill without `--dag-run-conf`) uses the
+production preset updated with the Airflow Variable `sdxl_lora_retrain_hyperparameters` (a JSON
+object) when it is set.
+
+The comparison is like with like: each version holds out its own validation images, so while the
+new adapter trains, `score_serving` scores the adapter serving now on the new version's held-out
+images (a scoring job: ml/evaluate.py, the same split, fixed noise and timesteps and precision the
+new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log.
 """
 
 from __future__ import annotations
 
 import logging
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, chain, dag, task
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, chain, dag, task
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, job_kwargs, run_date,
                                   smoke_param, version_param)
@@ -49,27 +63,55 @@ log = logging.getLogger(__name__)
 )
 def sdxl_lora_train():
     @task
-    def dataset_version(params: dict, dag_run=None, triggering_asset_events=None, **context) -> str:
-        """The version this run trains; skips a scheduled run whose date has no prepared version."""
+    def dataset_version(params: dict, dag_run=None, **context) -> str:
+        """The version this run trains; skips a scheduled run whose date has no prepared version, and an
+        Asset-triggered run, whose versions train in the runs it queues."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow.sdk.exceptions import AirflowSkipException
         from sdxl_lora import assets
 
+        if dag_run.run_type == "asset_triggered":
+            reason = "an Asset-triggered run trains in the runs queue_version_runs queues, one per event's version"
+            log.info("%s", reason)
+            raise AirflowSkipException(reason)
         settings = Settings.resolve()
-        events = triggering_asset_events.get(PROCESSED_DATASET, []) if triggering_asset_events else []
-        choice = assets.choose_version(params["dataset_version"], events, dag_run.run_type, run_date(context))
+        # run_date falls back to the run's run_after when it has no logical date
+        choice = assets.choose_version(params["dataset_version"], dag_run.run_type,
+                                       run_date({**context, "dag_run": dag_run}))
         location = settings.processed_dataset(choice.version)
         prepared = S3Hook(aws_conn_id=settings.aws_conn_id).check_for_key(location + "manifest.json")
         assets.require_prepared(choice, location, prepared)
         log.info("training dataset version %s (from %s): %s", choice.version, choice.source, location)
         return choice.version
 
+    @task(inlets=[PROCESSED_DATASET])
+    def version_runs(dag_run=None, triggering_asset_events=None, inlet_events=None) -> list:
+        """An Asset-triggered run's events, one run to queue per event (other runs: none)."""
+        from sdxl_lora import assets
+
+        if dag_run.run_type != "asset_triggered":
+            return []
+        consumed = list(triggering_asset_events[PROCESSED_DATASET])
+        first = min(event.timestamp for event in consumed)
+        seen = list(inlet_events[PROCESSED_DATASET].after(first.isoformat()))
+        runs = assets.version_runs(consumed, seen)
+        log.info("%d Asset event(s) of this run, %d of the Asset from %s on: queuing %s", len(consumed), len(seen),
+                 first.isoformat(), ", ".join(f"{r['trigger_run_id']} (dataset version {r['conf']['dataset_version']})"
+                                              for r in runs))
+        return runs
+
     @task
-    def build_request(version: str, params: dict, run_id: str) -> dict:
-        from sdxl_lora import naming, requests
+    def build_request(version: str, params: dict, run_id: str, dag_run=None) -> dict:
+        from airflow.sdk import Variable
+        from sdxl_lora import assets, naming, requests
 
         settings = Settings.resolve()
+        hyperparameters = params["hyperparameters"]
+        if "hyperparameters" not in (dag_run.conf or {}):  # nobody chose them: the retraining recipe
+            hyperparameters = assets.retrain_hyperparameters(hyperparameters,
+                                                             Variable.get(assets.RETRAIN_VARIABLE, default=None))
         name = naming.job_name(JOB_PREFIX, run_id, naming.slug(version))
-        return requests.training_request(settings, name, settings.processed_dataset(version), params["hyperparameters"],
+        return requests.training_request(settings, name, settings.processed_dataset(version), hyperparameters,
                                          requests.tags(dag=DAG_ID, run=run_id, version=version))
 
     @task
@@ -82,34 +124,84 @@ def sdxl_lora_train():
                 "training": {"training_job": description["TrainingJobName"],
                              "val_loss": selection.final_metrics(description).get(selection.METRIC)}}
 
-    @task.short_circuit
-    def better_than_serving(trained: dict, params: dict) -> bool:
-        import json
+    @task
+    def serving_adapter(version: str, params: dict) -> dict | None:
+        """The endpoint's serving record (None: nothing serves), read before the comparison's scoring job."""
+        return _serving_record(params)
 
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from sdxl_lora import serving
+    @task
+    def build_scoring_request(request: dict, serving: dict | None, version: str, params: dict, run_id: str) -> dict:
+        """A scoring job for the serving adapter on the new version's held-out images; skipped when nothing
+        serves or nothing will be deployed."""
+        from airflow.sdk.exceptions import AirflowSkipException
+        from sdxl_lora import naming, requests, selection
+
+        if not params["deploy_if_better"]:
+            raise AirflowSkipException("deploy_if_better is off: nothing is compared, so the serving adapter "
+                                       "is not scored")
+        if serving is None:
+            raise AirflowSkipException("nothing is recorded as serving on the endpoint: no adapter to score")
+        name = naming.job_name("sdxl-lora-score", run_id, naming.slug(version))
+        log.info("scoring the serving adapter %s (%s) on version %s's held-out images: job %s",
+                 serving["model_data_url"], serving.get("training_job"), version, name)
+        return selection.scoring_request(request, name, serving["model_data_url"], requests.tags(
+            dag=DAG_ID, run=run_id, version=version, scores=serving.get("training_job") or "serving"))
+
+    @task.short_circuit(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def better_than_serving(trained: dict, serving: dict | None, scoring: dict | None, version: str,
+                            params: dict) -> bool:
+        from sdxl_lora import selection
 
         if not params["deploy_if_better"]:
             log.info("deploy_if_better is off: not deploying")
             return False
-        settings = Settings.resolve()
-        endpoint = params["endpoint_name"] or settings.endpoint_name
-        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        uri = serving.record_uri(settings, endpoint)
-        record = json.loads(s3.read_key(uri)) if s3.check_for_key(uri) else None
-        deploy, reason = serving.better_than_serving(trained["training"]["val_loss"], record, endpoint)
+        rescored = None
+        if scoring is not None:
+            description = scoring["Training"]
+            rescored = {"training_job": description["TrainingJobName"],
+                        "val_loss": selection.final_metrics(description).get(selection.METRIC)}
+        endpoint = params["endpoint_name"] or Settings.resolve().endpoint_name
+        now = _serving_record(params)
+        if (now or {}).get("model_data_url") != (serving or {}).get("model_data_url"):
+            log.info("what serves on %s changed while this run trained (%s, now %s): not deploying automatically",
+                     endpoint, (serving or {}).get("model_data_url"), (now or {}).get("model_data_url"))
+            return False
+        deploy, reason = selection.compare_with_serving(trained["training"], rescored, serving, endpoint, version)
         log.info("%s", reason)
         return deploy
 
     version = dataset_version()
+    TriggerDagRunOperator.partial(  # a run already queued for an event (its id) is left as it is
+        task_id="queue_version_runs", trigger_dag_id=DAG_ID, logical_date=None, skip_when_already_exists=True,
+        openlineage_inject_parent_info=False,  # the queued run's conf is its dataset_version, nothing else
+    ).expand_kwargs(version_runs())
     config = build_request(version)
     train = ResumableSageMakerTrainingOperator(task_id="train", config=config, pool="sagemaker_training",
                                                **job_kwargs(SETTINGS))
     trained = candidate(train.output)
+    serving = serving_adapter(version)
+    scoring = build_scoring_request(config, serving, version)
+    score = ResumableSageMakerTrainingOperator(task_id="score_serving", config=scoring, pool="sagemaker_training",
+                                               **job_kwargs(SETTINGS))
+    compared = better_than_serving(trained, serving, score.output, version)
     deployment = deploy_group(trained["model_artifacts"], "{{ params.endpoint_name or '' }}",
                               "{{ params.smoke_request }}", training=trained["training"])
 
-    chain(version, config, train, trained, better_than_serving(trained), deployment)
+    chain(version, config, train, trained, compared, deployment)
+    chain(scoring, score, compared)
+
+
+def _serving_record(params: dict) -> dict | None:
+    import json
+
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from sdxl_lora import serving
+
+    settings = Settings.resolve()
+    endpoint = params["endpoint_name"] or settings.endpoint_name
+    s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
+    uri = serving.record_uri(settings, endpoint)
+    return json.loads(s3.read_key(uri)) if s3.check_for_key(uri) else None
 
 
 sdxl_lora_train()
