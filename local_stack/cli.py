@@ -18,7 +18,14 @@ def _local_stack(args: argparse.Namespace) -> int:
     from local_stack import main
 
     return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at, host=args.host,
-                    persist=args.persist)
+                    persist=args.persist, instance_quotas=dict(args.instance_quota or []))
+
+
+def _instance_quota(text: str) -> tuple[str, int]:
+    instance, _, count = text.partition("=")
+    if not instance.startswith("ml.") or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an instance type and a count, e.g. ml.g5.xlarge=1; got {text!r}")
+    return instance, int(count)
 
 
 def _airflow(args: argparse.Namespace) -> int:
@@ -78,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--workdir", default=".local-stack", help="where jobs and endpoints keep their files")
     command.add_argument("--max-concurrent-jobs", type=int, default=4,
                          help="training (and, separately, processing) jobs allowed to run at once")
+    command.add_argument("--instance-quota", metavar="TYPE=N", action="append", type=_instance_quota,
+                         help="a smaller quota of one instance type (per job type), e.g. ml.g5.xlarge=1: more "
+                              "answers ResourceLimitExceeded, as AWS does at an instance type's quota; repeatable")
     command.add_argument("--spot-interruption-at", metavar="REGEX",
                          help="interrupt each managed-spot training job once, at its first log line matching REGEX")
     command.add_argument("--persist", action=argparse.BooleanOptionalAction, default=False,

@@ -29,7 +29,10 @@ TERMINAL = ("Completed", "Failed", "Stopped")
 class Options:
     """Behaviour of the stack that tests and users choose."""
 
-    max_concurrent_jobs: int = 4  # per job type, like an account's instance quota
+    max_concurrent_jobs: int = 4  # instances per job type, like an account's instance quota
+    # Smaller quotas of single instance types (per job type), as AWS keeps one quota per instance type:
+    # "ml.g5.2xlarge for training job usage".
+    instance_quotas: dict[str, int] = field(default_factory=dict)
     spot_interruption_pattern: str | None = None  # interrupt each spot job once at the first matching log line
     stop_grace_seconds: float = 120.0
 
@@ -203,17 +206,13 @@ class JobService:
             if (kind, name) in self.jobs:
                 raise validation(f"Job name must be unique within an AWS account and region, and a job with this "
                                  f"name already exists ({self.jobs[(kind, name)].description[f'{_prefix(kind)}Arn']})")
-            running = sum(1 for (k, _), j in self.jobs.items()
-                          if k == kind and j.description[_status_key(kind)] in ("InProgress", "Stopping"))
-            if running >= self.options.max_concurrent_jobs:
-                resources = request.get("ResourceConfig") or request.get("ProcessingResources", {}).get(
-                    "ClusterConfig", {})
-                instance = resources.get("InstanceType", "ml.m5.large")
-                raise ApiError("ResourceLimitExceeded",
-                               f"The account-level service limit '{instance} for {kind} job usage' is "
-                               f"{self.options.max_concurrent_jobs} Instances, with current utilization of {running} "
-                               "Instances and a request delta of 1 Instances. Please use AWS Service Quotas to "
-                               "request an increase for this quota.")
+            instance, count = _instances(request)
+            running = [_instances(j.request) for (k, _), j in self.jobs.items()
+                       if k == kind and j.description[_status_key(kind)] in ("InProgress", "Stopping")]
+            _check_quota(f"{instance} for {kind} job usage", self.options.instance_quotas.get(instance),
+                         sum(n for other, n in running if other == instance), count)
+            _check_quota(f"{instance} for {kind} job usage", self.options.max_concurrent_jobs,
+                         sum(n for _, n in running), count)
             base = self.workdir / kind / name
             shutil.rmtree(base, ignore_errors=True)
             base.mkdir(parents=True)
@@ -437,6 +436,22 @@ class _CheckpointSync:
         for relative in set(self.uploaded) - set(present):
             self.s3.delete_object(Bucket=bucket, Key=prefix + relative)
             del self.uploaded[relative]
+
+
+def _instances(request: dict) -> tuple[str, int]:
+    """The instance type and count a training or processing request asks for."""
+    resources = request.get("ResourceConfig") or request.get("ProcessingResources", {}).get("ClusterConfig", {})
+    return resources.get("InstanceType", "ml.m5.large"), int(resources.get("InstanceCount", 1))
+
+
+def _check_quota(limit: str, quota: int | None, used: int, delta: int) -> None:
+    """AWS's answer when a job would take the instances in use past the account's quota: ResourceLimitExceeded
+    (HTTP 400), no job created."""
+    if quota is not None and used + delta > quota:
+        raise ApiError("ResourceLimitExceeded",
+                       f"The account-level service limit '{limit}' is {quota} Instances, with current utilization "
+                       f"of {used} Instances and a request delta of {delta} Instances. Please use AWS Service "
+                       "Quotas to request an increase for this quota.")
 
 
 def _check_image(image: str) -> None:

@@ -15,10 +15,11 @@ from local_stack.jobs import Options
 
 
 def run(port: int, workdir: str, max_concurrent_jobs: int, spot_interruption_at: str | None,
-        host: str = "127.0.0.1", persist: bool = False) -> int:
+        host: str = "127.0.0.1", persist: bool = False, instance_quotas: dict[str, int] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns everything else
-    options = Options(max_concurrent_jobs=max_concurrent_jobs, spot_interruption_pattern=spot_interruption_at)
+    options = Options(max_concurrent_jobs=max_concurrent_jobs, spot_interruption_pattern=spot_interruption_at,
+                      instance_quotas=instance_quotas or {})
     stack = LocalStack(Path(workdir), port=port, host=host, options=options, persist=persist)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     stop = threading.Event()

@@ -29,14 +29,16 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, workdir: Path, port: int, cwd: Path | None = None, max_concurrent_jobs: int = 3):
+    def __init__(self, workdir: Path, port: int, cwd: Path | None = None, max_concurrent_jobs: int = 3,
+                 instance_quotas: dict[str, int] | None = None):
         self.workdir, self.port = workdir, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir.parent / "local-stack.log"  # a file: an unread pipe would fill and stall the stack
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
-                 "--max-concurrent-jobs", str(max_concurrent_jobs), "--spot-interruption-at", SPOT_PATTERN],
+                 "--max-concurrent-jobs", str(max_concurrent_jobs), "--spot-interruption-at", SPOT_PATTERN,
+                 *(f"--instance-quota={t}={n}" for t, n in (instance_quotas or {}).items())],
                 stdout=out, stderr=subprocess.STDOUT, text=True, cwd=cwd)
         deadline = time.monotonic() + 120
         while "\nready\n" not in self.log.read_text():
