@@ -1,4 +1,5 @@
-"""A retried training task finds the job its first try started: no second, paid job."""
+"""A retried training task finds the job its first try started: no second, paid job. The job trigger of deferrable
+mode waits for a job through aiobotocore against the stack."""
 
 from __future__ import annotations
 
@@ -48,3 +49,27 @@ def test_a_failed_job_leads_to_a_new_attempt(operator_for, sagemaker, staged):
     assert result["Training"]["TrainingJobName"] == "e2e-op-failed-a2"
     assert result["Training"]["TrainingJobStatus"] == "Completed"
     assert _jobs(sagemaker, "e2e-op-failed") == ["e2e-op-failed", "e2e-op-failed-a2"]
+
+
+def test_the_job_trigger_waits_through_aiobotocore_and_fires_with_the_failure_reason(operator_for, sagemaker, staged,
+                                                                                     caplog, capsys):
+    """Deferrable mode's wait, as the triggerer runs it: the provider's waiter over aiobotocore against the stack."""
+    import asyncio
+    import logging
+
+    from sdxl_lora.operators import JobTrigger
+
+    request = training_request("e2e-op-trigger", staged)
+    request["HyperParameters"]["learning_rate"] = "fast"
+    sagemaker.create_training_job(**request)
+
+    async def first_event():
+        trigger = JobTrigger("e2e-op-trigger", "Training", waiter_delay=1, waiter_max_attempts=120)
+        return await anext(trigger.run())
+
+    with caplog.at_level(logging.INFO):
+        event = asyncio.run(first_event())
+    assert event.payload == {"status": "failed", "job_name": "e2e-op-trigger",
+                             "message": "learning_rate: expected a number, got 'fast'"}
+    lines = "\n".join(r.getMessage() for r in caplog.records) + capsys.readouterr().out  # stdlib or structlog
+    assert "Training job e2e-op-trigger: failed: learning_rate: expected a number, got 'fast'" in lines, lines
