@@ -12,7 +12,8 @@ imported fresh in every child (the warm starter drops them after loading the lib
 they read at import come from the container's environment. The warm starter reports each child's pid,
 then its exit status, exactly as Popen would give them (negative: killed by that signal).
 
-A container is started cold (a new interpreter, as before) when it is not `ml.cli`, when its environment
+The tests' training jobs (tests/ml) start the same way. A container is started cold (a new interpreter,
+as before) when it is not `python -m ml...`, when its environment
 differs from the warm starter's in a variable that libraries read at import time (HF_*, TORCH*, OMP_*,
 ...), when the warm starter could not start, or with SDXL_LORA_STACK_WARM_START=0.
 """
@@ -65,6 +66,7 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket], starte
         os.setsid()
         os.write(started, b"s")  # its pid is reported only now: a signal to its process group finds it
         os.close(started)
+        _set_name(" ".join([request.get("module", "ml.cli"), *request["args"][:1]]))
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
         (out,) = fds
@@ -85,7 +87,7 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket], starte
 
         sys.argv = ["sdxl-lora", *request["args"]]
         try:
-            runpy.run_module("ml.cli", run_name="__main__", alter_sys=True)
+            runpy.run_module(request.get("module", "ml.cli"), run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as done:
             if done.code is None or isinstance(done.code, int):
@@ -101,6 +103,16 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket], starte
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _set_name(name: str) -> None:
+    """What `top` and `ps -o comm` show for the child (its command line stays the warm starter's)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def serve(path: str) -> int:
@@ -266,7 +278,11 @@ class WarmStarter:
         self._ready.set()
 
     def eligible(self, command: list[str], env: dict[str, str]) -> bool:
-        if command[:3] != [sys.executable, "-m", "ml.cli"] or env.get(DISABLE, "1") == "0":
+        """`python -m ml...` (the payload's CLI, or one of its modules) under an environment the libraries
+        already imported here would not have read differently."""
+        if command[:2] != [sys.executable, "-m"] or len(command) < 3 or env.get(DISABLE, "1") == "0":
+            return False
+        if not (command[2] == "ml" or command[2].startswith("ml.")):
             return False
         keys = {k for k in {*env, *self.env} if k.startswith(IMPORT_TIME_PREFIXES) and k != "PYTHONUNBUFFERED"}
         return all(env.get(k) == self.env.get(k) for k in keys)
@@ -282,7 +298,7 @@ class WarmStarter:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             connection.connect(self.path)
-            request = {"args": command[3:], "env": env, "cwd": str(cwd)}
+            request = {"module": command[2], "args": command[3:], "env": env, "cwd": str(cwd)}
             socket.send_fds(connection, [json.dumps(request).encode()], [write])
             answer = json.loads(connection.recv(MESSAGE_BYTES) or b'{"error": "the warm starter closed"}')
         except OSError:
