@@ -25,8 +25,10 @@ images: $(READY)
 	PYTHON=$(BIN)/python containers/build_and_push.sh --region "$(REGION)" --account "$(ACCOUNT)" \
 	  $(if $(PREFIX),--prefix "$(PREFIX)") $(if $(TAG),--tag "$(TAG)")
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process); the scheduler tests stay together on one of them.
+TEST_WORKERS ?= 2
 test: $(READY)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # Only the tests under a real Airflow (api-server, scheduler, dag-processor, triggerer; PostgreSQL, Redis).
 test-scheduler: $(READY)
