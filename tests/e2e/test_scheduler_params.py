@@ -58,7 +58,7 @@ def test_a_grid_typed_as_text_runs_and_a_failed_trial_beside_a_winner_leaves_it_
             if sagemaker.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] == "InProgress":
                 with contextlib.suppress(ClientError):  # it may have moved on since
                     sagemaker.stop_training_job(TrainingJobName=name)
-        return any(t["state"] == "failed" and t["rendered_map_index"].endswith(long_trial)
+        return any(t["state"] == "failed" and long_trial in (t["rendered_map_index"] or "")  # its last job: -a3
                    for t in trials(airflow, run_id))
 
     wait_until(stop_the_long_trial, 600, "the stopped trial's task to fail", interval=1)
@@ -67,7 +67,7 @@ def test_a_grid_typed_as_text_runs_and_a_failed_trial_beside_a_winner_leaves_it_
     states = {(t["task_id"], t["map_index"]): t["state"] for t in instances}
     won, failed = sorted(trials(airflow, run_id), key=lambda t: t["map_index"])
     assert won["rendered_map_index"].endswith("-lr-0-001-mts-2-r-4") and won["state"] == "success", states
-    assert failed["rendered_map_index"].endswith(long_trial) and failed["state"] == "failed", states
+    assert long_trial in failed["rendered_map_index"] and failed["state"] == "failed", states
     assert run["state"] == "success" and states[("watcher", -1)] == "skipped", states
     board = airflow.stack.client("s3").get_object(
         Bucket=BUCKET, Key=f"{PREFIX}/grid_search/{run_token(run_id)}/leaderboard.md")["Body"].read().decode()
