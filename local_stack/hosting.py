@@ -476,7 +476,7 @@ def _wait_for_ping(variant: Variant) -> None:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as error:  # 503: still loading, or the model failed to load
-            state = _json_or_empty(error.read())
+            state = _json_or_empty(_read_or_empty(error))
             if state.get("status") == "failed":
                 raise RuntimeError(f"The primary container for production variant {variant.name} did not pass the "
                                    f"ping health check: {state.get('error')}") from None
@@ -485,6 +485,14 @@ def _wait_for_ping(variant: Variant) -> None:
         time.sleep(0.25)
     raise RuntimeError(f"The primary container for production variant {variant.name} did not pass the ping health "
                        f"check: /ping did not answer 200 within {PING_TIMEOUT_SECONDS:.0f} s")
+
+
+def _read_or_empty(response) -> bytes:
+    """The body of a /ping answer, or nothing when it does not come in time (a busy container): asked again."""
+    try:
+        return response.read()
+    except OSError:
+        return b""
 
 
 def _json_or_empty(body: bytes) -> dict:

@@ -432,6 +432,7 @@ class ResumableSageMakerEndpointOperator(SageMakerEndpointOperator):
             described = describe_or_none(client.describe_endpoint, EndpointName=name)
             step, why = endpoint_step(name, described, config, created, updated)
             if step == "failed":
+                self.log.error("%s", why)  # the task log shows it as a line, not only in the traceback
                 raise AirflowFailException(why)
             if step == "done":
                 self.log.info("%s", f"{why} (an earlier try deployed it)" if first_look else why)
