@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import httpx
 import psutil
@@ -35,7 +36,18 @@ FAILING = "sched-deploy-ep-new"  # a new endpoint that fails
 
 
 @pytest.fixture(scope="module")
-def airflow(scheduled):
+def training_job(scheduled) -> str:
+    """A 2-step training job for the LoRA the deployments deploy, started at once so it trains while Airflow's
+    execution API warms up and the first deployment (of broken artifacts, which needs no LoRA) runs."""
+    staged = {"data": f"s3://{BUCKET}/{PREFIX}/proc_dataset/tiny", "base": f"s3://{BUCKET}/{PREFIX}/base_model"}
+    scheduled.stack.client("sagemaker").create_training_job(**training_request(
+        "sched-deploy-lora", staged, {"max_train_steps": 2, "validation_split": 0.25},
+        OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/{PREFIX}/models"}))
+    return "sched-deploy-lora"
+
+
+@pytest.fixture(scope="module")
+def airflow(scheduled, training_job):
     # The execution API builds its versioned routes on its first request (25-60 s on these loaded cores), and the
     # api-server answers nothing else meanwhile: pay that here rather than in the first task's start.
     httpx.get(f"{scheduled.url}/execution/health", timeout=300).raise_for_status()
@@ -66,19 +78,15 @@ def broken(airflow) -> str:
 
 @pytest.fixture(scope="module")
 def failing_new(airflow, broken) -> str:
-    """The run id of a deployment of the broken artifacts to a new endpoint. Triggered first: it needs no
-    training, so it runs while the LoRA trains."""
+    """The run id of a deployment of the broken artifacts to a new endpoint, triggered before the LoRA is trained:
+    it needs none."""
     return trigger(airflow, broken, FAILING)
 
 
 @pytest.fixture(scope="module")
-def lora(sagemaker, failing_new) -> str:
-    """A trained LoRA: the model.tar.gz of a 2-step training job."""
-    staged = {"data": f"s3://{BUCKET}/{PREFIX}/proc_dataset/tiny", "base": f"s3://{BUCKET}/{PREFIX}/base_model"}
-    sagemaker.create_training_job(**training_request(
-        "sched-deploy-lora", staged, {"max_train_steps": 2, "validation_split": 0.25},
-        OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/{PREFIX}/models"}))
-    job = wait_for_training(sagemaker, "sched-deploy-lora")
+def lora(sagemaker, training_job, failing_new) -> str:
+    """The trained LoRA: the training job's model.tar.gz."""
+    job = wait_for_training(sagemaker, training_job)
     assert job["TrainingJobStatus"] == "Completed", job.get("FailureReason")
     return job["ModelArtifacts"]["S3ModelArtifacts"]
 
@@ -88,6 +96,7 @@ def deployments(airflow, sagemaker, lora, broken) -> dict:
     """Two phases, their runs side by side. 1: a new endpoint (SERVING) whose endpoint task is killed while it is
     Creating; beside it an endpoint (UPDATED) made directly through the API, serving the LoRA. 2: an update of
     SERVING killed while Updating, and an update of UPDATED to the broken artifacts."""
+    started = time.monotonic()
     sagemaker.create_model(ModelName="sched-deploy-old-model", ExecutionRoleArn=ROLE, PrimaryContainer={
         "Image": INFERENCE_IMAGE, "ModelDataUrl": lora,
         "Environment": {"BASE_MODEL": f"s3://{BUCKET}/{PREFIX}/base_model/"}})
@@ -101,12 +110,15 @@ def deployments(airflow, sagemaker, lora, broken) -> dict:
     answer_before = invoke(airflow, UPDATED)
     airflow.wait_for_run(DEPLOY, created, timeout=600)
     created_result = deployed(airflow, sagemaker, created, created_config)  # before the update starts it anew
+    phase_1, started = time.monotonic() - started, time.monotonic()
 
     failing_update = trigger(airflow, broken, UPDATED)
     updated = trigger(airflow, lora, SERVING)
     updated_config = kill_while_deploying(airflow, sagemaker, updated, SERVING)
     for run_id in (updated, failing_update):
         airflow.wait_for_run(DEPLOY, run_id, timeout=600)
+    print(f"[deploy] phase 1 (create killed, direct endpoint) {phase_1:.0f} s, phase 2 (update killed, failing "
+          f"update) {time.monotonic() - started:.0f} s")
     return {"created": created_result, "updated": deployed(airflow, sagemaker, updated, updated_config),
             "failing_update": failing_update, "answer_before": answer_before}
 
@@ -121,7 +133,8 @@ def deployed(airflow, sagemaker, run_id: str, config: str) -> dict:
 
 
 def trigger(airflow, model_data_url: str, endpoint: str) -> str:
-    return airflow.trigger(DEPLOY, {"model_data_url": model_data_url, "endpoint_name": endpoint, "smoke_request": SMOKE})
+    return airflow.trigger(DEPLOY, {"model_data_url": model_data_url, "endpoint_name": endpoint,
+                                    "smoke_request": SMOKE})
 
 
 def instances(airflow, run_id: str) -> dict[str, dict]:
