@@ -7,7 +7,8 @@ candidate at weight 0) -> Endpoint (created, or updated when it already exists) 
 invocation of the candidate through TargetVariant, which must return an image -> traffic shift:
 `candidate_weight` 1 sends it everything, less starts an A/B test. Promote or roll back an A/B
 test later with `sdxl_lora_traffic` (weights only). If any step fails, what this run created is
-removed and an existing endpoint goes back to the config it served before.
+removed and an existing endpoint goes back to the config it served before, and the run fails (the
+`watcher` task, trigger rule ONE_FAILED: `rollback` itself succeeds).
 
 Retries: names are fixed per run and model, so a retried task (a killed worker, say) uses the model and
 config its earlier try created and waits for the endpoint creation or update already under way: one
@@ -26,7 +27,7 @@ The endpoint runs `sdxl-lora serve`: requests name an adapter and a per-request 
 from __future__ import annotations
 
 from airflow.sdk import Param, dag
-from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param
+from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, watch
 from sdxl_lora.deploy import deploy_group
 
 DAG_ID = "sdxl_lora_deploy"
@@ -60,6 +61,7 @@ def sdxl_lora_deploy():
                  candidate_weight="{{ params.candidate_weight }}",
                  async_output_path="{{ params.async_output_path or '' }}",
                  max_concurrent_invocations="{{ params.async_max_concurrent_invocations }}")
+    watch()  # rollback succeeds after a failed deployment: the watcher fails the run
 
 
 sdxl_lora_deploy()

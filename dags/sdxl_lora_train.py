@@ -24,6 +24,9 @@ The comparison is like with like: each version holds out its own validation imag
 new adapter trains, `score_serving` scores the adapter serving now on the new version's held-out
 images (a scoring job: ml/evaluate.py, the same split, fixed noise and timesteps and precision the
 new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log.
+
+A failed training (or scoring, or deployment) fails the run: the `watcher` task (trigger rule ONE_FAILED,
+downstream of every task) fails it then, though `rollback` after a failed deployment succeeds.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, chain, dag, task
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, job_kwargs, run_date,
-                                  smoke_param, version_param)
+                                  smoke_param, version_param, watch)
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
@@ -147,7 +150,8 @@ def sdxl_lora_train():
         return selection.scoring_request(request, name, serving["model_data_url"], requests.tags(
             dag=DAG_ID, run=run_id, version=version, scores=serving.get("training_job") or "serving"))
 
-    @task.short_circuit(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    # ignore_downstream_trigger_rules=False: not deploying skips the deployment, not the watcher after it.
+    @task.short_circuit(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, ignore_downstream_trigger_rules=False)
     def better_than_serving(trained: dict, serving: dict | None, scoring: dict | None, version: str,
                             params: dict) -> bool:
         from sdxl_lora import selection
@@ -189,6 +193,7 @@ def sdxl_lora_train():
 
     chain(version, config, train, trained, compared, deployment)
     chain(scoring, score, compared)
+    watch()  # a failed train, score or deployment fails the run
 
 
 def _serving_record(params: dict) -> dict | None:

@@ -81,8 +81,8 @@ def make_optimizer(params: list[torch.nn.Parameter], learning_rate: float, devic
     if device.type == "cuda":
         # initial_lr a float: the LR scheduler then computes floats and fills the tensor, never reads it.
         group = {"params": params, "lr": torch.tensor(learning_rate, device=device), "initial_lr": learning_rate}
-        return torch.optim.AdamW([group], fused=True, capturable=True)
-    return torch.optim.AdamW([{"params": params, "lr": learning_rate}], fused=device.type == "cpu")
+        return torch.optim.AdamW([group], lr=learning_rate, fused=True, capturable=True)
+    return torch.optim.AdamW([{"params": params, "lr": learning_rate}], lr=learning_rate, fused=device.type == "cpu")
 
 
 class FastStep:

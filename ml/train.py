@@ -48,6 +48,23 @@ from ml.stream import micro_batch, micro_batches_per_epoch, total_steps
 log = logging.getLogger(__name__)
 
 
+def build_optimizer(unet, text_encoders, hp, device: torch.device, fast: bool) -> torch.optim.Optimizer:
+    """The optimizer over the trained LoRA parameters: the UNet's at `learning_rate`, each text encoder's at
+    `text_encoder_lr`. The constructor's own `lr` is `learning_rate` too (as in diffusers' script): diffusers'
+    polynomial schedule reads its starting rate from `optimizer.defaults["lr"]`."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
+    for encoder in text_encoders or ():
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": hp.text_encoder_lr})
+    if hp.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=hp.learning_rate)
+    if fast:
+        return make_optimizer(groups[0]["params"], hp.learning_rate, device)
+    # fused: one kernel for all LoRA tensors instead of a loop of small ops per tensor
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type in ("cpu", "cuda"))
+
+
 def _process_seconds() -> float:
     """Seconds since this process started (interpreter start and imports included)."""
     import psutil
@@ -153,18 +170,8 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         log.info(metrics.val_loss_line(baseline_val_loss, baseline=True))
 
     fast_path_off = fast_path_blockers(hp, world)
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
-    for encoder in text_encoders or ():
-        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": hp.text_encoder_lr})
-    if hp.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(groups)
-    elif not fast_path_off:
-        optimizer = make_optimizer(groups[0]["params"], hp.learning_rate, device)
-    else:
-        # fused: one kernel for all LoRA tensors instead of a loop of small ops per tensor
-        optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
+    optimizer = build_optimizer(unet, text_encoders, hp, device, fast=not fast_path_off)
+    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]  # what clipping sees
     max_steps = total_steps(hp, train_cache.buckets, world)
     lr_scheduler = get_scheduler(hp.lr_scheduler, optimizer=optimizer, num_warmup_steps=hp.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
@@ -237,7 +244,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
                     step_loss += float(accelerator.gather(loss.detach().reshape(1)).mean()) / hp.gradient_accumulation_steps
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], hp.max_grad_norm)
+                        accelerator.clip_grad_norm_(trained_parameters, hp.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)

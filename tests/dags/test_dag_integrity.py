@@ -245,25 +245,34 @@ def test_plan_tuning_reads_the_ranks_as_typed(dagbag, monkeypatch):
         plan(**_callable_context(monkeypatch, {**params, "ranks": ["4", "2048"]}))
 
 
-WATCHED = {"sdxl_lora_grid_search": {"train_trial"}, "sdxl_lora_tune": set()}  # judged by select_winner instead
+# Per DAG: the tasks judged by a task after them instead (select_winner judges the grid's trials) and the
+# short-circuits, which would skip the watcher were they wired to it.
+WATCHED = {"sdxl_lora_grid_search": ({"train_trial"}, {"deploy_requested"}),
+           "sdxl_lora_tune": (set(), {"deploy_requested"}),
+           "sdxl_lora_train": (set(), {"better_than_serving"}),
+           "sdxl_lora_deploy": (set(), set())}
 
 
 @pytest.mark.parametrize("dag_id", sorted(WATCHED))
 def test_a_watcher_fails_the_run_when_a_task_failed(dagbag, dag_id):
     """Airflow sets a run's state from its leaf tasks, and publish_report and the deploy group's rollback succeed
-    after a failure upstream: without the watcher a grid whose trials all failed ended green (issue 9)."""
+    after a failure upstream: without the watcher a grid whose trials all failed ended green, and a failed
+    training or deployment too (issue 9)."""
     from airflow.sdk import TriggerRule
 
     dag = dagbag.dags[dag_id]
+    judged, short_circuits = WATCHED[dag_id]
     watcher = dag.get_task("watcher")
     assert watcher.trigger_rule == TriggerRule.ONE_FAILED and watcher.retries == 0
     assert [task.task_id for task in dag.leaves] == ["watcher"]  # the run's state is the watcher's
-    # Wired to every task but the short-circuit (which would skip it) and the judged ones; those reach it
+    # Wired to every task but the short-circuits (which would skip it) and the judged ones; those reach it
     # through the tasks after them: every task is upstream of the watcher.
-    assert watcher.upstream_task_ids == set(dag.task_ids) - {"watcher", "deploy_requested"} - WATCHED[dag_id]
+    assert watcher.upstream_task_ids == set(dag.task_ids) - {"watcher"} - short_circuits - judged
     assert watcher.get_flat_relative_ids(upstream=True) == set(dag.task_ids) - {"watcher"}
-    assert dag.get_task("deploy_requested").ignore_downstream_trigger_rules is False
-    select = dag.get_task("select_winner")
-    assert select.trigger_rule == TriggerRule.ALL_DONE and select.task_id in watcher.upstream_task_ids
-    for judged in WATCHED[dag_id]:  # a failed trial reaches the watcher only as select_winner's verdict
-        assert select.task_id in dag.get_task(judged).downstream_task_ids
+    for task_id in short_circuits:  # not deploying skips the deployment, not the watcher
+        assert dag.get_task(task_id).ignore_downstream_trigger_rules is False
+    if judged:
+        select = dag.get_task("select_winner")
+        assert select.trigger_rule == TriggerRule.ALL_DONE and select.task_id in watcher.upstream_task_ids
+    for task_id in judged:  # a failed trial reaches the watcher only as select_winner's verdict
+        assert "select_winner" in dag.get_task(task_id).downstream_task_ids

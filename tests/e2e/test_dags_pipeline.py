@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,14 +109,24 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     assert after["EndpointStatus"] == "InService"
     assert after["EndpointConfigName"] == served["EndpointConfigName"]
 
-    # Retraining a named version compares against what serves now before deploying. The endpoint was
-    # deployed from a model URL alone, so there is no val_loss to compare with: the retrain deploys, and its
-    # serving record keeps its training job and val_loss, which the next retrain is compared against.
+    # Retraining a named version compares against what serves now before deploying: a scoring job scores the
+    # serving adapter (the grid's winner, deployed from its URL) on the same version's held-out images, and the
+    # run deploys only when its own val_loss is lower. Twice, so the second run compares with whatever the first
+    # left serving.
     retrain = {"dataset_version": "v1", "endpoint_name": "e2e-dag-endpoint", "smoke_request": smoke,
                "hyperparameters": {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25,
                                    "max_train_steps": 4, "checkpointing_steps": 2}}
-    first = _comparison(_dags_test(airflow_env, "sdxl_lora_train", retrain))
-    assert "has no val_loss to compare with: deploying" in first, first
-    second = _comparison(_dags_test(airflow_env, "sdxl_lora_train", retrain))
-    assert "against" in second and "serving on e2e-dag-endpoint: keeping what serves" in second, second
+    for _ in range(2):
+        before = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")["EndpointConfigName"]
+        line = _comparison(_dags_test(airflow_env, "sdxl_lora_train", retrain))
+        match = re.search(r"both adapters scored on version v1's held-out images: new val_loss (\S+) .* against "
+                          r"(\S+) of the serving adapter .*serving on e2e-dag-endpoint: (deploying|keeping what serves)",
+                          line)
+        assert match, line
+        new, current, verdict = float(match[1]), float(match[2]), match[3]
+        if new != current:  # (equal as printed to 6 digits: either verdict)
+            assert verdict == ("deploying" if new < current else "keeping what serves"), line
+        after = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")
+        assert after["EndpointStatus"] == "InService"
+        assert (after["EndpointConfigName"] != before) == (verdict == "deploying")
     sagemaker.delete_endpoint(EndpointName="e2e-dag-endpoint")

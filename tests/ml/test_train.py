@@ -217,3 +217,25 @@ def test_bf16_mixed_precision_trains_on_a_cpu(make_job):
     job = make_job({"mixed_precision": "bf16", "max_train_steps": 3}).run()
     assert job.returncode == 0, job.stdout
     assert all(t.dtype == torch.float32 for t in load_file(job.lora).values())
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "accelerate-loop"])
+def test_the_polynomial_schedule_decays_from_the_learning_rate_to_its_end(fast):
+    """diffusers' polynomial schedule starts from `optimizer.defaults["lr"]`: the optimizer must be built with the
+    job's learning rate there, or the schedule decays to the wrong end rate (AdamW's default 1e-3 instead)."""
+    from diffusers.optimization import get_scheduler
+
+    from ml.hyperparameters import parse
+    from ml.train import build_optimizer
+
+    hp = parse({"learning_rate": "0.0002", "lr_scheduler": "polynomial"})
+    unet = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(unet, None, hp, torch.device("cpu"), fast=fast)
+    schedule = get_scheduler("polynomial", optimizer=optimizer, num_warmup_steps=0, num_training_steps=4)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    lr_end = 1e-7  # diffusers' default end rate
+    assert rates == pytest.approx([2e-4 - (2e-4 - lr_end) * k / 4 for k in range(5)], rel=1e-9)
