@@ -3,7 +3,7 @@
 #
 # The device gets this checkout only: ../shared does not travel, and its image (Python 3.12, x86-64)
 # has torch, torchvision, transformers, accelerate, peft, safetensors, pyarrow, psutil and pillow but
-# neither diffusers nor datasets. This copies the reference script into outputs/reference/ and
+# neither diffusers nor datasets (nor bitsandbytes). This copies the reference script into outputs/reference/ and
 # downloads the missing wheels, at this project's pins, into .whl/ (ignored through .git/info/exclude):
 # name both in the run's carry. Usage: benchmarks/stage_device.sh [REFERENCE_DIR]
 set -euo pipefail
@@ -18,9 +18,11 @@ pins=()
 for name in diffusers datasets dill multiprocess importlib_metadata fsspec; do
     pins+=("$(grep -i "^${name}==" constraints.txt)")
 done
+# 8-bit Adam for --config production: the payload's pin (pyproject's container extra; CUDA-only, 43 MB)
+pins+=("$(grep -o '"bitsandbytes==[^"]*"' pyproject.toml | tr -d '"')")
 rm -rf .whl && mkdir .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "${pins[@]}"
 ls -l .whl outputs/reference
 echo "carry: [\".whl\", \"outputs/reference\"]  ($(du -sh .whl | cut -f1) of wheels)"
