@@ -191,6 +191,7 @@ class Run:
     loop_seconds: float  # reported by the job
     steps_per_second: float
     peak_gpu_mb: float | None
+    phases: dict | None = None  # ours: seconds since its start at the end of each phase (training_summary.json)
 
 
 class JobFailed(Exception):
@@ -228,7 +229,7 @@ def run_ours(run_dir: Path, base_model: Path, dataset: Path, hyperparameters: di
     wall, rss = measure([sys.executable, "-m", "ml.train"], job_env, REPO, run_dir / "job.log")
     reported = json.loads((run_dir / "model" / "training_summary.json").read_text())
     return Run(round(wall, 3), round(rss, 1), reported["loop_seconds"], reported["steps_per_second"],
-               reported.get("peak_gpu_mb"))
+               reported.get("peak_gpu_mb"), reported.get("phase_seconds"))
 
 
 REFLOOP = re.compile(r"REFLOOP seconds=(?P<seconds>[\d.]+) steps=(?P<steps>\d+) steps_per_s=(?P<rate>[\d.]+) "
@@ -422,6 +423,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             gpu = f", {run.peak_gpu_mb:7.0f} MB peak GPU" if run.peak_gpu_mb else ""
             print(f"run {repeat + 1}/{args.repeats} {name:20}: {run.wall_seconds:7.2f} s whole job, "
                   f"{run.steps_per_second:7.3f} steps/s, {run.peak_rss_mb:7.0f} MB peak RSS{gpu}", flush=True)
+            if run.phases:
+                print("    phases (s since start): " + ", ".join(f"{k} {v:.1f}" for k, v in run.phases.items()),
+                      flush=True)
     median = {name: medians(found) for name, found in runs.items()}
     goals = GOALS[args.model] if args.config == "default" else []
     return {

@@ -104,6 +104,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     # The torch stack is imported: move its millions of long-lived objects out of the
     # collector's sight, so no collection (automatic ones in the loop included) walks them again.
     gc.freeze()
+    phases = {"imported": _process_seconds()}  # seconds since the process started, at the end of each phase
 
     accelerator = Accelerator(gradient_accumulation_steps=hp.gradient_accumulation_steps,
                               mixed_precision=hp.mixed_precision)
@@ -120,6 +121,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     for model in (vae, *text_encoders):
         model.requires_grad_(False)
         model.to(device)
+    phases["encoders_loaded"] = _process_seconds()
     flips = 2 if hp.random_flip else 1
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
     source = latent_source(examples, hp, base, vae)
@@ -133,6 +135,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         del text_encoders
         text_encoders = None
     gc.collect()
+    phases["latents_cached"] = _process_seconds()
 
     unet = load_unet(base, weight_dtype)
     unet.requires_grad_(False)
@@ -208,6 +211,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     losses: list[dict] = []
     validation_losses: list[dict] = []  # measured at every checkpoint: the validation curve
     checkpoint_samples: dict[int, list[str]] = {}  # step -> images, with validation_images_at_checkpoints
+    phases["model_ready"] = _process_seconds()  # UNet loaded with its LoRA, optimizer built, checkpoint resumed
     loop_started = time.monotonic()
     steps_run = 0
     progress_bar = None
@@ -288,6 +292,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
         if progress_bar is not None:
             progress_bar.close()
     loop_seconds = time.monotonic() - loop_started
+    phases["loop_done"] = _process_seconds()
     accelerator.wait_for_everyone()
 
     val_loss = None
@@ -299,6 +304,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     if accelerator.is_main_process:
         paths.model.mkdir(parents=True, exist_ok=True)
         save_lora(accelerator, paths.model, unet, text_encoders, unet_config, text_config)
+        phases["lora_saved"] = _process_seconds()
         samples = []
         if hp.validation_prompt and hp.num_validation_images:
             accelerator.free_memory()  # the training models are no longer needed: make room for a pipeline
@@ -324,6 +330,7 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             "loop_seconds": round(loop_seconds, 3),
             "steps_per_second": round(steps_run / loop_seconds, 4) if loop_seconds > 0 else None,
             "wall_seconds": round(_process_seconds(), 3),
+            "phase_seconds": {name: round(at, 3) for name, at in phases.items()},
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "processes": world,

@@ -142,6 +142,10 @@ def test_log_has_one_metric_line_per_step_and_the_outputs_are_complete(make_job)
     assert summary["global_step"] == 5 and len(summary["losses"]) == 5
     assert summary["hyperparameters"]["validation_prompt"] == "storyboard frame, a blue square"
     assert summary["peak_rss_mb"] > 0 and summary["wall_seconds"] > 0
+    phases = summary["phase_seconds"]  # where the whole job's time goes, in order (README: Benchmark)
+    assert list(phases) == ["imported", "encoders_loaded", "latents_cached", "model_ready", "loop_done", "lora_saved"]
+    assert 0 < phases["imported"] and list(phases.values()) == sorted(phases.values())
+    assert phases["lora_saved"] <= summary["wall_seconds"]
     assert "load_lora_weights" in (job.model / "README.md").read_text()
 
 
