@@ -48,8 +48,12 @@ GRID = {"dataset_version": VERSION, "learning_rates": [0.001, 0.003], "max_train
         "deploy_winner": True, "endpoint_name": ENDPOINT, "smoke_request": SMOKE}
 
 
+_STARTED = time.monotonic()
+
+
 def _step(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+    """A step's heading, with the seconds since the command started (where `make demo`'s time goes)."""
+    print(f"\n== [{time.monotonic() - _STARTED:5.1f} s] {message}", flush=True)
 
 
 def _start_stack(workdir: Path, port: int) -> subprocess.Popen:

@@ -81,6 +81,9 @@ def save_checkpoint(accelerator, root: Path, step: int, hp: Hyperparameters) -> 
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    # Every process writes its own RNG state into staging: rename only once all have (else a late process
+    # re-creates staging after the rename, and the checkpoint lacks its random_states_<i>.pkl).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / PROGRESS_FILE).write_text(json.dumps({"global_step": step, "hyperparameters": hp.as_dict()}))
         shutil.rmtree(final, ignore_errors=True)

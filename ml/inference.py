@@ -28,6 +28,7 @@ sees another's adapter or scale.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import logging
@@ -356,7 +357,12 @@ class Engine:
         self.warmup_seconds = 0.0
         self._queue: deque[_Job] = deque()
         self._wakeup = threading.Condition()
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent calls
+        # The callers' prompt-length checks use a copy of the tokenizer, never the pipeline's own: a fast
+        # tokenizer keeps its padding and truncation settings in its backend, so a check (no padding) running
+        # while the worker encodes a prompt (padded to max_length) would hand the worker unpadded ids, and the
+        # two text encoders' embeddings would no longer line up. The lock: fast tokenizers refuse concurrent calls.
+        self._length_tokenizer = copy.deepcopy(pipeline.tokenizer)
+        self._tokenizer_lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="pipeline-worker", daemon=True)
         self._worker.start()
 
@@ -377,7 +383,7 @@ class Engine:
         return tuple(sorted((name, weight * request.lora_scale) for name, weight in weights.items())), paths
 
     def check_prompt_length(self, request: GenerationRequest) -> None:
-        tokenizer = self.pipeline.tokenizer
+        tokenizer = self._length_tokenizer
         limit = tokenizer.model_max_length
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)

@@ -110,6 +110,15 @@ def training_request(name: str, staged: dict, hyperparameters: dict | None = Non
     }
 
 
+def stack_environment(monkeypatch, stack) -> None:
+    """boto3's own environment pointing at the stack, for operators built with aws_conn_id=None."""
+    for name, value in {"AWS_ENDPOINT_URL": stack.url, "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def wait_for(describe, key: str, done=("Completed", "Failed", "Stopped"), timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

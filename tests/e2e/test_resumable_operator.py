@@ -3,22 +3,19 @@ mode waits for a job through aiobotocore against the stack."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from conftest import training_request, wait_for_training
+from conftest import stack_environment, training_request, wait_for_training
 
 
 @pytest.fixture
 def operator_for(stack, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}}))
+    stack_environment(monkeypatch, stack)  # boto3's environment, no Airflow connection (aws_conn_id None)
     from sdxl_lora.operators import ResumableSageMakerTrainingOperator
 
     def make(config: dict):
-        return ResumableSageMakerTrainingOperator(task_id="train", config=config, aws_conn_id="aws_default",
+        return ResumableSageMakerTrainingOperator(task_id="train", config=config, aws_conn_id=None,
                                                   wait_for_completion=True, print_log=False, check_interval=1)
 
     return make

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import processes_under, training_request, wait_for
+from conftest import processes_under, stack_environment, training_request, wait_for
 
 OBJECTIVE = {"Type": "Minimize", "MetricName": "val_loss"}
 
@@ -26,14 +25,13 @@ def tuning_request(name: str, staged: dict, strategy: str, ranges: dict, limits:
 
 @pytest.fixture
 def operator(stack, monkeypatch):
-    """The DAG's tuning operator, with an aws_default connection to the stack."""
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
-        {"conn_type": "aws", "login": "testing", "password": "testing",
-         "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}}))
+    """The DAG's tuning operator, reaching the stack through boto3's environment (aws_conn_id None: no Airflow
+    connection, so nothing another test left in this worker's connection lookup can send it elsewhere)."""
+    stack_environment(monkeypatch, stack)
     from sdxl_lora.tuning import ResumableSageMakerTuningOperator
 
     return lambda name: ResumableSageMakerTuningOperator(task_id="tune", config={"HyperParameterTuningJobName": name},
-                                                         check_interval=1)
+                                                         aws_conn_id=None, check_interval=1)
 
 
 def wait_for_tuning(sagemaker, name: str, **kw) -> dict:

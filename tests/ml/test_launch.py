@@ -66,4 +66,6 @@ def test_data_parallel_training_on_two_processes(make_job):
     assert summary["processes"] == 2 and summary["global_step"] == 4
     assert sum(" val_loss=" in line for line in done.stdout.splitlines()) == 1  # only the main process logs
     assert sorted(p.name for p in job.checkpoints.iterdir()) == ["checkpoint-2"]
+    # each process's RNG state is in it (written before the rename, not into a staging dir left behind)
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (job.checkpoints / "checkpoint-2").iterdir()}
     assert {key.split(".")[0] for key in load_file(job.lora)} == {"unet"}

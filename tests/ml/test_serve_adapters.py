@@ -140,6 +140,26 @@ def test_a_pickle_adapter_is_refused_without_being_opened(engine, model_dir, mon
     assert not [path for path in opened if path.endswith(".bin")]
 
 
+def test_prompt_length_checks_never_use_the_tokenizer_the_worker_encodes_with(engine, monkeypatch):
+    """A request's length check runs in its caller's thread while the worker renders another request. A fast
+    tokenizer keeps padding and truncation settings in its backend, so sharing one let a check (unpadded) hand
+    the worker 28 ids where the second text encoder's had 77: 'Sizes of tensors must match' (seen once in the
+    concurrent test below)."""
+    users = []
+    tokenizer_class = type(engine.pipeline.tokenizer)
+    original = tokenizer_class.__call__
+
+    def spy(self, *args, **kwargs):
+        users.append(self is engine.pipeline.tokenizer)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", spy)
+    engine.check_prompt_length(inference.parse_request({**FAST, "negative_prompt": "blurry"}))
+    assert users == [False, False]  # prompt and negative prompt, each checked with the copy
+    with pytest.raises(inference.RequestError, match="prompt is 78 tokens, longer than the 77"):
+        engine.check_prompt_length(inference.parse_request({**FAST, "prompt": "x" * 76}))
+
+
 def test_concurrent_requests_never_see_each_others_adapter_or_scale(engine):
     cases = [("ink", 1.0), ("paper", 1.0), ("ink", 0.0), ("paper", 0.5), ("ink", 1.0), ("paper", 0.5)]
     expected = {case: render(engine, adapter=case[0], lora_scale=case[1])[0] for case in set(cases)}
