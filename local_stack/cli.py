@@ -18,7 +18,8 @@ def _local_stack(args: argparse.Namespace) -> int:
     from local_stack import main
 
     return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at, host=args.host,
-                    persist=args.persist, instance_quotas=dict(args.instance_quota or []))
+                    persist=args.persist, instance_quotas=dict(args.instance_quota or []),
+                    threads_per_job=args.threads_per_job)
 
 
 def _instance_quota(text: str) -> tuple[str, int]:
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--persist", action=argparse.BooleanOptionalAction, default=False,
                          help="save S3's objects under WORKDIR/s3/ on stop and restore them on start (jobs and "
                               "endpoints are not kept); `demo` and `airflow` start their stack with it")
+    command.add_argument("--threads-per-job", type=int, default=None, metavar="N",
+                         help="torch threads of each job and endpoint process (OMP_NUM_THREADS; default: "
+                              "OMP_NUM_THREADS when set, else 1). The jobs share this machine's cores, where each "
+                              "would have an instance's own on AWS: with several running, more threads than cores "
+                              "spin against each other")
     command.set_defaults(handler=_local_stack)
 
     command = commands.add_parser("airflow", help="the Airflow UI against a local stack with staged data",

@@ -427,11 +427,18 @@ class _CheckpointSync:
         present = {}
         if self.local.is_dir():
             for path in self.local.rglob("*"):
-                if path.is_file() and ".partial" not in path.as_posix():
-                    present[path.relative_to(self.local).as_posix()] = path.stat().st_mtime
-        for relative, mtime in present.items():
+                try:
+                    if path.is_file() and ".partial" not in path.as_posix():
+                        present[path.relative_to(self.local).as_posix()] = path.stat().st_mtime
+                except FileNotFoundError:  # pruned by the job while this looked (a checkpoint past the limit)
+                    continue
+        for relative, mtime in list(present.items()):
             if self.uploaded.get(relative) != mtime:
-                self.s3.upload_file(str(self.local / relative), bucket, prefix + relative)
+                try:
+                    self.s3.upload_file(str(self.local / relative), bucket, prefix + relative)
+                except FileNotFoundError:  # pruned since the listing: as if never there
+                    del present[relative]
+                    continue
                 self.uploaded[relative] = mtime
         for relative in set(self.uploaded) - set(present):
             self.s3.delete_object(Bucket=bucket, Key=prefix + relative)

@@ -21,11 +21,29 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
+def _complete(checkpoint: Path) -> bool:
+    """Its progress file was written (the last thing a save writes) and every file it lists is there, whole. The
+    list matters where checkpoints arrive file by file: SageMaker syncs /opt/ml/checkpoints to S3 as files appear
+    and restores them from there, so an interrupted upload can leave progress.json without the weights."""
+    try:
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = progress.get("files")  # absent in checkpoints written before the list was kept: trusted as before
+    for name, size in (files or {}).items():
+        try:
+            if (checkpoint / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """checkpoint-N directories whose progress file was written (the last thing a save writes)."""
+    """checkpoint-N directories that are complete (see _complete), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit() and (p / PROGRESS_FILE).exists()]
+    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[1].isdigit() and _complete(p)]
     return sorted(found, key=_checkpoint_step)
 
 
@@ -85,7 +103,9 @@ def save_checkpoint(accelerator, root: Path, step: int, hp: Hyperparameters) -> 
     # re-creates staging after the rename, and the checkpoint lacks its random_states_<i>.pkl).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staging / PROGRESS_FILE).write_text(json.dumps({"global_step": step, "hyperparameters": hp.as_dict()}))
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        (staging / PROGRESS_FILE).write_text(json.dumps({"global_step": step, "hyperparameters": hp.as_dict(),
+                                                         "files": files}))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for old in complete_checkpoints(root)[: -hp.checkpoints_total_limit]:

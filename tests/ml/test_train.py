@@ -78,6 +78,30 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(make_job
     assert [line.split("step=")[1].split()[0] for line in steps] == ["4", "5", "6", "7", "8"]
 
 
+def test_a_checkpoint_restored_in_part_is_passed_over_for_the_last_whole_one(make_job):
+    """SageMaker restores checkpoints from S3 file by file as they were synced: an upload cut short can leave a
+    checkpoint's progress.json without its weights. The job resumes from the newest checkpoint whose files are
+    all there, at the sizes its progress file lists (the local stack once restored such a half checkpoint, and
+    the retry failed on the missing lora_model_0.safetensors)."""
+    whole = make_job(RESUMABLE).run()
+    assert whole.returncode == 0, whole.stdout
+    listed = json.loads((whole.checkpoints / "checkpoint-6" / "progress.json").read_text())["files"]
+    assert {"lora_model_0.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= set(listed)
+
+    resumed = make_job(RESUMABLE)
+    for name in ("checkpoint-3", "checkpoint-6"):
+        shutil.copytree(whole.checkpoints / name, resumed.checkpoints / name)
+    (resumed.checkpoints / "checkpoint-6" / "lora_model_0.safetensors").unlink()  # the upload that never came
+    truncated = resumed.checkpoints / "checkpoint-6" / "optimizer.bin"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    resumed.run()
+    assert resumed.returncode == 0, resumed.stdout
+    assert resumed.summary()["resumed_from_step"] == 3
+    expected, actual = load_file(whole.lora), load_file(resumed.lora)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=0)
+
+
 def test_sigterm_checkpoints_exits_and_the_restart_finishes_the_same_job(make_job):
     hyperparameters = {"max_train_steps": 150, "checkpointing_steps": 1000, "logging_steps": 1}
     job = make_job(hyperparameters)
