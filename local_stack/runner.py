@@ -55,7 +55,10 @@ class LogSink:
             logs.create_log_group(logGroupName=group)
         except logs.exceptions.ResourceAlreadyExistsException:
             pass
-        logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        try:
+            logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        except logs.exceptions.ResourceAlreadyExistsException:
+            pass  # a restart (spot) within the same second as the first start: its lines follow on the same stream
 
     def add(self, line: str) -> None:
         if not line:  # CloudWatch Logs refuses empty messages (and its agent drops them)
