@@ -60,6 +60,7 @@ class VersionChoice:
 
 def choose_version(requested: str | None, run_type: str, run_date: str) -> VersionChoice:
     """The version a run that is not Asset-triggered trains: the Param's, else its date's."""
+    run_type = _run_type(run_type)
     if requested:
         return VersionChoice(_checked(requested, "the dataset_version Param"), "the dataset_version Param", False)
     if run_type in SCHEDULED_RUN_TYPES:
@@ -130,11 +131,18 @@ def require_raw_files(version: str, run_type: str, location: str, files: int) ->
     dataset landed that day); any other run without raw files fails."""
     if files:
         return
+    run_type = _run_type(run_type)
     message = f"{location} holds no files"
     if run_type in SCHEDULED_RUN_TYPES:
         _skip(f"{message}: no raw dataset version {version} landed for this {run_type} run's date, so there is "
               "nothing to prepare and this run is skipped")
     raise ValueError(f"{message}: upload the raw images of version {version} there first")
+
+
+def _run_type(run_type) -> str:
+    """A DagRun's run_type as its value ("scheduled"): Airflow hands a str enum, whose f-string form is
+    "DagRunType.SCHEDULED"."""
+    return str(getattr(run_type, "value", run_type))
 
 
 def _skip(reason: str) -> None:

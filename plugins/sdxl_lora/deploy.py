@@ -456,10 +456,10 @@ class ResumableSageMakerEndpointOperator(SageMakerEndpointOperator):
             if self.deferrable:
                 from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
 
-                self.defer(trigger=SageMakerTrigger(job_name=name, job_type="endpoint", waiter_delay=self.check_interval,
-                                                    aws_conn_id=self.aws_conn_id, region_name=self.region_name,
-                                                    verify=self.verify, botocore_config=self.botocore_config),
-                           method_name="execute_complete", kwargs={"updated": updated},
+                trigger = SageMakerTrigger(job_name=name, job_type="endpoint", waiter_delay=self.check_interval,
+                                           aws_conn_id=self.aws_conn_id, region_name=self.region_name,
+                                           verify=self.verify, botocore_config=self.botocore_config)
+                self.defer(trigger=trigger, method_name="execute_complete", kwargs={"updated": updated},
                            timeout=datetime.timedelta(seconds=self.max_ingestion_time))
             settle(client, name, self.check_interval, deadline - time.monotonic(), self.log)
 

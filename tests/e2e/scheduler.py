@@ -30,6 +30,7 @@ BUCKET, PREFIX = "sdxl-lora-sched", "sdxl-finetune-lora"
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 REDIS = "redis://127.0.0.1:6379"
 POOL_SIZE = 3
+POOL_STEPS = 200  # optimizer steps of each trial of the pool test
 TINY = {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "checkpointing_steps": 2}
 POLICY = '''
 from datetime import timedelta
@@ -71,9 +72,12 @@ def stage(stack: Stack, root: Path) -> dict:
 
 
 @contextmanager
-def deployment(tmp: Path, executor: str = "LocalExecutor", **settings: str):
-    """Local stack + Airflow on its own database; everything stopped and dropped on the way out."""
-    stack = Stack(tmp / "stack", free_port(), max_concurrent_jobs=16)  # only the pool limits
+def deployment(tmp: Path, executor: str = "LocalExecutor", instance_quotas: dict[str, int] | None = None,
+               **settings: str):
+    """Local stack + Airflow on its own database; everything stopped and dropped on the way out. instance_quotas:
+    smaller quotas of single instance types in the stack (AWS's "ml.g5.xlarge for training job usage")."""
+    stack = Stack(tmp / "stack", free_port(), max_concurrent_jobs=16,  # only the pool limits
+                  instance_quotas=instance_quotas)
     try:
         staged = stage(stack, tmp / "staged")
         with database() as url:
@@ -106,11 +110,20 @@ def deployment(tmp: Path, executor: str = "LocalExecutor", **settings: str):
             finally:
                 pids = airflow.all_pids()
                 airflow.stop()
-                leftover = [pid for pid in pids if _alive(pid)]
+                leftover = _still_alive(pids, within=10)
                 assert not leftover, f"processes left after stopping Airflow: {leftover}"
     finally:
         if stack.process.poll() is None:
             stack.stop()
+
+
+def _still_alive(pids: set[int], within: float) -> list[int]:
+    """The pids alive after at most `within` seconds: what was SIGKILLed last may take a moment to go on a loaded
+    machine."""
+    deadline = time.monotonic() + within
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return alive
 
 
 def _alive(pid: int) -> bool:
@@ -206,11 +219,14 @@ def trials(airflow: AirflowServices, run_id: str) -> list[dict]:
     return [t for t in airflow.task_instances(GRID, run_id) if t["task_id"] == "train_trial"]
 
 
-def check_the_pool_limit(airflow: AirflowServices, label: str, deferrable: bool = False) -> None:
+def check_the_pool_limit(airflow: AirflowServices, label: str, deferrable: bool = False) -> str:
     """12 trials of equal length in a pool of 3: never more than 3 jobs InProgress, all complete, the pool's
-    slots busy at least 90% of the run's span. Prints the figures (README: reliability)."""
+    slots busy at least 90% of the run's span. Prints the figures (README: reliability); returns the run id."""
     sagemaker = airflow.stack.client("sagemaker")
-    conf = grid_conf("tiny", [0.001, 0.002, 0.003, 0.004, 0.005, 0.006], [2])
+    # Jobs of a few seconds (a warm-started tiny job of 2 steps is over in about 1 s, and then the scheduler's own
+    # latency between one trial and the next is what would be measured), one checkpoint at the end.
+    conf = grid_conf("tiny", [0.001, 0.002, 0.003, 0.004, 0.005, 0.006], [POOL_STEPS],
+                     hyperparameters={**TINY, "checkpointing_steps": POOL_STEPS})
     conf["ranks"] = [4, 8]  # 6 x 1 x 2 = 12 trials
     with Sampler(airflow, sagemaker) as sampler:
         run_id = airflow.trigger(GRID, conf)
@@ -229,3 +245,4 @@ def check_the_pool_limit(airflow: AirflowServices, label: str, deferrable: bool 
     print(f"\n[{label}] 12 trials, pool {POOL_SIZE}: peak {max(sampler.jobs)} jobs InProgress "
           f"({len(sampler.jobs)} samples), slots busy {busy:.1%}, trials took {task_span(instances):.0f} s")
     assert busy >= 0.9, f"the pool's slots were busy {busy:.1%} of the run"
+    return run_id

@@ -1,21 +1,105 @@
-"""The grid under the CeleryExecutor (a worker on Redis), the setup for more than one machine: the pool
-still caps running jobs and keeps its slots busy.
-
-Not with `deferrable` on: the provider's triggers need aiobotocore, and no aiobotocore release accepts
-the pinned botocore (1.44.8); a trigger that fails frees its pool slot while its job keeps running.
+"""The grid under the CeleryExecutor (a worker on Redis), the setup for more than one machine, with `deferrable`
+on: jobs are waited for in the triggerer (the provider's SageMakerTrigger, through aiobotocore), the deferred
+trials keep their pool slots, and a failed job still fails its task with its FailureReason. One deployment (about
+a minute to start) serves every test here; its stack also keeps a quota of one ml.g5.xlarge instance, so a grid on
+that instance type meets ResourceLimitExceeded, which the trials wait out with backoff (deferred on a timer).
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from scheduler import GRID, check_the_pool_limit, deployment, skip_without_services
+from scheduler import (GRID, Sampler, check_the_pool_limit, deployment, grid_conf, skip_without_services, task_span,
+                       training_jobs, trials, wait_until)
+from sdxl_lora.naming import run_token
 
 pytestmark = pytest.mark.scheduler
+LIMITED = "ml.g5.xlarge"  # the stack's quota of this instance type: 1 instance for training jobs
+INSTANCE_TYPE_VARIABLE = "sdxl_lora_training_instance_type"  # read by build_trials at run time (Settings.resolve)
 
 
-def test_the_celery_executor_keeps_the_pool_limit(tmp_path):
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
     skip_without_services(redis=True)
-    with deployment(tmp_path, executor="CeleryExecutor") as airflow:
+    with deployment(tmp_path_factory.mktemp("sched-celery"), executor="CeleryExecutor", deferrable="true",
+                    instance_quotas={LIMITED: 1}) as airflow:
         airflow.wait_for_dags(GRID)
         airflow.unpause(GRID)
-        check_the_pool_limit(airflow, "CeleryExecutor")
+        yield airflow
+
+
+def test_deferrable_trials_keep_the_pool_limit_under_the_celery_executor(airflow):
+    # A trial on an empty dataset runs beside the 12, in the same pool: in deferrable mode, too, its job's
+    # failure fails the task with the job's FailureReason, and each retry starts the next attempt.
+    failing = airflow.trigger(GRID, grid_conf("empty", [0.0009], [2]))
+    run_id = check_the_pool_limit(airflow, "CeleryExecutor, deferrable", deferrable=True)
+    logs = {t["rendered_map_index"]: airflow.log(GRID, run_id, "train_trial", 1, map_index=t["map_index"])
+            for t in trials(airflow, run_id)}
+    for name, log in logs.items():
+        assert f"Training job {name}: Completed" in log, log[-3000:]  # the trigger's outcome, in the task log
+        assert f"training job {name} completed" in log  # then the worker's half, resumed from the trigger
+    assert any(f"Training job {name}: InProgress - Training" in log for name, log in logs.items())  # its checks
+
+    airflow.wait_for_run(GRID, failing, timeout=600)
+    (trial,) = trials(airflow, failing)
+    assert trial["state"] == "failed" and trial["try_number"] == 3, trial
+    log = airflow.log(GRID, failing, "train_trial", 3, map_index=0)
+    # the job's FailureReason, as the trigger reports the job's end (the worker's polling path writes "Reason: ...")
+    assert re.search(r"Training job \S+-a3: failed: train channel has no images", log), log[-3000:]
+    names = training_jobs(airflow.stack.client("sagemaker"), run_token(failing))
+    assert [n.rsplit("-", 1)[-1] for n in names] == ["4", "a2", "a3"], names
+
+
+def test_resource_limit_exceeded_is_waited_out_and_a_retry_defers_to_its_running_job(airflow):
+    """Three trials in a pool of 3 on an instance type the account may run one of: ResourceLimitExceeded answers
+    them until capacity frees, and they wait (deferred on timers), spending no retry, until their job is created:
+    one job a trial, none lost. The long trial is cleared (a new try) while its job runs: the new try finds the
+    job InProgress and defers to wait for it in the triggerer."""
+    sagemaker = airflow.stack.client("sagemaker")
+    airflow.request("POST", "/variables", json={"key": INSTANCE_TYPE_VARIABLE, "value": LIMITED})
+    try:
+        with Sampler(airflow, sagemaker) as sampler:
+            run_id = airflow.trigger(GRID, grid_conf("tiny", [0.0011], [1, 2, 16]))
+            long_trial, job = wait_until(lambda: _deferred_on_its_running_job(airflow, sagemaker, run_id, "mts-16"),
+                                         600, "the long trial deferred while its job runs")
+            airflow.request("POST", f"/dags/{GRID}/clearTaskInstances", json={
+                "dry_run": False, "only_failed": False, "reset_dag_runs": False, "dag_run_id": run_id,
+                "task_ids": [["train_trial", long_trial["map_index"]]]})
+            run = airflow.wait_for_run(GRID, run_id, timeout=600)
+    finally:
+        airflow.api.delete(f"/variables/{INSTANCE_TYPE_VARIABLE}").raise_for_status()
+    instances = trials(airflow, run_id)
+    tries = {t["rendered_map_index"]: t["try_number"] for t in instances}
+    assert run["state"] == "success" and all(t["state"] == "success" for t in instances), instances
+    assert tries.pop(job) == 2 and set(tries.values()) == {1}, tries  # the cleared trial's new try; the others: 1
+    names = training_jobs(sagemaker, run_token(run_id))
+    descriptions = [sagemaker.describe_training_job(TrainingJobName=n) for n in names]
+    assert sorted(names) == sorted(t["rendered_map_index"] for t in instances)  # one job a trial, no -a2
+    assert {d["TrainingJobStatus"] for d in descriptions} == {"Completed"}
+    assert {d["ResourceConfig"]["InstanceType"] for d in descriptions} == {LIMITED}
+    assert max(sampler.jobs) == 1, sampler.jobs  # the quota held: one job at a time
+    assert max(sampler.occupied) == 3  # while the trials waiting for capacity kept their pool slots
+
+    retried = airflow.log(GRID, run_id, "train_trial", 2, map_index=long_trial["map_index"])
+    assert f"training job {job} is already running (an earlier try started it): waiting for it" in retried, retried
+    assert f"Training job {job}: Completed" in retried  # waited for in the triggerer, not polled in a worker
+    logs = "".join(airflow.log(GRID, run_id, "train_trial", 1, map_index=t["map_index"]) for t in instances)
+    refusals = logs.count("ResourceLimitExceeded: training job")
+    waits = sorted(round(float(w), 1) for w in re.findall(r"trying again in ([\d.]+) s", logs))
+    assert refusals >= 2 and len(waits) == refusals, (refusals, waits)  # at least two trials waited for capacity
+    print(f"\n[ResourceLimitExceeded] quota 1 {LIMITED}, pool 3, 3 trials: all Completed, one job each, no retry "
+          f"spent; {refusals} refusals waited out, backoff {waits} s; peak {max(sampler.jobs)} InProgress; a cleared "
+          f"try deferred to its running job; trials took {task_span(instances):.0f} s")
+
+
+def _deferred_on_its_running_job(airflow, sagemaker, run_id: str, marker: str):
+    """The trial whose job name holds marker, once it is deferred while its job is InProgress (not on a timer)."""
+    trial = next((t for t in trials(airflow, run_id) if marker in (t["rendered_map_index"] or "")), None)
+    if trial is None or trial["state"] != "deferred":
+        return None
+    name = trial["rendered_map_index"]
+    job = next(iter(training_jobs(sagemaker, name)), None)
+    if job != name or sagemaker.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] != "InProgress":
+        return None
+    return trial, name

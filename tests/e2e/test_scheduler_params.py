@@ -45,8 +45,6 @@ def test_a_bad_list_value_is_refused_with_http_400_naming_the_param_and_the_valu
     assert airflow.api.get(f"/dags/{dag_id}/dagRuns/{run_id}").status_code == 404  # no run was created
 
 
-@pytest.mark.skip(reason="issue 9: written under a load average of 20-25 and not yet seen passing to its end "
-                         "(its runs timed out on the API); run it alone on a quiet machine before enabling")
 def test_a_grid_typed_as_text_runs_and_a_failed_trial_beside_a_winner_leaves_it_green(airflow):
     sagemaker = airflow.stack.client("sagemaker")
     # As the form's one-value-per-line boxes send them: text, a blank line where the user pressed Enter at the end.

@@ -31,6 +31,16 @@ def test_the_param_wins_then_the_logical_date():
     assert manual.version == "2026-11-26" and not manual.skip_when_missing
 
 
+def test_the_log_names_the_run_type_as_users_know_it_not_as_its_enum():
+    """Airflow hands run_type as a str enum, whose f-string form was 'DagRunType.SCHEDULED' in the skip reason."""
+    from airflow.utils.types import DagRunType
+
+    scheduled = assets.choose_version(None, DagRunType.SCHEDULED, "2026-11-02")
+    assert scheduled.source == "the scheduled run's logical date" and scheduled.skip_when_missing
+    with pytest.raises(Exception, match="no raw dataset version 2026-11-02 landed for this backfill run's date"):
+        assets.require_raw_files("2026-11-02", DagRunType.BACKFILL_JOB, "s3://b/raw/2026-11-02/", 0)
+
+
 def test_an_asset_triggered_run_queues_one_run_per_event_in_event_order():
     consumed = [event("v1", 1)]
     seen = [event("v1", 1), event("v3", 3), event("v2", 2), event("v1", 4)]  # v1 prepared again at 4
