@@ -25,7 +25,8 @@ images: $(READY)
 	PYTHON=$(BIN)/python containers/build_and_push.sh --region "$(REGION)" --account "$(ACCOUNT)" \
 	  $(if $(PREFIX),--prefix "$(PREFIX)") $(if $(TAG),--tag "$(TAG)")
 
-# Two pytest-xdist workers (TEST_WORKERS=0: one process); the scheduler tests stay together on one of them.
+# Two pytest-xdist workers (TEST_WORKERS=0: one process); each test module runs whole in one of them, the
+# real-scheduler modules together (tests/conftest.py: pytest_xdist_make_scheduler).
 TEST_WORKERS ?= 2
 test: $(READY)
 	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)

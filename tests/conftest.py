@@ -5,13 +5,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers (--dist loadgroup). The tests under a real scheduler go to one of
-    them together, so they share one Airflow (tests/e2e/conftest.py `scheduled`) and run in turn. Every other
-    test runs in its module's group: a module's tests run in one worker, in file order (some read what an
-    earlier test of their module left, e.g. a completed job), and its module-scoped fixtures are built once."""
-    import pytest
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist workers. Each work unit is a test module, run whole in one worker in file
+    order (some tests read what an earlier test of their module left, e.g. a completed job, and module-scoped
+    fixtures are built once), and the modules under a real scheduler (test_scheduler_*.py, marked `scheduler`)
+    are one unit together, so they share one Airflow (tests/e2e/conftest.py `scheduled`) and run in turn.
 
-    for item in items:
-        group = "scheduler" if item.get_closest_marker("scheduler") else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    A scheduler of our own, because --dist loadgroup cannot do it under pytest 9: pytest-xdist 3.8 puts the
+    group into `item._nodeid`, which pytest 9 no longer reads, so every test became its own unit (a module's
+    tests ran in both workers, and each started its own Airflow)."""
+    if config.getvalue("dist") not in ("loadgroup", "loadscope"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+    from xdist_units import work_unit
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModuleScheduling(config, log)
+
