@@ -177,7 +177,7 @@ class AirflowServices:
         return self._client
 
     def request(self, method: str, path: str, **kwargs) -> dict | str:
-        response = self.api.request(method, path, **kwargs)
+        response = self._send(method, path, **kwargs)
         if response.status_code >= 400:
             raise RuntimeError(f"{method} {path}: HTTP {response.status_code} {response.text[:2000]}")
         return response.json() if "json" in response.headers.get("content-type", "") else response.text
@@ -196,9 +196,19 @@ class AirflowServices:
                 raise RuntimeError(f"DAGs {sorted(set(dag_ids) - known)} not parsed within {timeout:.0f} s")
             time.sleep(0.5)
 
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One API call; answers of "Database error" (HTTP 500: on SQLite, the scheduler held the one write lock
+        longer than the API server waited for it, and the request was rolled back) are asked again."""
+        for attempt in range(6):
+            response = self.api.request(method, path, **kwargs)
+            if response.status_code != 500 or "Database error" not in response.text:
+                return response
+            time.sleep(0.5 * (attempt + 1))
+        return response
+
     def set_pool(self, name: str, slots: int, description: str = "", include_deferred: bool = True) -> None:
         body = {"name": name, "slots": slots, "description": description, "include_deferred": include_deferred}
-        response = self.api.patch(f"/pools/{name}", json=body)
+        response = self._send("PATCH", f"/pools/{name}", json=body)
         if response.status_code == 404:
             self.request("POST", "/pools", json=body)
         elif response.status_code >= 400:

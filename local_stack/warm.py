@@ -86,6 +86,11 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket], starte
         for sock in inherited:  # the warm starter's listener and its other children's connections
             sock.close()
         os.setsid()
+        try:  # in its directory before its pid is reported: whoever looks at the process finds it there
+            os.chdir(request["cwd"])
+            moved = None
+        except OSError as error:
+            moved = error
         os.write(started, b"s")  # its pid is reported only now: a signal to its process group finds it
         os.close(started)
         _set_name(" ".join([request.get("module", "ml.cli"), *request["args"][:1]]))
@@ -100,7 +105,9 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket], starte
         os.close(stdin)
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
-        os.chdir(request["cwd"])
+        if moved is not None:  # as a container whose working directory is missing: a message and status 1
+            print(f"cannot enter the container's directory: {moved}", file=sys.stderr, flush=True)
+            return
         os.environ.clear()
         os.environ.update(request["env"])
         if "numpy" in sys.modules:  # a fresh interpreter would not share its global RNG state with others

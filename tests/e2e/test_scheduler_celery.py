@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from scheduler import (GRID, Sampler, check_the_pool_limit, deployment, grid_conf, skip_without_services, task_span,
-                       training_jobs, trials, wait_until)
+from scheduler import (GRID, TINY, Sampler, check_the_pool_limit, deployment, grid_conf, skip_without_services,
+                       task_span, training_jobs, trials, wait_until)
 from sdxl_lora.naming import run_token
 
 pytestmark = pytest.mark.scheduler
@@ -60,8 +60,11 @@ def test_resource_limit_exceeded_is_waited_out_and_a_retry_defers_to_its_running
     airflow.request("POST", "/variables", json={"key": INSTANCE_TYPE_VARIABLE, "value": LIMITED})
     try:
         with Sampler(airflow, sagemaker) as sampler:
-            run_id = airflow.trigger(GRID, grid_conf("tiny", [0.0011], [1, 2, 16]))
-            long_trial, job = wait_until(lambda: _deferred_on_its_running_job(airflow, sagemaker, run_id, "mts-16"),
+            # Jobs long enough that the other two trials ask for the one instance while the first runs (a warm
+            # tiny step takes about 15 ms), and the long one is still running when it is cleared.
+            run_id = airflow.trigger(GRID, grid_conf("tiny", [0.0011], [40, 80, 400],
+                                                     hyperparameters={**TINY, "checkpointing_steps": 1000}))
+            long_trial, job = wait_until(lambda: _deferred_on_its_running_job(airflow, sagemaker, run_id, "mts-400"),
                                          600, "the long trial deferred while its job runs")
             airflow.request("POST", f"/dags/{GRID}/clearTaskInstances", json={
                 "dry_run": False, "only_failed": False, "reset_dag_runs": False, "dag_run_id": run_id,
