@@ -16,6 +16,9 @@ def pytest_xdist_make_scheduler(config, log):
     tests ran in both workers, and each started its own Airflow)."""
     if config.getvalue("dist") not in ("loadgroup", "loadscope"):
         return None
+    # Units in collection order, not xdist's default of most tests first: that put the longest unit, the one
+    # test of tests/e2e/test_dags_pipeline.py (about 6 min), last, and the suite's last 6 minutes were it alone.
+    config.option.loadscopereorder = False
     from xdist.scheduler import LoadScopeScheduling
     from xdist_units import work_unit
 
