@@ -125,8 +125,12 @@ def _start_airflow(root: Path, endpoint_url: str, s3, port: int | None = None,
     _step(f"starting Airflow in {root / 'airflow'} (component logs: {logs})")
     airflow.migrate()
     airflow.start()
-    # include_deferred: a deferred wait keeps its slot, so the pool caps running jobs in both modes.
-    airflow.set_pool("sagemaker_training", _training_pool_size(), "SageMaker training jobs running at once")
+    try:
+        # include_deferred: a deferred wait keeps its slot, so the pool caps running jobs in both modes.
+        airflow.set_pool("sagemaker_training", _training_pool_size(), "SageMaker training jobs running at once")
+    except BaseException:  # the caller never gets this Airflow to stop: stop it here (a failed start left it running)
+        airflow.stop(grace=10)
+        raise
     return airflow
 
 
