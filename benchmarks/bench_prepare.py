@@ -1,6 +1,6 @@
 """`make bench-prepare`: the prepare job's throughput.
 
-1. Checking and bucketing: `ml.prepare.prepare` over storyboard frames with sidecar captions (full
+1. Checking and bucketing: `ml.prepare.job.prepare` over storyboard frames with sidecar captions (full
    decode, EXIF, RGB, content hash, nearest bucket, LANCZOS resize, minimal crop, PNG), in images/s.
 2. Captioning: InstructBLIP in batches (`--batch-size`, the job's default 8) against one image at a
    time, the way the original system captioned its frames, with the original generation settings and
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def frames(out: Path, count: int, width: int, height: int) -> Path:
-    from ml.synthetic import make_frame
+    from ml.fixtures.synthetic import make_frame
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -36,7 +36,7 @@ def frames(out: Path, count: int, width: int, height: int) -> Path:
 
 
 def bench_check_and_bucket(root: Path, count: int, resolution: int, repeats: int) -> list[float]:
-    from ml import prepare
+    from ml.prepare import job as prepare
 
     raw = frames(root / "raw", count, 1920, 1080)
     rates = []
@@ -51,7 +51,7 @@ def bench_check_and_bucket(root: Path, count: int, resolution: int, repeats: int
 def bench_captioning(root: Path, model: str, count: int, batch_size: int, repeats: int) -> tuple[list, list]:
     from PIL import Image
 
-    from ml.captioning import Captioner, CaptionSettings
+    from ml.prepare.captioning import Captioner, CaptionSettings
 
     raw = frames(root / "caption", count, 1344, 768)
     images = [Image.open(p).convert("RGB") for p in sorted(raw.glob("*.jpg"))]
@@ -86,7 +86,7 @@ def main() -> int:
         root = Path(tmp)
         model = args.captioner
         if not model:
-            from ml import tiny_captioner
+            from ml.fixtures import tiny_captioner
 
             model = str(tiny_captioner.build(root / "tiny-instructblip"))
         checked = bench_check_and_bucket(root, args.images, args.resolution, args.repeats)

@@ -3,7 +3,7 @@
 One process, one base model, the same requests, interleaved request by request so drift hits
 every path alike:
 
-  ours      ml.inference's Engine (what `sdxl-lora serve` runs): the active (adapters, scale) fused,
+  ours      ml.serve.inference's Engine (what `sdxl-lora serve` runs): the active (adapters, scale) fused,
             a change restored and re-fused from the cached matrices
   original  the original system's way, per request: unfuse_lora + unload_lora_weights +
             load_lora_weights (from disk) + fuse_lora, then generate
@@ -14,7 +14,7 @@ The request mix repeats and switches adapters and scales the way an endpoint sha
 adapters sees them. Before the mix, a fresh Engine is loaded (warm-up included) and its first
 request after healthy is timed against the next one.
 
-  --model tiny   the tiny random SDXL (ml.tiny_model), for a CPU
+  --model tiny   the tiny random SDXL (ml.fixtures.tiny_model), for a CPU
   --model sdxl   the real SDXL architecture with random fp16 weights, for a GPU
 
 Exits 0 whether or not the goals are met; non-zero only when something fails.
@@ -56,9 +56,9 @@ def write_adapters(base_model: Path, model_dir: Path, rank: int) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from ml.adapters import ADAPTERS_DIR
-    from ml.contract import LORA_WEIGHTS
-    from ml.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+    from ml.contract.container import LORA_WEIGHTS
+    from ml.serve.adapters import ADAPTERS_DIR
+    from ml.train.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
 
     if (model_dir / LORA_WEIGHTS).exists():
         return
@@ -84,8 +84,8 @@ def write_adapters(base_model: Path, model_dir: Path, rank: int) -> None:
 
 
 def adapter_file(model_dir: Path, name: str) -> Path:
-    from ml.adapters import ADAPTERS_DIR
-    from ml.contract import LORA_WEIGHTS
+    from ml.contract.container import LORA_WEIGHTS
+    from ml.serve.adapters import ADAPTERS_DIR
 
     return (model_dir if name == "default" else model_dir / ADAPTERS_DIR / name) / LORA_WEIGHTS
 
@@ -147,7 +147,7 @@ def timed(clock: Clock, function) -> float:
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     import torch
 
-    from ml import inference
+    from ml.serve import inference
 
     cuda = torch.cuda.is_available()
     clock = Clock(cuda)

@@ -11,12 +11,12 @@ model/training_summary.json, the reference in its `REFLOOP seconds=S steps=N ste
 peak_gpu_mb=M` line (torch.cuda.max_memory_allocated in both). Medians over --repeats runs are
 compared with the goals of issue 12.
 
-  --model tiny   a tiny random SDXL (ml.tiny_model), for a CPU: seconds per job
+  --model tiny   a tiny random SDXL (ml.fixtures.tiny_model), for a CPU: seconds per job
   --model sdxl   the real SDXL architecture with random fp16 weights, for a GPU
   --config production   the original system's settings on top: gradient accumulation 4,
                  gradient checkpointing, text-encoder LoRAs, 8-bit Adam (CUDA only)
   --accelerate-loop   a third job in the rotation: ours with fast_path=false, to see what the
-                 fast step (ml/fast_step.py) adds on this machine
+                 fast step (ml/train/fast_step.py) adds on this machine
 
 The reference needs `datasets` (the `bench` extra; `make bench-train` installs it). Where
 torchvision cannot import, the reference's folder goes on PYTHONPATH for its tvshim/.
@@ -39,8 +39,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ml import synthetic
-from ml.demo import lay_out_job
+from ml.fixtures import synthetic
+from sdxl_lora_ops.single_job import lay_out_job
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_REFERENCE = "../shared/reference/train_text_to_image_lora_sdxl.py"  # from the repository root
@@ -94,7 +94,7 @@ SDXL_VAE = {
     "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True,
 }
 # The text encoders keep the real vocabulary size (49408), which covers the character-level
-# tokenizers written by ml.tiny_model. eos_token_id 2 selects CLIP's legacy pooling (the
+# tokenizers written by ml.fixtures.tiny_model. eos_token_id 2 selects CLIP's legacy pooling (the
 # position of the largest token id), which finds those tokenizers' end token as well:
 # it has the largest id of their vocabulary.
 _CLIP_TEXT = {
@@ -123,7 +123,7 @@ def build_sdxl(out_dir: Path) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ml.tiny_model import write_tokenizer
+    from ml.fixtures.tiny_model import write_tokenizer
 
     # Random initialisation of 3.5 billion parameters takes minutes on a CPU, seconds on a GPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +150,7 @@ def build_sdxl(out_dir: Path) -> None:
 
 def build_model(model: str, out_dir: Path) -> None:
     if model == "tiny":
-        from ml import tiny_model
+        from ml.fixtures import tiny_model
 
         tiny_model.build(out_dir)
     else:
@@ -215,7 +215,7 @@ def measure(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> tu
 
 def run_ours(run_dir: Path, base_model: Path, dataset: Path, hyperparameters: dict, env: dict[str, str],
              fast_path: bool = True) -> Run:
-    """`python -m ml.train` in a SageMaker-style job directory."""
+    """`python -m ml.train.job` in a SageMaker-style job directory."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a reused --workdir must not leave outputs behind
     lay_out_job(run_dir, base_model, dataset, {
         **{key: str(value).lower() if isinstance(value, bool) else value for key, value in hyperparameters.items()},
@@ -226,7 +226,7 @@ def run_ours(run_dir: Path, base_model: Path, dataset: Path, hyperparameters: di
     })
     # SM_NUM_GPUS=1: one training process, like the reference, also on a multi-GPU host.
     job_env = {**env, "SAGEMAKER_BASE_DIR": str(run_dir), "SM_NUM_GPUS": "1"}
-    wall, rss = measure([sys.executable, "-m", "ml.train"], job_env, REPO, run_dir / "job.log")
+    wall, rss = measure([sys.executable, "-m", "ml.train.job"], job_env, REPO, run_dir / "job.log")
     reported = json.loads((run_dir / "model" / "training_summary.json").read_text())
     return Run(round(wall, 3), round(rss, 1), reported["loop_seconds"], reported["steps_per_second"],
                reported.get("peak_gpu_mb"), reported.get("phase_seconds"))

@@ -4,7 +4,7 @@
 #   containers/build_and_push.sh --region eu-west-1 --account 111122223333 [--prefix sdxl-lora] [--tag 0.1.0]
 #                                [--images "sdxl-lora-training sdxl-lora-inference"] [--no-push]
 #
-# Image names come from ml/images.py (the registry the local stack uses too); each is built from
+# Image names come from ml/contract/job_images.py (the registry the local stack uses too); each is built from
 # containers/<name without "sdxl-lora-">/Dockerfile on the Hugging Face Deep Learning Container that
 # `sdxl-lora-ops base-images` (the SageMaker SDK's image_uris) names for the region. Repositories are
 # <prefix>/<image> and are created when missing (scan on push, KMS encryption). Needs docker, the AWS
@@ -34,14 +34,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$root/.venv/bin/python}"
 tag="${tag:-$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo latest)}"
 registry="${account}.dkr.ecr.${region}.amazonaws.com"
-known="$(cd "$root" && "$python" -c 'from ml.images import IMAGE_VERBS; print(" ".join(sorted(IMAGE_VERBS)))')"
+known="$(cd "$root" && "$python" -c 'from ml.contract.job_images import IMAGE_VERBS; print(" ".join(sorted(IMAGE_VERBS)))')"
 images="${images:-$known}"
 for image in $images; do
   [[ " $known " == *" $image "* ]] || { echo "unknown image $image (known: $known)" >&2; exit 2; }
 done
 declare -A base
 while IFS='=' read -r image uri; do base[$image]="$uri"; done \
-  < <(cd "$root" && "$python" -m local_stack.cli base-images --region "$region")
+  < <(cd "$root" && "$python" -m sdxl_lora_ops.cli base-images --region "$region")
 
 login() { aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$1"; }
 login "$registry"

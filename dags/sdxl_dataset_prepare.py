@@ -22,10 +22,11 @@ import json
 import logging
 
 from airflow.sdk import CronDataIntervalTimetable, Param, chain, dag, task
+
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import dag_arguments, job_kwargs, run_date, version_param
 from sdxl_lora.datasets import OPTIONS
-from sdxl_lora.operators import ResumableSageMakerProcessingOperator
+from sdxl_lora.operators.jobs import ResumableSageMakerProcessingOperator
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
@@ -72,6 +73,7 @@ def sdxl_dataset_prepare():
     def plan(**context) -> dict:
         """The version, its options and their content key; whether it must be prepared."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
         from sdxl_lora import assets, datasets
 
         settings = Settings.resolve()
@@ -108,7 +110,8 @@ def sdxl_dataset_prepare():
         """The processing job's request; what an earlier preparation of this version left is removed
         first, so the version holds one preparation's files and parts only."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from sdxl_lora import datasets, naming, requests
+
+        from sdxl_lora import datasets, naming, sagemaker_requests
 
         settings = Settings.resolve()
         run_id, version, options = context["run_id"], planned["version"], planned["options"]
@@ -122,15 +125,16 @@ def sdxl_dataset_prepare():
         inputs = datasets.prepare_inputs(settings, settings.raw_dataset(version), options["latent_cache"])
         arguments = datasets.prepare_arguments(settings, {k: v for k, v in options.items() if k != "instance_count"},
                                                version, planned["key"])
-        return requests.processing_request(settings, name, inputs, settings.processed_dataset(version),
-                                           requests.tags(dag=DAG_ID, run=run_id, version=version), arguments,
+        return sagemaker_requests.processing_request(settings, name, inputs, settings.processed_dataset(version),
+                                           sagemaker_requests.tags(dag=DAG_ID, run=run_id, version=version), arguments,
                                            instance_count=options["instance_count"])
 
     @task(outlets=[PROCESSED_DATASET])
     def publish(planned: dict, outlet_events=None) -> dict:
         """Merge the instances' parts (several instances) and print the manifest's summary."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-        from ml import manifest
+
+        from ml.contract import manifest
 
         settings = Settings.resolve()
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)

@@ -39,11 +39,21 @@ from __future__ import annotations
 import logging
 
 from airflow.sdk import Param, TriggerRule, chain, dag, task
-from ml.hyperparameters import SWEPT
-from sdxl_lora.dag_common import (dag_arguments, endpoint_param, grid_param, hyperparameters_param, job_kwargs,
-                                  run_date, smoke_param, version_param, watch)
+
+from ml.contract.hyperparameters import SWEPT
+from sdxl_lora.dag_common import (
+    dag_arguments,
+    endpoint_param,
+    grid_param,
+    hyperparameters_param,
+    job_kwargs,
+    run_date,
+    smoke_param,
+    version_param,
+    watch,
+)
 from sdxl_lora.deploy import deploy_group
-from sdxl_lora.operators import ResumableSageMakerTrainingOperator
+from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_grid_search"
@@ -74,7 +84,8 @@ def sdxl_lora_grid_search():
     @task
     def build_trials(**context) -> list[dict]:
         from airflow.sdk.exceptions import AirflowFailException
-        from sdxl_lora import grid, naming, requests
+
+        from sdxl_lora import grid, naming, sagemaker_requests
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
@@ -89,9 +100,9 @@ def sdxl_lora_grid_search():
             name = naming.trial_job_name(JOB_PREFIX, run_id, trial.learning_rate, trial.max_train_steps, trial.rank)
             hyperparameters = {**params["hyperparameters"], "learning_rate": trial.learning_rate,
                                "max_train_steps": trial.max_train_steps, "rank": trial.rank}
-            configs.append(requests.training_request(
+            configs.append(sagemaker_requests.training_request(
                 settings, name, settings.processed_dataset(version), hyperparameters,
-                requests.tags(dag=DAG_ID, run=run_id, trial=trial.label)))
+                sagemaker_requests.tags(dag=DAG_ID, run=run_id, trial=trial.label)))
         return configs
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
@@ -99,7 +110,9 @@ def sdxl_lora_grid_search():
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
         from airflow.sdk.exceptions import AirflowFailException
-        from sdxl_lora import grid, naming, operators, selection, serving
+
+        from sdxl_lora import grid, naming, selection, serving
+        from sdxl_lora.operators import jobs as operators
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
@@ -136,7 +149,9 @@ def sdxl_lora_grid_search():
         grid_search/<run>/report/: the run's "Grid report" tab in the UI (plugins/sdxl_lora_ui.py)."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from sdxl_lora import naming, report
+
+        from sdxl_lora import naming
+        from sdxl_lora.report import leaderboard as report
 
         settings = Settings.resolve()
         folder = settings.uri("grid_search", naming.run_token(run_id))

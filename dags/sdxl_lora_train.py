@@ -22,7 +22,7 @@ object) when it is set.
 
 The comparison is like with like: each version holds out its own validation images, so while the
 new adapter trains, `score_serving` scores the adapter serving now on the new version's held-out
-images (a scoring job: ml/evaluate.py, the same split, fixed noise and timesteps and precision the
+images (a scoring job: ml/train/evaluate.py, the same split, fixed noise and timesteps and precision the
 new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log.
 
 A failed training (or scoring, or deployment) fails the run: the `watcher` task (trigger rule ONE_FAILED,
@@ -35,11 +35,20 @@ import logging
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, chain, dag, task
+
 from sdxl_lora.assets import processed_dataset
-from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, job_kwargs, run_date,
-                                  smoke_param, version_param, watch)
+from sdxl_lora.dag_common import (
+    dag_arguments,
+    endpoint_param,
+    hyperparameters_param,
+    job_kwargs,
+    run_date,
+    smoke_param,
+    version_param,
+    watch,
+)
 from sdxl_lora.deploy import deploy_group
-from sdxl_lora.operators import ResumableSageMakerTrainingOperator
+from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_train"
@@ -71,6 +80,7 @@ def sdxl_lora_train():
         Asset-triggered run, whose versions train in the runs it queues."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.sdk.exceptions import AirflowSkipException
+
         from sdxl_lora import assets
 
         if dag_run.run_type == "asset_triggered":
@@ -106,7 +116,8 @@ def sdxl_lora_train():
     @task
     def build_request(version: str, params: dict, run_id: str, dag_run=None) -> dict:
         from airflow.sdk import Variable
-        from sdxl_lora import assets, naming, requests
+
+        from sdxl_lora import assets, naming, sagemaker_requests
 
         settings = Settings.resolve()
         hyperparameters = params["hyperparameters"]
@@ -114,8 +125,8 @@ def sdxl_lora_train():
             hyperparameters = assets.retrain_hyperparameters(hyperparameters,
                                                              Variable.get(assets.RETRAIN_VARIABLE, default=None))
         name = naming.job_name(JOB_PREFIX, run_id, naming.slug(version))
-        return requests.training_request(settings, name, settings.processed_dataset(version), hyperparameters,
-                                         requests.tags(dag=DAG_ID, run=run_id, version=version))
+        return sagemaker_requests.training_request(settings, name, settings.processed_dataset(version), hyperparameters,
+                                         sagemaker_requests.tags(dag=DAG_ID, run=run_id, version=version))
 
     @task
     def candidate(training: dict) -> dict:
@@ -137,7 +148,8 @@ def sdxl_lora_train():
         """A scoring job for the serving adapter on the new version's held-out images; skipped when nothing
         serves or nothing will be deployed."""
         from airflow.sdk.exceptions import AirflowSkipException
-        from sdxl_lora import naming, requests, selection
+
+        from sdxl_lora import naming, sagemaker_requests, selection
 
         if not params["deploy_if_better"]:
             raise AirflowSkipException("deploy_if_better is off: nothing is compared, so the serving adapter "
@@ -147,7 +159,7 @@ def sdxl_lora_train():
         name = naming.job_name("sdxl-lora-score", run_id, naming.slug(version))
         log.info("scoring the serving adapter %s (%s) on version %s's held-out images: job %s",
                  serving["model_data_url"], serving.get("training_job"), version, name)
-        return selection.scoring_request(request, name, serving["model_data_url"], requests.tags(
+        return selection.scoring_request(request, name, serving["model_data_url"], sagemaker_requests.tags(
             dag=DAG_ID, run=run_id, version=version, scores=serving.get("training_job") or "serving"))
 
     # ignore_downstream_trigger_rules=False: not deploying skips the deployment, not the watcher after it.
@@ -200,6 +212,7 @@ def _serving_record(params: dict) -> dict | None:
     import json
 
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
     from sdxl_lora import serving
 
     settings = Settings.resolve()

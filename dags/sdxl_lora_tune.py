@@ -30,12 +30,23 @@ from __future__ import annotations
 import logging
 
 from airflow.sdk import Param, TriggerRule, chain, dag, task
-from ml.hyperparameters import SWEPT, value_schema
-from sdxl_lora.dag_common import (dag_arguments, endpoint_param, hyperparameters_param, list_param, run_date,
-                                  smoke_param, version_param, waiting_kwargs, watch)
+
+from ml.contract.hyperparameters import SWEPT, value_schema
+from sdxl_lora.dag_common import (
+    dag_arguments,
+    endpoint_param,
+    hyperparameters_param,
+    list_param,
+    run_date,
+    smoke_param,
+    version_param,
+    waiting_kwargs,
+    watch,
+)
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.settings import Settings
-from sdxl_lora.tuning import MAX_CATEGORICAL_VALUES, STRATEGIES, ResumableSageMakerTuningOperator
+from sdxl_lora.operators.tuning import ResumableSageMakerTuningOperator
+from sdxl_lora.tuning import MAX_CATEGORICAL_VALUES, STRATEGIES
 
 DAG_ID = "sdxl_lora_tune"
 JOB_PREFIX = "sdxl-lora-tune"
@@ -83,7 +94,8 @@ def sdxl_lora_tune():
     @task
     def plan_tuning(**context) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
-        from sdxl_lora import grid, requests, tuning
+
+        from sdxl_lora import grid, sagemaker_requests, tuning
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
@@ -102,18 +114,20 @@ def sdxl_lora_tune():
         return tuning.tuning_request(
             settings, name, settings.processed_dataset(version), params["hyperparameters"], ranges,
             params["strategy"], params["max_jobs"], parallel, params["early_stopping"], params["random_seed"],
-            requests.tags(dag=DAG_ID, run=run_id, strategy=params["strategy"]))
+            sagemaker_requests.tags(dag=DAG_ID, run=run_id, strategy=params["strategy"]))
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def select_winner(config: dict, run_id: str) -> dict:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
         from airflow.sdk.exceptions import AirflowFailException
+
         from sdxl_lora import grid, naming, selection, serving, tuning
+        from sdxl_lora.operators.tuning import latest_attempt
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
-        tuning_job = tuning.latest_attempt(client, config["HyperParameterTuningJobName"])
+        tuning_job = latest_attempt(client, config["HyperParameterTuningJobName"])
         if tuning_job is None:
             raise AirflowFailException(f"tuning job {config['HyperParameterTuningJobName']} was never created")
         name = tuning_job["HyperParameterTuningJobName"]

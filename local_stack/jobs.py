@@ -15,11 +15,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from local_stack.aws import (ACCOUNT, REGION, Clients, client_environment, download_prefix, split_s3_uri,
-                             tar_directory, upload_directory)
+from local_stack.aws import (
+    ACCOUNT,
+    REGION,
+    Clients,
+    client_environment,
+    download_prefix,
+    split_s3_uri,
+    tar_directory,
+    upload_directory,
+)
 from local_stack.errors import ApiError, check_name, not_found, require, resource_not_found, validation
 from local_stack.runner import ContainerProcess, LogSink, command_for, container_path, rewrite_arguments
-from ml.metrics import final_metrics
+from ml.contract.metrics import final_metrics
 
 CHECKPOINT_SYNC_SECONDS = 2.0
 TERMINAL = ("Completed", "Failed", "Stopped")
@@ -462,7 +470,7 @@ def _check_quota(limit: str, quota: int | None, used: int, delta: int) -> None:
 
 
 def _check_image(image: str) -> None:
-    from ml.images import verb_for
+    from ml.contract.job_images import verb_for
 
     try:
         verb_for(image)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from local_stack.warm import DISABLE, WarmStarter
-from ml.images import verb_for
+from ml.contract.job_images import verb_for
 
 # `sdxl-lora` inside an image is the project's CLI; here it is this interpreter's.
 CLI = [sys.executable, "-m", "ml.cli"]

@@ -376,7 +376,7 @@ def _seed(name: str) -> int:
 
 def check_config(config: dict, definition: dict) -> list[Range]:
     """The tuning job's config and training definition; returns its ranges."""
-    from ml.images import verb_for
+    from ml.contract.job_images import verb_for
 
     strategy = config["Strategy"]
     if strategy not in STRATEGIES:

@@ -36,8 +36,8 @@ import traceback
 from pathlib import Path
 
 # Imported once in the warm starter: everything the payload's verbs import that is slow to import.
-PAYLOAD_MODULES = ("ml.train", "ml.prepare", "ml.captioning", "ml.serve", "ml.inference", "ml.adapters",
-                   "ml.fast_step", "ml.reporting")
+PAYLOAD_MODULES = ("ml.train.job", "ml.prepare.job", "ml.prepare.captioning", "ml.serve.server", "ml.serve.inference", "ml.serve.adapters",
+                   "ml.train.fast_step", "ml.train.reporting")
 # Variables that libraries read when they are imported: a container whose value differs starts cold.
 IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_",
                         "OPENBLAS_", "CUDA_", "NCCL_", "KMP_", "PYTHON", "LD_", "TOKENIZERS_", "SAFETENSORS_",

@@ -3,7 +3,7 @@
 train and serve are what SageMaker runs (`docker run IMAGE train|serve`), prepare is the
 processing job's entrypoint, and the tiny-model builders make offline inputs. The local
 tools (the local stack, the Airflow UI, the pipeline demo, submit) are `sdxl-lora-ops`
-(local_stack/cli.py), so nothing here imports local_stack/ or the orchestration set.
+(sdxl_lora_ops/cli.py), so nothing here imports local_stack/ or the orchestration set.
 Each subcommand imports what it needs when it runs, so `sdxl-lora --help` and the
 container verbs start fast.
 """
@@ -15,27 +15,27 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ml import train
-    from ml.contract import exit_now
+    from ml.contract.container import exit_now
+    from ml.train import job as train
 
     exit_now(train.main())
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ml import serve
-    from ml.contract import exit_now
+    from ml.contract.container import exit_now
+    from ml.serve import server as serve
 
     exit_now(serve.main(host=args.host, port=args.port))
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from ml import prepare
+    from ml.prepare import job as prepare
 
     return prepare.main(args)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from ml import tiny_model
+    from ml.fixtures import tiny_model
 
     path = tiny_model.build(args.out_dir, seed=args.seed)
     print(f"tiny SDXL pipeline written to {path}")
@@ -43,7 +43,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _tiny_captioner(args: argparse.Namespace) -> int:
-    from ml import tiny_captioner
+    from ml.fixtures import tiny_captioner
 
     path = tiny_captioner.build(args.out_dir, seed=args.seed)
     print(f"tiny InstructBLIP captioner written to {path}")
@@ -51,7 +51,7 @@ def _tiny_captioner(args: argparse.Namespace) -> int:
 
 
 def _synthetic_data(args: argparse.Namespace) -> int:
-    from ml import synthetic
+    from ml.fixtures import synthetic
 
     path = synthetic.write_dataset(args.out_dir, count=args.count, seed=args.seed,
                                    sidecar_captions=args.sidecar_captions)

@@ -1,6 +1,6 @@
 """The Airflow plugin of this project: the grid report as a tab of every sdxl_lora_grid_search run.
 
-- a FastAPI app (plugins/sdxl_lora/ui.py) mounted by the api-server at /sdxl-lora, behind Airflow's
+- a FastAPI app (plugins/sdxl_lora/report/view.py) mounted by the api-server at /sdxl-lora, behind Airflow's
   authentication;
 - an external view on DAG runs whose page is that app's HTML, shown inside the UI (iframe);
 - a listener that puts a link to the tab into the run's note.
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from sdxl_lora import run_notes, ui
+from sdxl_lora.report import run_notes
+from sdxl_lora.report import view as ui
 
 
 class SdxlLoraReportPlugin(AirflowPlugin):

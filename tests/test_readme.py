@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ml.hyperparameters import SPECS
+from ml.contract.hyperparameters import SPECS
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

@@ -107,7 +107,7 @@ def retrain_hyperparameters(preset: dict, variable: str | None) -> dict:
     """The hyperparameters of a run no one chose them for (cron, Asset event, backfill without
     --dag-run-conf): the preset, updated with the Airflow Variable sdxl_lora_retrain_hyperparameters
     (a JSON object of hyperparameters) when it is set. Checked as the job checks them."""
-    from ml.hyperparameters import to_sagemaker
+    from ml.contract.hyperparameters import to_sagemaker
 
     if variable is None or not variable.strip():
         return dict(preset)

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, TriggerRule, task
 
-from ml.hyperparameters import SPEC_BY_NAME, hyperparameters_schema, list_item_schema, preset
+from ml.contract.hyperparameters import SPEC_BY_NAME, hyperparameters_schema, list_item_schema, preset
 from sdxl_lora.assets import VERSION_PATTERN
 from sdxl_lora.grid import MAX_GRID_VALUES
 from sdxl_lora.settings import Settings
@@ -54,7 +54,7 @@ def version_param(description: str) -> Param:
 
 def hyperparameters_param(preset_name: str, description: str, exclude: tuple[str, ...] = ()) -> Param:
     """A hyperparameters object Param: the preset as its default, every key typed and bounded by
-    ml.hyperparameters, unknown keys refused, so the trigger form refuses what the job would."""
+    ml.contract.hyperparameters, unknown keys refused, so the trigger form refuses what the job would."""
     return Param(preset(preset_name), description=description + " Keys, types and bounds: the README's table.",
                  **hyperparameters_schema(exclude=exclude))
 

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from ml.hyperparameters import HyperparameterError, coerce
+from ml.contract.hyperparameters import HyperparameterError, coerce
 
 # Airflow's [core] max_map_length default: a mapped task may expand to at most this many instances.
 DEFAULT_MAX_MAP_LENGTH = 1024

@@ -7,7 +7,7 @@ trials are listed but never chosen, so one bad trial does not stop selection amo
 A val_loss is only comparable with another computed on the same held-out images: each version
 holds out its own. The serving adapter's recorded val_loss was computed on the version it was
 trained on, so a retrain scores it again on the new version (`scoring_request`: a training job
-with the `score_adapter` channel, ml/evaluate.py, the same split, fixed noise and timesteps and
+with the `score_adapter` channel, ml/train/evaluate.py, the same split, fixed noise and timesteps and
 precision the new job's own val_loss used) and `compare_with_serving` compares those two numbers.
 """
 
@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 METRIC = "val_loss"
-SCORE_CHANNEL = "score_adapter"  # ml/evaluate.py: a training job with this channel scores the adapter in it
+SCORE_CHANNEL = "score_adapter"  # ml/train/evaluate.py: a training job with this channel scores the adapter in it
 
 
 @dataclass

@@ -1,19 +1,16 @@
 """SageMaker automatic model tuning beside the grid: the request, its ranges and a resumable operator.
 
 A tuning job's trials share one training definition, built from the same request builder as a
-grid trial (requests.training_request), so both strategies train the same job and compare by the
+grid trial (sagemaker_requests.training_request), so both strategies train the same job and compare by the
 same validation loss. Learning rate is a continuous, logarithmic range, max train steps an integer
 range and rank a categorical one; the objective is the payload's `val_loss`, minimized.
 """
 
 from __future__ import annotations
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
-from botocore.exceptions import ClientError
-
-from ml.hyperparameters import SWEPT, HyperparameterError, to_sagemaker
-from ml.metrics import METRIC_DEFINITIONS
-from sdxl_lora import operators, requests
+from ml.contract.hyperparameters import SWEPT, HyperparameterError, to_sagemaker
+from ml.contract.metrics import METRIC_DEFINITIONS
+from sdxl_lora import sagemaker_requests
 from sdxl_lora.naming import run_token, slug
 from sdxl_lora.settings import Settings
 
@@ -83,7 +80,7 @@ def capped_parallel_jobs(requested: int, pool_size: int) -> int:
 
 
 def training_definition(training_request: dict) -> dict:
-    """A HyperParameterTrainingJobDefinition from a CreateTrainingJob request (requests.training_request)."""
+    """A HyperParameterTrainingJobDefinition from a CreateTrainingJob request (sagemaker_requests.training_request)."""
     known = {"TrainingJobName", "HyperParameters", "Tags", *DEFINITION_MEMBERS}
     unknown = sorted(set(training_request) - known)
     if unknown:
@@ -115,7 +112,7 @@ def tuning_request(settings: Settings, name: str, dataset_uri: str, static_hyper
     if OBJECTIVE["MetricName"] not in {m["Name"] for m in METRIC_DEFINITIONS}:
         raise TuningError(f"the payload's MetricDefinitions do not define {OBJECTIVE['MetricName']}")
     static = {k: v for k, v in static_hyperparameters.items() if k not in SWEPT}
-    training = requests.training_request(settings, name, dataset_uri, static)
+    training = sagemaker_requests.training_request(settings, name, dataset_uri, static)
     config = {
         "Strategy": strategy,
         "HyperParameterTuningJobObjective": dict(OBJECTIVE),
@@ -138,59 +135,3 @@ def trial_values(summary: dict, static: dict[str, str]) -> tuple[float, int, int
                 int(float(values["rank"].strip('"'))))
     except (KeyError, ValueError) as error:
         raise TuningError(f"trial {summary.get('TrainingJobName')}: cannot read its hyperparameters: {error}") from None
-
-
-class ResumableSageMakerTuningOperator(SageMakerTuningOperator):
-    """The provider's tuning operator, safe to retry: tuning job names are deterministic per run.
-
-    On a retry it looks the name up first: InProgress or Stopping -> waits for that job;
-    Completed -> uses it; Failed or Stopped -> starts the next attempt (`<name>-a2`, ...). When
-    the task is killed, the tuning job it waits for is stopped, which stops its trials.
-    """
-
-    def execute(self, context):
-        base = self.config["HyperParameterTuningJobName"]
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            name = attempt_name(base, attempt)
-            description = describe_attempt(self.hook.conn, name)
-            self.config["HyperParameterTuningJobName"] = name
-            if description is None:
-                return super().execute(context)
-            status = description["HyperParameterTuningJobStatus"]
-            if status in self.hook.non_terminal_states:
-                self.log.info("tuning job %s is already %s (an earlier try started it): waiting for it", name, status)
-                description = self.hook.check_status(name, "HyperParameterTuningJobStatus",
-                                                     self.hook.describe_tuning_job, self.check_interval,
-                                                     self.max_ingestion_time)
-                return {"Tuning": serialize(description)}
-            if status == "Completed":
-                self.log.info("tuning job %s already completed (an earlier try started it): using it", name)
-                return {"Tuning": serialize(description)}
-            self.log.info("tuning job %s ended %s: starting the next attempt", name, status)
-        raise RuntimeError(f"{base}: {MAX_ATTEMPTS} attempts already exist; not starting another")
-
-    def on_kill(self) -> None:
-        name = self.config.get("HyperParameterTuningJobName")
-        description = describe_attempt(self.hook.conn, name) if name else None
-        if description and description["HyperParameterTuningJobStatus"] == "InProgress":
-            self.log.info("stopping tuning job %s and its trials", name)
-            self.hook.conn.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-
-
-def attempt_name(base: str, attempt: int) -> str:
-    return operators.attempt_name(base, attempt, MAX_NAME_LENGTH)
-
-
-def describe_attempt(client, name: str) -> dict | None:
-    """DescribeHyperParameterTuningJob of one attempt, or None when there is no such job."""
-    try:
-        return client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-    except ClientError as error:
-        if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
-            return None
-        raise
-
-
-def latest_attempt(client, base: str) -> dict | None:
-    """The description of the last tuning job a run started (`<base>`, `<base>-a2`, ...); None when none."""
-    return operators.latest_attempt(client, base, describe_attempt, MAX_NAME_LENGTH)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import DAGS
 
 EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_train",
@@ -107,7 +108,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
 def test_hyperparameter_params_take_their_presets_and_bounds_from_the_payload(dagbag):
     from airflow.sdk.definitions.param import ParamValidationError
 
-    from ml.hyperparameters import PRESETS, SWEPT
+    from ml.contract.hyperparameters import PRESETS, SWEPT
 
     defaults = {dag_id: dagbag.dags[dag_id].params["hyperparameters"] for dag_id in
                 ("sdxl_lora_train", "sdxl_lora_grid_search", "sdxl_lora_tune")}
@@ -175,7 +176,7 @@ def test_list_params_are_text_boxes_one_value_per_line(dagbag, dag_id):
     selector): enum or examples -> a multi-select of those values; items without "type" or "string" -> a text
     box, one value per line, sent as a list of strings; other items -> a JSON editor. Every list Param of ours
     is an array of numbers, and must be the text box."""
-    from ml.hyperparameters import list_item_schema
+    from ml.contract.hyperparameters import list_item_schema
 
     dag = dagbag.dags[dag_id]
     arrays = {name for name in dag.params if dag.params.get_param(name).schema.get("type") == "array"}

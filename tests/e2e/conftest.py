@@ -14,7 +14,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from ml import synthetic, tiny_model
+from ml.fixtures import synthetic, tiny_model
 
 BUCKET = "sdxl-lora-e2e"
 SPOT_PATTERN = r"step=3 "  # the stack interrupts each managed-spot job once, at this log line
@@ -36,7 +36,7 @@ class Stack:
         self.log = workdir.parent / "local-stack.log"  # a file: an unread pipe would fill and stall the stack
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
+                [sys.executable, "-m", "sdxl_lora_ops.cli", "local-stack", "--port", str(port), "--workdir", str(workdir),
                  "--max-concurrent-jobs", str(max_concurrent_jobs), "--spot-interruption-at", SPOT_PATTERN,
                  *(f"--instance-quota={t}={n}" for t, n in (instance_quotas or {}).items())],
                 stdout=out, stderr=subprocess.STDOUT, text=True, cwd=cwd)
@@ -87,8 +87,8 @@ def staged(stack, s3, tmp_path_factory):
 
 
 def training_request(name: str, staged: dict, hyperparameters: dict | None = None, **extra) -> dict:
-    from ml.hyperparameters import to_sagemaker
-    from ml.metrics import METRIC_DEFINITIONS
+    from ml.contract.hyperparameters import to_sagemaker
+    from ml.contract.metrics import METRIC_DEFINITIONS
 
     values = {"resolution": 32, "train_batch_size": 2, "max_train_steps": 6, "validation_split": 0.2,
               "checkpointing_steps": 2, **(hyperparameters or {})}

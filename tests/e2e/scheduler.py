@@ -2,7 +2,7 @@
 
 Each deployment gets a database of its own on 127.0.0.1:5432 (dropped afterwards), a local stack of its
 own (a quota of 16 training jobs, so only Airflow's pool limits concurrency) and the project's dags and
-plugins. Runs are triggered through the REST API (local_stack/airflow_services.py). A cluster policy
+plugins. Runs are triggered through the REST API (sdxl_lora_ops/airflow_services.py). A cluster policy
 (airflow_local_settings.py in AIRFLOW_HOME/config) shortens retry_delay to 2 s, so a retry happens
 within the test, through Airflow's own retry machinery.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import Stack, free_port
-from sdxl_lora.naming import run_token
 
-from local_stack.airflow_services import AirflowServices, parse_time
-from ml import synthetic, tiny_model
+from conftest import Stack, free_port
+from ml.fixtures import synthetic, tiny_model
+from sdxl_lora.naming import run_token
+from sdxl_lora_ops.airflow_services import AirflowServices, parse_time
 
 ROOT = Path(__file__).parents[2]
 BUCKET, PREFIX = "sdxl-lora-sched", "sdxl-finetune-lora"

@@ -9,10 +9,10 @@ import json
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import BUCKET, ROLE, wait_for_endpoint
 from PIL import Image
 
-from sdxl_lora import deploy, requests
+from conftest import BUCKET, ROLE, wait_for_endpoint
+from sdxl_lora import deploy, sagemaker_requests
 from sdxl_lora.settings import Settings
 
 INFERENCE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sdxl-lora-inference:latest"
@@ -30,7 +30,7 @@ def async_endpoint(sagemaker, staged):
     """The tiny base model behind an endpoint config built by the deploy path's request builder."""
     sagemaker.create_model(ModelName="e2e-async-model", ExecutionRoleArn=ROLE, PrimaryContainer={
         "Image": INFERENCE_IMAGE, "Environment": {"BASE_MODEL": str(staged["base_dir"])}})
-    sagemaker.create_endpoint_config(**requests.endpoint_config_request(
+    sagemaker.create_endpoint_config(**sagemaker_requests.endpoint_config_request(
         Settings(), "e2e-async-config", {"solo": ("e2e-async-model", 1.0)}, OUT, max_concurrent_invocations=2))
     sagemaker.create_endpoint(EndpointName="e2e-async", EndpointConfigName="e2e-async-config")
     described = wait_for_endpoint(sagemaker, "e2e-async")
@@ -72,7 +72,7 @@ def test_a_bad_async_request_lands_in_the_failure_path_naming_the_field(async_en
 def test_a_real_time_endpoint_refuses_invoke_endpoint_async(sagemaker, runtime, staged):
     sagemaker.create_model(ModelName="e2e-realtime-model", ExecutionRoleArn=ROLE, PrimaryContainer={
         "Image": INFERENCE_IMAGE, "Environment": {"BASE_MODEL": "/nowhere/sdxl"}})
-    sagemaker.create_endpoint_config(**requests.endpoint_config_request(
+    sagemaker.create_endpoint_config(**sagemaker_requests.endpoint_config_request(
         Settings(), "e2e-realtime-config", {"solo": ("e2e-realtime-model", 1.0)}))
     sagemaker.create_endpoint(EndpointName="e2e-realtime", EndpointConfigName="e2e-realtime-config")
     wait_for_endpoint(sagemaker, "e2e-realtime")  # fails to load (no base model): still a real-time endpoint

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ml import synthetic, tiny_captioner
+from ml.fixtures import synthetic, tiny_captioner
 
 ROOT = Path(__file__).parents[2]
 BUCKET, PREFIX = "sdxl-lora-local", "sdxl-finetune-lora"

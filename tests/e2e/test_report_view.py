@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +172,9 @@ IFRAME_ROWS = """(() => {
 
 def test_the_run_tab_shows_the_leaderboard_sheets_and_curves(airflow, stack, tmp_path):
     from PIL import Image
-    from sdxl_lora import naming, report
+
+    from sdxl_lora import naming
+    from sdxl_lora.report import leaderboard as report
 
     s3 = stack.client("s3")
     configs, sagemaker = grid_fixture.grid(s3)

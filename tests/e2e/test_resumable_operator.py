@@ -3,8 +3,8 @@ mode waits for a job through aiobotocore against the stack."""
 
 from __future__ import annotations
 
-
 import pytest
+
 from conftest import stack_environment, training_request, wait_for_training
 
 
@@ -12,7 +12,7 @@ from conftest import stack_environment, training_request, wait_for_training
 def operator_for(stack, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
     stack_environment(monkeypatch, stack)  # boto3's environment, no Airflow connection (aws_conn_id None)
-    from sdxl_lora.operators import ResumableSageMakerTrainingOperator
+    from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
 
     def make(config: dict):
         return ResumableSageMakerTrainingOperator(task_id="train", config=config, aws_conn_id=None,
@@ -54,7 +54,7 @@ def test_the_job_trigger_waits_through_aiobotocore_and_fires_with_the_failure_re
     import asyncio
     import logging
 
-    from sdxl_lora.operators import JobTrigger
+    from sdxl_lora.operators.jobs import JobTrigger
 
     request = training_request("e2e-op-trigger", staged)
     request["HyperParameters"]["learning_rate"] = "fast"

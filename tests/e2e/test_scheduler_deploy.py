@@ -18,11 +18,11 @@ import httpx
 import psutil
 import pytest
 from botocore.exceptions import ClientError
+
 from conftest import ROLE, processes_under, training_request, wait_for_endpoint, wait_for_training
 from scheduler import BUCKET, PREFIX, wait_until
 from sdxl_lora.naming import run_token
-
-from local_stack.airflow_services import parse_time
+from sdxl_lora_ops.airflow_services import parse_time
 
 pytestmark = pytest.mark.scheduler
 DEPLOY = "sdxl_lora_deploy"

@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+
 from conftest import free_port
 
 pytestmark = pytest.mark.scheduler
@@ -41,7 +42,7 @@ def _listening(processes: list[psutil.Process]) -> set[str]:
 def test_make_airflow_binds_loopback_and_stops_everything_quietly(tmp_path, stop_signal):
     output = tmp_path / "output.log"
     with output.open("w") as out:
-        launcher = subprocess.Popen([sys.executable, "-m", "local_stack.cli", "airflow", "--workdir",
+        launcher = subprocess.Popen([sys.executable, "-m", "sdxl_lora_ops.cli", "airflow", "--workdir",
                                      str(tmp_path / "work"), "--port", str(free_port())],
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     seen: dict[int, psutil.Process] = {}

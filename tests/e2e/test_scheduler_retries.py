@@ -1,6 +1,6 @@
 """Retries under the shared real scheduler (LocalExecutor, tests/e2e/scheduler.py): a killed dataset-prepare task
 is retried without a second processing job; the retry finds the job its first try started by its deterministic
-name and waits for it (plugins/sdxl_lora/operators.py), and the run ends green."""
+name and waits for it (plugins/sdxl_lora/operators/jobs.py), and the run ends green."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import time
 
 import psutil
 import pytest
+
+from ml.fixtures import synthetic
 from scheduler import BUCKET, PREFIX, wait_until
 from sdxl_lora.naming import run_token
-
-from ml import synthetic
 
 pytestmark = pytest.mark.scheduler
 PREPARE = "sdxl_dataset_prepare"

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from ml.fixtures import synthetic
 from scheduler import BUCKET, PREFIX, wait_until
-from sdxl_lora import requests, serving
+from sdxl_lora import sagemaker_requests, serving
 from sdxl_lora.naming import job_name, slug
 from sdxl_lora.settings import Settings
-
-from ml import synthetic
 
 pytestmark = pytest.mark.scheduler
 PREPARE, TRAIN = "sdxl_dataset_prepare", "sdxl_lora_train"
@@ -70,7 +70,7 @@ def _serve_an_adapter(airflow, bucket: str, key: str) -> None:
     endpoint would only slow these tests; tests/e2e/test_dags_pipeline.py deploys what a retrain wins with)."""
     sagemaker = airflow.stack.client("sagemaker")
     name = "sdxl-lora-train-serving-adapter"
-    sagemaker.create_training_job(**requests.training_request(
+    sagemaker.create_training_job(**sagemaker_requests.training_request(
         SETTINGS, name, SETTINGS.processed_dataset("tiny"),
         {**RECIPE, "max_train_steps": 30, "learning_rate": 2e-3, "rank": 8, "train_batch_size": 4}))
     job = wait_until(lambda: (d := sagemaker.describe_training_job(TrainingJobName=name))["TrainingJobStatus"]

@@ -7,12 +7,11 @@ import sys
 import time
 
 from conftest import BUCKET, Stack, free_port, processes_under, training_request, wait_for_endpoint
-
-from ml import synthetic, tiny_model
+from ml.fixtures import synthetic, tiny_model
 
 
 def test_a_taken_port_is_a_clear_error(stack, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "local_stack.cli", "local-stack", "--port", str(stack.port),
+    done = subprocess.run([sys.executable, "-m", "sdxl_lora_ops.cli", "local-stack", "--port", str(stack.port),
                            "--workdir", str(tmp_path / "second")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{stack.port}" in done.stderr + done.stdout

@@ -14,9 +14,9 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import free_port
 
-from local_stack import cli, demo
+from conftest import free_port
+from sdxl_lora_ops import cli, demo
 
 
 class _Stack:
@@ -25,7 +25,7 @@ class _Stack:
         self.log = workdir.parent / f"stack-{time.monotonic_ns()}.log"
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "local_stack.cli", "local-stack", "--port", self.url.rsplit(":", 1)[1],
+                [sys.executable, "-m", "sdxl_lora_ops.cli", "local-stack", "--port", self.url.rsplit(":", 1)[1],
                  "--workdir", str(workdir), *flags], stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while "\nready\n" not in self.log.read_text():

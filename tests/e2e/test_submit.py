@@ -23,7 +23,7 @@ def settings_env(stack, staged) -> dict:
 
 def test_submit_runs_the_dags_request_on_the_local_stack(stack, staged, sagemaker):
     env = settings_env(stack, staged)
-    done = subprocess.run([sys.executable, "-m", "local_stack.cli", "submit", "--dataset-uri", staged["data"],
+    done = subprocess.run([sys.executable, "-m", "sdxl_lora_ops.cli", "submit", "--dataset-uri", staged["data"],
                            "--job-name", "sdxl-lora-submit-e2e", "--hyperparameters", json.dumps(HYPERPARAMETERS),
                            "--wait", "--timeout", "300"], env=env, capture_output=True, text=True, timeout=360)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -32,7 +32,7 @@ def test_submit_runs_the_dags_request_on_the_local_stack(stack, staged, sagemake
     assert described["TrainingJobStatus"] == "Completed"
 
     # The very request the DAGs' builder makes with these settings reached SageMaker.
-    probe = ("import json, sys; from local_stack import submit; "
+    probe = ("import json, sys; from sdxl_lora_ops import submit; "
              f"print(json.dumps(submit.build_request({staged['data']!r}, 'sdxl-lora-submit-e2e', "
              f"{HYPERPARAMETERS!r})))")
     expected = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
@@ -45,7 +45,7 @@ def test_submit_runs_the_dags_request_on_the_local_stack(stack, staged, sagemake
 
 def test_submit_refuses_bad_input_with_a_clear_message(stack, staged):
     env = settings_env(stack, staged)
-    base = [sys.executable, "-m", "local_stack.cli", "submit"]
+    base = [sys.executable, "-m", "sdxl_lora_ops.cli", "submit"]
     bad_name = subprocess.run(base + ["--dataset-uri", staged["data"], "--job-name", "bad_name!"], env=env,
                               capture_output=True, text=True, timeout=60)
     assert bad_name.returncode != 0 and "job name 'bad_name!'" in bad_name.stderr

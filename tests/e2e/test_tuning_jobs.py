@@ -28,7 +28,7 @@ def operator(stack, monkeypatch):
     """The DAG's tuning operator, reaching the stack through boto3's environment (aws_conn_id None: no Airflow
     connection, so nothing another test left in this worker's connection lookup can send it elsewhere)."""
     stack_environment(monkeypatch, stack)
-    from sdxl_lora.tuning import ResumableSageMakerTuningOperator
+    from sdxl_lora.operators.tuning import ResumableSageMakerTuningOperator
 
     def make(name: str):
         operator = ResumableSageMakerTuningOperator(task_id="tune", config={"HyperParameterTuningJobName": name},

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ml import synthetic, tiny_model
+from ml.fixtures import synthetic, tiny_model
 
 # Small, fast defaults; each test overrides what it exercises.
 FAST = {"resolution": 32, "train_batch_size": 2, "rank": 4, "max_train_steps": 6, "checkpointing_steps": 100,
@@ -62,9 +62,9 @@ class Job:
         return env
 
     def start(self):
-        """`python -m ml.train` as the container runs it: forked from the warm starter (the torch stack
+        """`python -m ml.train.job` as the container runs it: forked from the warm starter (the torch stack
         imported once per session, local_stack/warm.py) when it can be, else a new interpreter."""
-        command, env = [sys.executable, "-m", "ml.train"], self.env()
+        command, env = [sys.executable, "-m", "ml.train.job"], self.env()
         return _warm_starter().launch(command, env, Path.cwd()) or subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -116,6 +116,6 @@ def make_job(tmp_path, base_model, dataset):
 @pytest.fixture(scope="session")
 def captioner_model(tmp_path_factory) -> Path:
     """The tiny random InstructBLIP (`sdxl-lora tiny-captioner`)."""
-    from ml import tiny_captioner
+    from ml.fixtures import tiny_captioner
 
     return tiny_captioner.build(tmp_path_factory.mktemp("captioner") / "instructblip", seed=0)

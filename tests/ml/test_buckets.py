@@ -2,7 +2,7 @@
 
 import pytest
 
-from ml.buckets import bucket_sizes, nearest_bucket, place, rescale
+from ml.dataset.buckets import bucket_sizes, nearest_bucket, place, rescale
 
 
 def test_the_standard_sdxl_sizes_at_1024():

@@ -4,12 +4,18 @@ import hashlib
 import pytest
 import torch
 from PIL import Image
-from transformers import (BertTokenizer, InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaForCausalLM,
-                          LlamaTokenizer)
+from transformers import (
+    BertTokenizer,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+)
 
-from ml import cli, tiny_captioner
-from ml.captioning import DEFAULT_MODEL, Captioner, CaptionSettings
-from ml.contract import JobError
+from ml import cli
+from ml.contract.container import JobError
+from ml.fixtures import tiny_captioner
+from ml.prepare.captioning import DEFAULT_MODEL, Captioner, CaptionSettings
 
 # Deterministic, one caption per image alone: what an image gets cannot depend on its position or batch.
 GREEDY = CaptionSettings(do_sample=False, num_beams=1, min_length=10, max_length=20, batch_size=1)

@@ -4,10 +4,10 @@ from collections import Counter
 import pytest
 import torch
 
-from ml.contract import JobError
-from ml.data import flipped, load_imagefolder, preprocess, split_validation
-from ml.hyperparameters import parse
-from ml.stream import micro_batch, micro_batches_per_epoch, total_steps
+from ml.contract.container import JobError
+from ml.contract.hyperparameters import parse
+from ml.dataset.imagefolder import flipped, load_imagefolder, preprocess, split_validation
+from ml.train.stream import micro_batch, micro_batches_per_epoch, total_steps
 
 
 def test_imagefolder_reads_captions_from_the_chosen_column(dataset):

@@ -1,4 +1,4 @@
-"""Scoring jobs (ml/evaluate.py): a training job with a `score_adapter` channel scores that LoRA, trains nothing."""
+"""Scoring jobs (ml/train/evaluate.py): a training job with a `score_adapter` channel scores that LoRA, trains nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from ml.metrics import final_metrics
+from ml.contract.metrics import final_metrics
 
 SCORED = {"max_train_steps": 4, "validation_split": 0.3, "learning_rate": 5e-3}
 
@@ -48,8 +48,8 @@ def test_scoring_a_jobs_adapter_on_its_own_version_gives_that_jobs_val_loss(make
 def test_the_channel_must_hold_a_safetensors_lora_and_pickles_are_refused_unopened(tmp_path):
     from safetensors.torch import save_file
 
-    from ml import evaluate
-    from ml.contract import JobError
+    from ml.contract.container import JobError
+    from ml.train import evaluate
 
     def channel(name: str, files: dict[str, bytes]):
         folder = tmp_path / name
@@ -83,10 +83,10 @@ def test_the_channel_must_hold_a_safetensors_lora_and_pickles_are_refused_unopen
 def test_nothing_held_out_fails_clearly(tmp_path, dataset):
     from safetensors.torch import save_file
 
-    from ml import evaluate
-    from ml.contract import ContainerPaths, JobError
-    from ml.hyperparameters import parse
-    from ml.interruption import StopFlag
+    from ml.contract.container import ContainerPaths, JobError
+    from ml.contract.hyperparameters import parse
+    from ml.train import evaluate
+    from ml.train.interruption import StopFlag
 
     paths = ContainerPaths(tmp_path / "job")
     paths.channel("score_adapter").mkdir(parents=True)

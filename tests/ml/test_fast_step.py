@@ -1,4 +1,4 @@
-"""The training step's fast path (ml/fast_step.py) against the accelerate loop, on the tiny SDXL.
+"""The training step's fast path (ml/train/fast_step.py) against the accelerate loop, on the tiny SDXL.
 
 Both paths draw the same latents, noise and timesteps and apply the same loss, clipping, AdamW
 update and loss scaling, so they learn the same weights. On a CPU the fast path runs eagerly; the
@@ -143,7 +143,7 @@ def _lora_unet(base_model, device: str):
 def _batches(base_model, count: int):
     from diffusers import UNet2DConditionModel
 
-    from ml.fast_step import StepInputs
+    from ml.train.fast_step import StepInputs
 
     generator = torch.Generator().manual_seed(1)
     config = UNet2DConditionModel.load_config(base_model, subfolder="unet")
@@ -160,8 +160,8 @@ def test_loss_scaling_skips_and_rescales_as_grad_scaler_does(base_model):
     skipped and the scale backs off, then grows, exactly as torch's GradScaler loop does."""
     from diffusers import DDPMScheduler
 
-    from ml.fast_step import FastStep, make_optimizer
-    from ml.loss import diffusion_loss
+    from ml.train.fast_step import FastStep, make_optimizer
+    from ml.train.loss import diffusion_loss
 
     scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
     batches = _batches(base_model, 8)
@@ -209,7 +209,7 @@ def test_a_failed_capture_falls_back_to_the_same_eager_step(monkeypatch, caplog,
     """FastStep itself: capture raising gives a warning and the eager result."""
     from diffusers import DDPMScheduler
 
-    from ml.fast_step import FastStep, make_optimizer
+    from ml.train.fast_step import FastStep, make_optimizer
 
     scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler")
     batches = _batches(base_model, 4)
@@ -232,7 +232,7 @@ def test_a_failed_capture_falls_back_to_the_same_eager_step(monkeypatch, caplog,
         raise RuntimeError("capture refused")
 
     monkeypatch.setattr(torch.cuda, "graph", refuse)
-    with caplog.at_level(logging.WARNING, logger="ml.fast_step"):
+    with caplog.at_level(logging.WARNING, logger="ml.train.fast_step"):
         fallback, fallback_params, fallback_losses = train()
     assert "CUDA graph capture of the micro-batch shape" in caplog.text and "capture refused" in caplog.text
     assert fallback.captured() == 0 and not fallback.graphs

@@ -1,12 +1,24 @@
 import json
 import logging
 
+import jsonschema
 import pytest
 
-import jsonschema
-
-from ml.hyperparameters import (PRESETS, PRODUCTION, SPEC_BY_NAME, SPECS, SWEPT, HyperparameterError, coerce,
-                                hyperparameters_schema, list_item_schema, parse, preset, to_sagemaker, value_schema)
+from ml.contract.hyperparameters import (
+    PRESETS,
+    PRODUCTION,
+    SPEC_BY_NAME,
+    SPECS,
+    SWEPT,
+    HyperparameterError,
+    coerce,
+    hyperparameters_schema,
+    list_item_schema,
+    parse,
+    preset,
+    to_sagemaker,
+    value_schema,
+)
 
 
 @pytest.mark.parametrize(

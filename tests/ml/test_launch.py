@@ -8,9 +8,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from ml import launch
-from ml.contract import ContainerPaths
-from ml.hyperparameters import parse
+from ml.contract.container import ContainerPaths
+from ml.contract.hyperparameters import parse
+from ml.train import launch
 
 
 def test_one_gpu_one_host_trains_in_process(tmp_path, monkeypatch):
@@ -25,7 +25,7 @@ def test_several_gpus_relaunch_through_accelerate(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     config = launch.distributed_config(ContainerPaths(tmp_path), parse({"mixed_precision": "bf16"}))
     command = launch.launch_command("/x/accelerate.yaml")
-    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-2:] == ["-m", "ml.train"]
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-2:] == ["-m", "ml.train.job"]
     assert config["distributed_type"] == "MULTI_GPU"
     assert config["num_processes"] == 4 and config["num_machines"] == 1
     assert config["mixed_precision"] == "bf16"
@@ -59,7 +59,7 @@ def test_data_parallel_training_on_two_processes(make_job):
     """The same loop under torch.distributed (gloo on the CPU), as accelerate runs it on several GPUs."""
     job = make_job({"max_train_steps": 4, "checkpointing_steps": 2, "validation_split": 0.2})
     env = {**job.env(), "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ml.train"],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ml.train.job"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = job.summary()

@@ -1,12 +1,12 @@
 import re
 
-from ml.metrics import METRIC_DEFINITIONS, final_metrics, step_line, val_loss_line
+from ml.contract.metrics import METRIC_DEFINITIONS, final_metrics, step_line, val_loss_line
 
 LOG = "\n".join([
-    "2026-01-01 INFO ml.train: " + val_loss_line(0.9, baseline=True),
-    "2026-01-01 INFO ml.train: " + step_line(1, 0.5, 2e-4),
-    "2026-01-01 INFO ml.train: " + step_line(2, 0.25, 1e-4),
-    "2026-01-01 INFO ml.train: " + val_loss_line(0.125),
+    "2026-01-01 INFO ml.train.job: " + val_loss_line(0.9, baseline=True),
+    "2026-01-01 INFO ml.train.job: " + step_line(1, 0.5, 2e-4),
+    "2026-01-01 INFO ml.train.job: " + step_line(2, 0.25, 1e-4),
+    "2026-01-01 INFO ml.train.job: " + val_loss_line(0.125),
 ])
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import synthetic
-from ml.data import load_imagefolder
+from ml.dataset.imagefolder import load_imagefolder
+from ml.fixtures import synthetic
 
 FAST = ("--resolution", "64", "--min-size", "32")
 

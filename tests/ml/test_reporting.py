@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from ml import reporting
+from ml.train import reporting
 
 
 def _pixels_of(image: Image.Image, colour: tuple[int, int, int]) -> int:

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import inference, serve
-from ml.inference import RequestError, parse_request
+from ml.serve import inference
+from ml.serve import server as serve
+from ml.serve.inference import RequestError, parse_request
 
 FAST = {"prompt": "storyboard frame, a red circle", "width": 32, "height": 32, "num_inference_steps": 2, "seed": 7}
 # Direct, so that a proxy in the environment never sees loopback requests.
@@ -110,8 +111,8 @@ def write_random_lora(base_model: Path, model_dir: Path, seed: int = 0) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from ml.contract import LORA_WEIGHTS
-    from ml.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+    from ml.contract.container import LORA_WEIGHTS
+    from ml.train.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(base_model)
     torch.manual_seed(seed)
@@ -313,7 +314,7 @@ def test_model_fn_names_a_lora_file_it_cannot_load(tmp_path, monkeypatch, base_m
 
 def test_a_model_dir_without_a_lora_serves_the_base_model(tmp_path, monkeypatch, base_model, caplog):
     monkeypatch.setenv("BASE_MODEL", str(base_model))
-    with caplog.at_level("WARNING", logger="ml.inference"):
+    with caplog.at_level("WARNING", logger="ml.serve.inference"):
         model = inference.model_fn(tmp_path)
     assert model.default_adapter is None and model.bank.fused == ()
     assert "get the base model" in caplog.text

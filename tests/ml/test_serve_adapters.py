@@ -1,4 +1,4 @@
-"""Many adapters on one pipeline (ml.adapters through ml.inference.Engine), in-process on the tiny SDXL."""
+"""Many adapters on one pipeline (ml.serve.adapters through ml.serve.inference.Engine), in-process on the tiny SDXL."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from test_serve import FAST, write_random_lora
 
-from ml import adapters, inference
-from ml.contract import LORA_WEIGHTS
+from ml.contract.container import LORA_WEIGHTS
+from ml.serve import adapters, inference
 
 SCALE_TOLERANCE = 3  # uint8 levels: fused weights and PEFT's unfused layers round differently
 

@@ -3,7 +3,7 @@ import hashlib
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from ml import tiny_model
+from ml.fixtures import tiny_model
 
 
 def _digests(root):

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ml.metrics import final_metrics
+from ml.contract.metrics import final_metrics
 
 
 def _lora_a_ranks(state: dict) -> set[int]:
@@ -253,8 +253,8 @@ def test_the_polynomial_schedule_decays_from_the_learning_rate_to_its_end(fast):
     job's learning rate there, or the schedule decays to the wrong end rate (AdamW's default 1e-3 instead)."""
     from diffusers.optimization import get_scheduler
 
-    from ml.hyperparameters import parse
-    from ml.train import build_optimizer
+    from ml.contract.hyperparameters import parse
+    from ml.train.job import build_optimizer
 
     hp = parse({"learning_rate": "0.0002", "lr_scheduler": "polynomial"})
     unet = torch.nn.Linear(4, 4)

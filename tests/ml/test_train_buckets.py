@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ml import prepare, synthetic
-from ml.data import load_imagefolder
-from ml.hyperparameters import parse
-from ml.frozen import cache_frozen, latent_source
-from ml.interruption import StopFlag
-from ml.models import load_encoders
+from ml.contract.hyperparameters import parse
+from ml.dataset.imagefolder import load_imagefolder
+from ml.fixtures import synthetic
+from ml.prepare import job as prepare
+from ml.train.frozen import cache_frozen, latent_source
+from ml.train.interruption import StopFlag
+from ml.train.models import load_encoders
 
 
 def prepared_dataset(root: Path, base_model: Path, resolution: int, latent_cache: bool) -> Path:
@@ -87,7 +88,7 @@ def test_the_latent_cache_gives_the_same_training_as_encoding_on_the_fly(tmp_pat
 
 
 def test_a_cache_made_with_another_vae_is_ignored(tmp_path, base_model, make_job):
-    from ml import tiny_model
+    from ml.fixtures import tiny_model
 
     cached = prepared_dataset(tmp_path, base_model, resolution=32, latent_cache=True)
     other = tiny_model.build(tmp_path / "other-sdxl", seed=1)

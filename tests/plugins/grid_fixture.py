@@ -7,8 +7,9 @@ import json
 import tarfile
 
 from botocore.exceptions import ClientError
-from ml import reporting
 from PIL import Image
+
+from ml.train import reporting
 
 BUCKET, PREFIX = "sdxl-lora-local", "sdxl-finetune-lora"
 RUN_ID = "manual__2026-11-26T10:00:00+00:00"

@@ -92,7 +92,7 @@ def test_a_scheduled_or_backfill_prepare_without_raw_files_skips_and_a_triggered
 
 
 def test_the_retrain_variable_updates_the_preset_and_is_checked_as_the_job_checks():
-    from ml.hyperparameters import preset
+    from ml.contract.hyperparameters import preset
 
     production = preset("production")
     assert assets.retrain_hyperparameters(production, None) == production

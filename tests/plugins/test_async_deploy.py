@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from sdxl_lora import deploy, requests
+from sdxl_lora import deploy, sagemaker_requests
 from sdxl_lora.settings import Settings
 
 ARTIFACTS = "s3://bucket/prefix/models/job-1/output/model.tar.gz"
@@ -14,32 +14,32 @@ OUT = "s3://bucket/prefix/async-out"
 
 
 def test_an_async_config_writes_outputs_and_failures_under_the_path_with_the_output_key():
-    config = requests.endpoint_config_request(dataclasses.replace(Settings(), output_kms_key_id="key-1"), "c",
+    config = sagemaker_requests.endpoint_config_request(dataclasses.replace(Settings(), output_kms_key_id="key-1"), "c",
                                               {"v": ("m", 1.0)}, OUT + "/", max_concurrent_invocations=4)
     assert config["AsyncInferenceConfig"] == {
         "OutputConfig": {"S3OutputPath": OUT, "S3FailurePath": OUT + "/failures", "KmsKeyId": "key-1"},
         "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 4}}
-    assert "KmsKeyId" not in requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)}, OUT)[
+    assert "KmsKeyId" not in sagemaker_requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)}, OUT)[
         "AsyncInferenceConfig"]["OutputConfig"]
-    assert "AsyncInferenceConfig" not in requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)})
+    assert "AsyncInferenceConfig" not in sagemaker_requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)})
 
 
 @pytest.mark.parametrize("path", ["bucket/prefix", "https://bucket/x", "s3://", "s3://Bad_Bucket/x", "s3://b/x y"])
 def test_an_async_path_that_is_not_an_s3_uri_is_refused_naming_it(path):
     with pytest.raises(ValueError, match="s3://bucket/prefix") as caught:
-        requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)}, path)
+        sagemaker_requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)}, path)
     assert repr(path) in str(caught.value)
 
 
 @pytest.mark.parametrize("concurrency", [0, 1001, 2.5, True])
 def test_async_concurrency_outside_1_to_1000_is_refused(concurrency):
     with pytest.raises(ValueError, match="1 to 1000"):
-        requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)}, OUT, concurrency)
+        sagemaker_requests.endpoint_config_request(Settings(), "c", {"v": ("m", 1.0)}, OUT, concurrency)
 
 
 def test_an_async_config_takes_one_variant():
     with pytest.raises(ValueError, match="one production variant, got 2 .*TargetVariant"):
-        requests.endpoint_config_request(Settings(), "c", {"a": ("m1", 0.5), "b": ("m2", 0.5)}, OUT)
+        sagemaker_requests.endpoint_config_request(Settings(), "c", {"a": ("m1", 0.5), "b": ("m2", 0.5)}, OUT)
 
 
 def test_an_async_deployment_replaces_the_serving_variants_with_the_new_model_alone():

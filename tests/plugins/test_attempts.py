@@ -1,11 +1,11 @@
-"""The latest attempt at a training job (plugins/sdxl_lora/operators.py), without AWS."""
+"""The latest attempt at a training job (plugins/sdxl_lora/operators/jobs.py), without AWS."""
 
 from unittest import mock
 
 import pytest
 from botocore.exceptions import ClientError
 
-from sdxl_lora import operators
+from sdxl_lora.operators import jobs as operators
 
 
 def _client(created: dict, error: str = "ValidationException"):

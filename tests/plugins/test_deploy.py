@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from botocore.exceptions import ClientError
 
 from sdxl_lora import deploy, naming
+from sdxl_lora.operators import endpoints
 from sdxl_lora.settings import Settings
 
 ARTIFACTS = "s3://bucket/prefix/models/job-1/output/model.tar.gz"
@@ -214,13 +215,13 @@ def planned(run_id: str = "run-3", current: dict | None = None) -> dict:
 
 def test_a_retried_create_model_or_config_uses_what_the_first_try_created():
     plan, client = planned(), FakeSageMaker()
-    model, patched = operator(deploy.ReusableSageMakerModelOperator, client, plan["model"])
+    model, patched = operator(endpoints.ReusableSageMakerModelOperator, client, plan["model"])
     with patched:
         first = model.execute({})
         again = model.execute({})
     assert client.made("CreateModel") == [plan["model"]["ModelName"]]  # the retry created nothing
     assert again["Model"]["ModelName"] == first["Model"]["ModelName"]
-    config, patched = operator(deploy.ReusableSageMakerEndpointConfigOperator, client, plan["endpoint_config"])
+    config, patched = operator(endpoints.ReusableSageMakerEndpointConfigOperator, client, plan["endpoint_config"])
     with patched:
         config.execute({})
         config.execute({})
@@ -231,12 +232,12 @@ def test_a_model_or_config_of_the_same_name_but_other_content_is_refused_naming_
     plan, client = planned(), FakeSageMaker()
     client.create_model(**{**plan["model"], "PrimaryContainer": {**plan["model"]["PrimaryContainer"],
                                                                    "ModelDataUrl": "s3://bucket/other.tar.gz"}})
-    model, patched = operator(deploy.ReusableSageMakerModelOperator, client, plan["model"])
+    model, patched = operator(endpoints.ReusableSageMakerModelOperator, client, plan["model"])
     with patched, pytest.raises(AirflowFailException, match="ModelDataUrl is 's3://bucket/other.tar.gz', not"):
         model.execute({})
     variant = plan["endpoint_config"]["ProductionVariants"][0]
     client.create_endpoint_config(**{**plan["endpoint_config"], "ProductionVariants": [{**variant, "ModelName": "x"}]})
-    config, patched = operator(deploy.ReusableSageMakerEndpointConfigOperator, client, plan["endpoint_config"])
+    config, patched = operator(endpoints.ReusableSageMakerEndpointConfigOperator, client, plan["endpoint_config"])
     with patched, pytest.raises(AirflowFailException, match="variants .* are .*'x'"):
         config.execute({})
 
@@ -268,7 +269,7 @@ def described(status: str, config: str, **more) -> dict:
     (described("Failed", "old", FailureReason="x"), False, "failed", "cannot be updated: delete it"),
 ])
 def test_the_endpoint_task_creates_updates_waits_or_fails_by_what_it_finds(endpoint, updated, step, says):
-    found, why = deploy.endpoint_step("ep", endpoint, "new", NOW, updated)
+    found, why = endpoints.endpoint_step("ep", endpoint, "new", NOW, updated)
     assert found == step and says in why, why
 
 
@@ -278,7 +279,7 @@ def test_a_retried_endpoint_task_waits_for_the_creation_its_first_try_started():
     client.create_endpoint_config(**plan["endpoint_config"])
     client.create_endpoint(EndpointName="ep", EndpointConfigName=config)  # the killed first try's call
     client.script["ep"] = [{"EndpointStatus": "Creating"}] * 3 + [{"EndpointStatus": "InService"}]
-    task, patched = operator(deploy.ResumableSageMakerEndpointOperator, client, plan["endpoint"], check_interval=1)
+    task, patched = operator(endpoints.ResumableSageMakerEndpointOperator, client, plan["endpoint"], check_interval=1)
     with patched:
         result = task.execute({})
     assert client.made("CreateEndpoint") == ["ep"] and client.made("UpdateEndpoint") == []  # the first try's only
@@ -288,7 +289,7 @@ def test_a_retried_endpoint_task_waits_for_the_creation_its_first_try_started():
 def test_deferred_the_endpoint_task_resumes_with_what_it_did_and_checks_the_config_it_serves():
     plan, client = planned(), FakeSageMaker()
     client.create_endpoint_config(**plan["endpoint_config"])
-    task, patched = operator(deploy.ResumableSageMakerEndpointOperator, client, plan["endpoint"], deferrable=True)
+    task, patched = operator(endpoints.ResumableSageMakerEndpointOperator, client, plan["endpoint"], deferrable=True)
     with patched, pytest.raises(TaskDeferred) as deferred:
         task.execute({})
     assert client.made("CreateEndpoint") == ["ep"] and deferred.value.kwargs == {"updated": False}
@@ -306,7 +307,7 @@ def test_an_update_that_sagemaker_rolls_back_fails_the_task_with_its_failure_rea
     reason = "The primary container for production variant v did not pass the ping health check"
     client.script["ep"] = [{}, {"EndpointStatus": "Updating"},
                            {"EndpointStatus": "InService", "FailureReason": reason, "PendingDeploymentSummary": None}]
-    task, patched = operator(deploy.ResumableSageMakerEndpointOperator, client, plan["endpoint"], check_interval=1)
+    task, patched = operator(endpoints.ResumableSageMakerEndpointOperator, client, plan["endpoint"], check_interval=1)
     with patched, pytest.raises(AirflowFailException, match="rolled it back.*config-0. FailureReason: The primary"):
         task.execute({})
     assert client.made("UpdateEndpoint") == [plan["endpoint_config"]["EndpointConfigName"]]  # one update

@@ -1,4 +1,4 @@
-"""The operators (plugins/sdxl_lora/operators.py) without AWS or an Airflow process: the training hook notices a
+"""The operators (plugins/sdxl_lora/operators/jobs.py) without AWS or an Airflow process: the training hook notices a
 finished job within check_interval and still prints its log lines; the attempt logic both operators share; waiting
 out ResourceLimitExceeded with a bounded, jittered backoff (in the worker, or deferred on a timer); deferral to the
 job trigger and a failed job's FailureReason."""
@@ -9,7 +9,8 @@ import json
 
 import pytest
 from airflow.providers.amazon.aws.hooks import sagemaker as provider
-from sdxl_lora.operators import PromptSageMakerHook, ResumableSageMakerTrainingOperator
+
+from sdxl_lora.operators.jobs import PromptSageMakerHook, ResumableSageMakerTrainingOperator
 
 JOB = "sdxl-lora-gridsearch-run-lr-0-001-mts-2-r-4"
 
@@ -100,7 +101,8 @@ import random  # noqa: E402
 from airflow.providers.common.compat.sdk import AirflowException  # noqa: E402
 from airflow.sdk.exceptions import TaskDeferred  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
-from sdxl_lora import operators  # noqa: E402
+
+from sdxl_lora.operators import jobs as operators  # noqa: E402
 
 NO_CAPACITY = {"Error": {"Code": "ResourceLimitExceeded", "Message": "The account-level service limit "
                          "'ml.g5.2xlarge for training job usage' is 1 Instances"}}
@@ -246,7 +248,7 @@ def test_deferrable_waits_for_capacity_on_a_timer_then_creates_and_defers_to_the
     trigger = deferred.value.trigger
     assert deferred.value.method_name == "execute_complete" and isinstance(trigger, operators.JobTrigger)
     classpath, kwargs = trigger.serialize()  # what the triggerer rebuilds it from
-    assert classpath == "sdxl_lora.operators.JobTrigger"
+    assert classpath == "sdxl_lora.operators.jobs.JobTrigger"
     assert (kwargs["job_name"], kwargs["job_type"], kwargs["waiter_delay"]) == (JOB, "Training", 1)
     assert operators.JobTrigger(**kwargs).status_queries == ["TrainingJobStatus", "SecondaryStatus", "FailureReason"]
 

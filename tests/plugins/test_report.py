@@ -9,9 +9,10 @@ import boto3
 import pytest
 from moto import mock_aws
 from PIL import Image
-from sdxl_lora import report, sheets
 
 from grid_fixture import BUCKET, PREFIX, RUN_ID, grid
+from sdxl_lora.report import leaderboard as report
+from sdxl_lora.report import sheets
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ import json
 
 import boto3
 import pytest
-from grid_fixture import BUCKET, PREFIX, RUN_ID, grid
 from moto import mock_aws
+
+from grid_fixture import BUCKET, PREFIX, RUN_ID, grid
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,10 @@ def airflow_auth(tmp_path_factory):
 @pytest.fixture
 def client(airflow_auth):
     from fastapi.testclient import TestClient
-    from sdxl_lora import naming, report, ui
+
+    from sdxl_lora import naming
+    from sdxl_lora.report import leaderboard as report
+    from sdxl_lora.report import view as ui
 
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")

@@ -1,17 +1,17 @@
 import json
 
-from ml.hyperparameters import parse, preset
-from ml.metrics import METRIC_DEFINITIONS
-from sdxl_lora import datasets, requests
+from ml.contract.hyperparameters import parse, preset
+from ml.contract.metrics import METRIC_DEFINITIONS
+from sdxl_lora import datasets, sagemaker_requests
 from sdxl_lora.settings import Settings
 
 
 def test_training_request_carries_strings_metrics_spot_checkpoints_and_tags():
     settings = Settings(bucket="my-bucket", prefix="team/sdxl", use_spot=True, max_runtime_seconds=3600,
                         max_wait_seconds=7200, base_model_uri="s3://my-bucket/team/sdxl/base/")
-    request = requests.training_request(settings, "job-1", "s3://my-bucket/team/sdxl/proc_dataset/v1/",
+    request = sagemaker_requests.training_request(settings, "job-1", "s3://my-bucket/team/sdxl/proc_dataset/v1/",
                                         {**preset("production"), "max_train_steps": 1500},
-                                        requests.tags(dag="sdxl_lora_grid_search", run="r1", trial="lr=2e-4"))
+                                        sagemaker_requests.tags(dag="sdxl_lora_grid_search", run="r1", trial="lr=2e-4"))
     assert all(isinstance(v, str) for v in request["HyperParameters"].values())
     assert parse(request["HyperParameters"]).learning_rate == 2e-4
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
@@ -25,7 +25,7 @@ def test_training_request_carries_strings_metrics_spot_checkpoints_and_tags():
 
 
 def test_on_demand_training_has_no_spot_fields():
-    request = requests.training_request(Settings(use_spot=False), "job-2", "s3://b/d/", {"rank": 8})
+    request = sagemaker_requests.training_request(Settings(use_spot=False), "job-2", "s3://b/d/", {"rank": 8})
     assert "EnableManagedSpotTraining" not in request
     assert "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train"]
@@ -35,7 +35,7 @@ def test_processing_request_runs_prepare_between_the_dataset_versions():
     settings = Settings(bucket="b1", prefix="p", captioner_uri="s3://b1/p/captioner/")
     inputs = datasets.prepare_inputs(settings, settings.raw_dataset("2026-11-26"), latent_cache=False)
     arguments = datasets.prepare_arguments(settings, {"caption_prefix": "sbstyle"}, "2026-11-26", "k1")
-    request = requests.processing_request(settings, "prep-1", inputs, settings.processed_dataset("2026-11-26"),
+    request = sagemaker_requests.processing_request(settings, "prep-1", inputs, settings.processed_dataset("2026-11-26"),
                                           arguments=arguments, instance_count=2)
     assert request["AppSpecification"]["ContainerEntrypoint"] == ["sdxl-lora", "prepare"]
     assert request["AppSpecification"]["ContainerArguments"] == arguments
@@ -48,6 +48,6 @@ def test_processing_request_runs_prepare_between_the_dataset_versions():
 
 
 def test_endpoint_config_with_two_variants_is_an_ab_test():
-    config = requests.endpoint_config_request(Settings(), "cfg", {"champion": ("m1", 0.9), "challenger": ("m2", 0.1)})
+    config = sagemaker_requests.endpoint_config_request(Settings(), "cfg", {"champion": ("m1", 0.9), "challenger": ("m2", 0.1)})
     assert [(v["VariantName"], v["InitialVariantWeight"]) for v in config["ProductionVariants"]] == \
         [("champion", 0.9), ("challenger", 0.1)]

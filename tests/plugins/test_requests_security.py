@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdxl_lora import requests
+from sdxl_lora import sagemaker_requests
 from sdxl_lora.settings import Settings
 
 KEY = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"  # documented example
@@ -14,10 +14,10 @@ VPC = {"Subnets": ["subnet-aaa", "subnet-bbb"], "SecurityGroupIds": ["sg-111"]}
 
 def test_local_defaults_add_no_security_fields():
     settings = Settings()
-    training = requests.training_request(settings, "j", "s3://b/d/", {})
-    processing = requests.processing_request(settings, "p", [("raw", "s3://b/r/", "/opt/ml/processing/input/raw")], "s3://b/o/")
-    model = requests.model_request(settings, "m", "s3://b/m.tar.gz")
-    config = requests.endpoint_config_request(settings, "c", {"v": ("m", 1.0)})
+    training = sagemaker_requests.training_request(settings, "j", "s3://b/d/", {})
+    processing = sagemaker_requests.processing_request(settings, "p", [("raw", "s3://b/r/", "/opt/ml/processing/input/raw")], "s3://b/o/")
+    model = sagemaker_requests.model_request(settings, "m", "s3://b/m.tar.gz")
+    config = sagemaker_requests.endpoint_config_request(settings, "c", {"v": ("m", 1.0)})
     for request in (training, processing, model):
         assert not {"VpcConfig", "EnableNetworkIsolation", "EnableInterContainerTrafficEncryption",
                     "NetworkConfig"} & set(request)
@@ -26,7 +26,7 @@ def test_local_defaults_add_no_security_fields():
 
 
 def test_training_request_carries_vpc_isolation_encryption_and_keys():
-    request = requests.training_request(SECURE, "j", "s3://b/d/", {"rank": 4})
+    request = sagemaker_requests.training_request(SECURE, "j", "s3://b/d/", {"rank": 4})
     assert request["VpcConfig"] == VPC
     assert request["EnableNetworkIsolation"] is True
     assert request["EnableInterContainerTrafficEncryption"] is True
@@ -36,7 +36,7 @@ def test_training_request_carries_vpc_isolation_encryption_and_keys():
 
 
 def test_processing_request_carries_them_in_network_config():
-    request = requests.processing_request(SECURE, "p", [("raw", "s3://b/r/", "/opt/ml/processing/input/raw")], "s3://b/o/")
+    request = sagemaker_requests.processing_request(SECURE, "p", [("raw", "s3://b/r/", "/opt/ml/processing/input/raw")], "s3://b/o/")
     assert request["NetworkConfig"] == {"VpcConfig": VPC, "EnableNetworkIsolation": True,
                                         "EnableInterContainerTrafficEncryption": True}
     assert request["ProcessingResources"]["ClusterConfig"]["VolumeKmsKeyId"] == KEY
@@ -44,28 +44,28 @@ def test_processing_request_carries_them_in_network_config():
 
 
 def test_isolated_model_gets_the_base_model_from_sagemaker_not_from_s3_itself():
-    request = requests.model_request(SECURE, "m", "s3://b/models/j/output/model.tar.gz")
+    request = sagemaker_requests.model_request(SECURE, "m", "s3://b/models/j/output/model.tar.gz")
     container = request["PrimaryContainer"]
     assert request["VpcConfig"] == VPC and request["EnableNetworkIsolation"] is True
     assert "EnableInterContainerTrafficEncryption" not in request  # not a CreateModel field
     assert container["AdditionalModelDataSources"] == [{"ChannelName": "base_model", "S3DataSource": {
         "S3Uri": "s3://b/p/base_model/", "S3DataType": "S3Prefix", "CompressionType": "None"}}]
     assert container["Environment"]["BASE_MODEL"] == "/opt/ml/additional-model-data-sources/base_model"
-    config = requests.endpoint_config_request(SECURE, "c", {"v": ("m", 1.0)})
+    config = sagemaker_requests.endpoint_config_request(SECURE, "c", {"v": ("m", 1.0)})
     assert config["KmsKeyId"] == KEY
 
 
 def test_network_isolation_without_a_staged_base_model_is_refused():
     settings = Settings(network_isolation=True)
     with pytest.raises(ValueError, match="network_isolation needs base_model_uri"):
-        requests.training_request(settings, "j", "s3://b/d/", {})
+        sagemaker_requests.training_request(settings, "j", "s3://b/d/", {})
     with pytest.raises(ValueError, match="network_isolation needs base_model_uri"):
-        requests.model_request(settings, "m", "s3://b/m.tar.gz")
+        sagemaker_requests.model_request(settings, "m", "s3://b/m.tar.gz")
 
 
 def test_half_a_vpc_is_refused_naming_both_settings():
     with pytest.raises(ValueError, match="subnet_ids and security_group_ids"):
-        requests.training_request(Settings(subnet_ids="subnet-aaa"), "j", "s3://b/d/", {})
+        sagemaker_requests.training_request(Settings(subnet_ids="subnet-aaa"), "j", "s3://b/d/", {})
 
 
 def test_security_settings_come_from_the_environment(monkeypatch):

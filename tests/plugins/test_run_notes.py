@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sdxl_lora import run_notes
+from sdxl_lora.report import run_notes
 
 
 def test_the_link_is_added_once_below_a_persons_note():

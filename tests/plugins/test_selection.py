@@ -32,12 +32,12 @@ def test_no_usable_trial_means_no_winner():
 
 
 def _training_request():
-    from sdxl_lora import requests
+    from sdxl_lora import sagemaker_requests
     from sdxl_lora.settings import Settings
 
     settings = Settings(bucket="b", prefix="p", base_model_uri="s3://b/p/base_model/")
-    return requests.training_request(settings, "sdxl-lora-train-abc-v2", settings.processed_dataset("v2"),
-                                     {"resolution": 32, "validation_split": 0.25}, requests.tags(version="v2"))
+    return sagemaker_requests.training_request(settings, "sdxl-lora-train-abc-v2", settings.processed_dataset("v2"),
+                                     {"resolution": 32, "validation_split": 0.25}, sagemaker_requests.tags(version="v2"))
 
 
 def test_the_scoring_job_is_the_training_request_with_the_serving_adapter_and_no_checkpoints():

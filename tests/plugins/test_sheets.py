@@ -6,7 +6,8 @@ import io
 
 import pytest
 from PIL import Image
-from sdxl_lora import sheets
+
+from sdxl_lora.report import sheets
 
 
 @pytest.mark.parametrize("rows, columns", [(1, 1), (2, 3), (3, 5)])

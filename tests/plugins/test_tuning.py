@@ -2,8 +2,9 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from ml.hyperparameters import SWEPT, parse
-from sdxl_lora import requests, tuning
+from ml.contract.hyperparameters import SWEPT, parse
+from sdxl_lora import sagemaker_requests, tuning
+from sdxl_lora.operators import tuning as tuning_operator
 from sdxl_lora.naming import is_valid
 from sdxl_lora.settings import Settings
 
@@ -16,7 +17,7 @@ def _request(**overrides) -> dict:
                  "static_hyperparameters": STATIC,
                  "ranges": tuning.parameter_ranges(1e-5, 1e-3, 500, 3000, [4, 16, 64]),
                  "strategy": "Bayesian", "max_jobs": 12, "max_parallel_jobs": 3,
-                 "job_tags": requests.tags(dag="sdxl_lora_tune", run="manual__1")}
+                 "job_tags": sagemaker_requests.tags(dag="sdxl_lora_tune", run="manual__1")}
     return tuning.tuning_request(**{**arguments, **overrides})
 
 
@@ -30,7 +31,7 @@ def test_request_matches_botocores_create_hyper_parameter_tuning_job_shape():
 def test_trials_share_the_grid_trials_training_definition():
     request = _request()
     definition = request["TrainingJobDefinition"]
-    grid_trial = requests.training_request(SETTINGS, "x", "s3://my-bucket/d/", STATIC)
+    grid_trial = sagemaker_requests.training_request(SETTINGS, "x", "s3://my-bucket/d/", STATIC)
     for key in ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
                 "StoppingCondition", "EnableManagedSpotTraining"):
         assert definition[key] == grid_trial[key], key
@@ -91,7 +92,7 @@ def test_parallel_jobs_are_capped_by_the_pool_and_by_max_jobs():
 
 
 def test_definition_refuses_training_fields_a_tuning_job_cannot_carry():
-    training = requests.training_request(SETTINGS, "x", "s3://my-bucket/d/", STATIC)
+    training = sagemaker_requests.training_request(SETTINGS, "x", "s3://my-bucket/d/", STATIC)
     with pytest.raises(tuning.TuningError, match="DebugHookConfig"):
         tuning.training_definition({**training, "DebugHookConfig": {"S3OutputPath": "s3://b/p"}})
 
@@ -101,7 +102,7 @@ def test_names_fit_sagemakers_32_characters_with_every_attempt():
     assert name == tuning.tuning_job_name("sdxl-lora-tune", "manual__2026-11-26T10:00:00+00:00")
     assert name != tuning.tuning_job_name("sdxl-lora-tune", "manual__2026-11-27T10:00:00+00:00")
     long = tuning.tuning_job_name("a-very-long-prefix-for-tuning-jobs", "r")
-    names, long_names = ([tuning.attempt_name(base, attempt) for attempt in range(1, tuning.MAX_ATTEMPTS + 1)]
+    names, long_names = ([tuning_operator.attempt_name(base, attempt) for attempt in range(1, tuning.MAX_ATTEMPTS + 1)]
                          for base in (name, long))
     assert names[0] == name and names[1] == f"{name}-a2" and len(set(names)) == len(names)
     assert all(len(n) <= 32 and is_valid(n) for n in [*names, *long_names])
@@ -121,8 +122,8 @@ def test_the_latest_attempt_is_the_last_one_created():
         return created[HyperParameterTuningJobName]
 
     client = mock.Mock(describe_hyper_parameter_tuning_job=describe)
-    assert tuning.latest_attempt(client, "t")["HyperParameterTuningJobName"] == "t-a2"
-    assert tuning.latest_attempt(client, "other") is None
+    assert tuning_operator.latest_attempt(client, "t")["HyperParameterTuningJobName"] == "t-a2"
+    assert tuning_operator.latest_attempt(client, "other") is None
 
 
 def test_trial_values_read_tuned_over_static():

@@ -8,7 +8,6 @@ way to prove that the image needs nothing of the payload set.
 
 import json
 import subprocess
-import sys
 import textwrap
 import venv
 from pathlib import Path
@@ -31,8 +30,8 @@ CHECK = textwrap.dedent("""
         except Exception as error:
             failed[name] = repr(error)
     # What tasks do at run time in the worker: merge a prepare job's parts, draw an XY sheet.
-    from ml import manifest
-    from sdxl_lora import sheets
+    from ml.contract import manifest
+    from sdxl_lora.report import sheets
     part = {"shard": 0, "shards": 1, "run_key": "k", "version": "v", "input_key": "", "files_found": 1,
             "settings": {"min_images": 1}, "long_captions": None, "latent_cache": None, "rejected": [],
             "images": [{"order": 0, "file_name": "a.png", "source": "a.png", "sha256": "0", "caption_source": "sidecar",

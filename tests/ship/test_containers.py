@@ -1,18 +1,18 @@
 """containers/: each job image's Dockerfile names a pinned base and the `sdxl-lora` entrypoint, and
-agrees with ml/images.py (the registry the local stack uses) and with the SDK's DLC look-up."""
+agrees with ml/contract/job_images.py (the registry the local stack uses) and with the SDK's DLC look-up."""
 
 import json
 import os
 import re
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from local_stack import base_images
 from ml.cli import build_parser
-from ml.images import IMAGE_VERBS
+from ml.contract.job_images import IMAGE_VERBS
+from sdxl_lora_ops import base_images
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS = ROOT / "containers"

@@ -4,7 +4,7 @@ against its shapes and sends exactly that request, security fields included."""
 import pytest
 from sagemaker.core.resources import Base
 
-from local_stack import submit
+from sdxl_lora_ops import submit
 
 
 class Sent(Exception):

@@ -1,0 +1,159 @@
+"""`sdxl-lora-ops`: the tools around the job images, never inside them.
+
+`local-stack` (the docker-free AWS stand-in), `airflow` (the UI against it), `demo` (the pipeline
+through the DAGs), `submit` (one training job without Airflow, through the SageMaker Python SDK)
+and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
+`sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
+this package runs ml/ entrypoints as local processes. Each verb imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _local_stack(args: argparse.Namespace) -> int:
+    from local_stack import main
+
+    return main.run(args.port, args.workdir, args.max_concurrent_jobs, args.spot_interruption_at, host=args.host,
+                    persist=args.persist, instance_quotas=dict(args.instance_quota or []),
+                    threads_per_job=args.threads_per_job)
+
+
+def _instance_quota(text: str) -> tuple[str, int]:
+    instance, _, count = text.partition("=")
+    if not instance.startswith("ml.") or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an instance type and a count, e.g. ml.g5.xlarge=1; got {text!r}")
+    return instance, int(count)
+
+
+def _airflow(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import demo as pipeline_demo
+
+    return pipeline_demo.ui(args.workdir, port=args.port)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.train_only:
+        from sdxl_lora_ops import single_job as demo
+
+        return demo.main(args.workdir, steps=args.steps)
+    from sdxl_lora_ops import demo as pipeline_demo
+
+    return pipeline_demo.main(args.workdir)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import submit
+
+    return submit.main(args)
+
+
+def _base_images(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import base_images
+
+    uris = base_images.retrieve_all(args.region)
+    if args.format == "json":
+        print(json.dumps(uris, indent=2))
+    else:
+        for image, uri in uris.items():
+            print(f"{image}={uri}")
+    return 0
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"max_train_steps\": 500}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdxl-lora-ops",
+                                     description="Local stack, Airflow UI, demo and one-off jobs for sdxl-lora.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    command = commands.add_parser("local-stack", help="serve S3, CloudWatch Logs and SageMaker on one loopback port",
+                                  description="A docker-free stand-in for AWS that really runs the jobs.")
+    command.add_argument("--port", type=int, default=4566)
+    command.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (0.0.0.0 in docker-compose, so other services reach it)")
+    command.add_argument("--workdir", default=".local-stack", help="where jobs and endpoints keep their files")
+    command.add_argument("--max-concurrent-jobs", type=int, default=4,
+                         help="training (and, separately, processing) jobs allowed to run at once")
+    command.add_argument("--instance-quota", metavar="TYPE=N", action="append", type=_instance_quota,
+                         help="a smaller quota of one instance type (per job type), e.g. ml.g5.xlarge=1: more "
+                              "answers ResourceLimitExceeded, as AWS does at an instance type's quota; repeatable")
+    command.add_argument("--spot-interruption-at", metavar="REGEX",
+                         help="interrupt each managed-spot training job once, at its first log line matching REGEX")
+    command.add_argument("--persist", action=argparse.BooleanOptionalAction, default=False,
+                         help="save S3's objects under WORKDIR/s3/ on stop and restore them on start (jobs and "
+                              "endpoints are not kept); `demo` and `airflow` start their stack with it")
+    command.add_argument("--threads-per-job", type=int, default=None, metavar="N",
+                         help="torch threads of each job and endpoint process (OMP_NUM_THREADS; default: "
+                              "OMP_NUM_THREADS when set, else 1). The jobs share this machine's cores, where each "
+                              "would have an instance's own on AWS: with several running, more threads than cores "
+                              "spin against each other")
+    command.set_defaults(handler=_local_stack)
+
+    command = commands.add_parser("airflow", help="the Airflow UI against a local stack with staged data",
+                                  description="Starts the local stack, stages a tiny SDXL and raw frames, and runs "
+                                              "Airflow (api-server on loopback, scheduler, dag-processor, triggerer) "
+                                              "with the pool and the aws_default connection. Ctrl-C or SIGTERM stops "
+                                              "everything. Without --workdir it shows the last `demo`'s runs "
+                                              "and reports (outputs/demo) when there is one, else outputs/airflow.")
+    command.add_argument("--workdir", default=None,
+                         help="default: outputs/demo after a `demo` (its Airflow home and S3), else outputs/airflow")
+    command.add_argument("--port", type=int, default=8080)
+    command.set_defaults(handler=_airflow)
+
+    command = commands.add_parser("demo", help="the whole pipeline through the DAGs, on this machine",
+                                  description="prepare -> grid search -> deploy -> invoke, through the real DAGs "
+                                              "against the local stack, on a tiny SDXL.")
+    command.add_argument("--workdir", default="outputs/demo",
+                         help="its Airflow home and S3 (kept: `airflow` shows them); replaced by the next demo")
+    command.add_argument("--train-only", action="store_true",
+                         help="only run one training job in a SageMaker-style directory, without Airflow")
+    command.add_argument("--steps", type=int, default=40, help="optimizer steps with --train-only")
+    command.set_defaults(handler=_demo)
+
+    command = commands.add_parser(
+        "submit", help="start one training job through the SageMaker Python SDK, without Airflow",
+        description="Builds the request the DAGs build (plugins/sdxl_lora/sagemaker_requests.py, settings from SDXL_LORA_* "
+                    "environment variables) and creates the job with sagemaker-core's TrainingJob. AWS or the "
+                    "local stack answers, chosen by the usual AWS environment (AWS_ENDPOINT_URL for the stack).")
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset-version", help="train on <bucket>/<prefix>/proc_dataset/VERSION/")
+    source.add_argument("--dataset-uri", help="train on this s3:// prefix")
+    command.add_argument("--job-name", help="default: sdxl-lora-submit-<UTC time>")
+    command.add_argument("--hyperparameters", type=_json_object, default={},
+                         help="JSON object merged over the production hyperparameters")
+    command.add_argument("--wait", action="store_true", help="wait for the job to end and print its outcome")
+    command.add_argument("--timeout", type=int, default=None, help="seconds to wait with --wait")
+    command.set_defaults(handler=_submit)
+
+    command = commands.add_parser("base-images",
+                                  help="the Hugging Face Deep Learning Container URIs of a region (image_uris)",
+                                  description="What `containers/build_and_push.sh` passes as BASE_IMAGE.")
+    command.add_argument("--region", required=True)
+    command.add_argument("--format", choices=("env", "json"), default="env")
+    command.set_defaults(handler=_base_images)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: the verb's own cleanup has run; no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
