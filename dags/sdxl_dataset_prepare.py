@@ -23,6 +23,7 @@ import logging
 
 from airflow.sdk import CronDataIntervalTimetable, Param, chain, dag, task
 
+from ml.contract.container import split_s3_uri
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import dag_arguments, job_kwargs, run_date, version_param
 from sdxl_lora.datasets import OPTIONS
@@ -33,11 +34,6 @@ DAG_ID = "sdxl_dataset_prepare"
 SETTINGS = Settings.from_environment()
 PROCESSED_DATASET = processed_dataset(SETTINGS)
 log = logging.getLogger(__name__)
-
-
-def _split(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
 
 
 @dag(
@@ -82,13 +78,13 @@ def sdxl_dataset_prepare():
         options = {name: params[name] for name in OPTIONS}
         raw = settings.raw_dataset(version)
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id).get_conn()
-        bucket, prefix = _split(raw)
+        bucket, prefix = split_s3_uri(raw)
         objects = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                    for o in page.get("Contents", [])]
         assets.require_raw_files(version, context["dag_run"].run_type, raw, len(objects))
         key = datasets.input_key(settings, raw, objects, options)
         previous = None
-        bucket, manifest_key = _split(settings.processed_dataset(version) + "manifest.json")
+        bucket, manifest_key = split_s3_uri(settings.processed_dataset(version) + "manifest.json")
         try:
             previous = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()).get("input_key")
         except s3.exceptions.NoSuchKey:
@@ -116,7 +112,7 @@ def sdxl_dataset_prepare():
         settings = Settings.resolve()
         run_id, version, options = context["run_id"], planned["version"], planned["options"]
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        bucket, prefix = _split(settings.processed_dataset(version))
+        bucket, prefix = split_s3_uri(settings.processed_dataset(version))
         stale = s3.list_keys(bucket_name=bucket, prefix=prefix)
         if stale:
             log.info("removing %d files of the earlier preparation of version %s", len(stale), version)
@@ -138,7 +134,7 @@ def sdxl_dataset_prepare():
 
         settings = Settings.resolve()
         s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        bucket, prefix = _split(settings.processed_dataset(planned["version"]))
+        bucket, prefix = split_s3_uri(settings.processed_dataset(planned["version"]))
         if planned["options"]["instance_count"] > 1:
             keys = s3.list_keys(bucket_name=bucket, prefix=prefix + manifest.PARTS + "/")
             rows, merged = manifest.merge([json.loads(s3.read_key(key, bucket_name=bucket)) for key in keys])

@@ -27,6 +27,7 @@ The endpoint runs `sdxl-lora serve`: requests name an adapter and a per-request 
 from __future__ import annotations
 
 from airflow.sdk import Param, dag
+
 from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, watch
 from sdxl_lora.deploy import deploy_group
 

@@ -11,6 +11,7 @@ A variant left at weight 0 is removed by the next `sdxl_lora_deploy`.
 from __future__ import annotations
 
 from airflow.sdk import Param, dag
+
 from sdxl_lora.dag_common import dag_arguments, endpoint_param
 from sdxl_lora.deploy import change_traffic
 

@@ -44,8 +44,8 @@ from sdxl_lora.dag_common import (
     watch,
 )
 from sdxl_lora.deploy import deploy_group
-from sdxl_lora.settings import Settings
 from sdxl_lora.operators.tuning import ResumableSageMakerTuningOperator
+from sdxl_lora.settings import Settings
 from sdxl_lora.tuning import MAX_CATEGORICAL_VALUES, STRATEGIES
 
 DAG_ID = "sdxl_lora_tune"

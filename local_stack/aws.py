@@ -10,6 +10,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from ml.contract.container import split_s3_uri
+
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account: the stack's ARNs use it
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -28,13 +30,6 @@ class Clients:
         config = Config(retries={"max_attempts": 3}, max_pool_connections=32)
         self.s3 = session.client("s3", endpoint_url=endpoint_url, config=config)
         self.logs = session.client("logs", endpoint_url=endpoint_url, config=config)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
 
 
 def download_prefix(s3, uri: str, destination: Path) -> int:

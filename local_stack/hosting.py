@@ -25,14 +25,15 @@ import socket
 import threading
 import time
 import urllib.error
-import uuid
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from local_stack.aws import ACCOUNT, REGION, Clients, client_environment, split_s3_uri, untar
+from local_stack.aws import ACCOUNT, REGION, Clients, client_environment, untar
 from local_stack.errors import ApiError, check_name, not_found, require, validation
 from local_stack.runner import ContainerProcess, LogSink, command_for
+from ml.contract.container import split_s3_uri
 
 PING_TIMEOUT_SECONDS = 300.0
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"  # passed between caller and container both ways

@@ -21,12 +21,12 @@ from local_stack.aws import (
     Clients,
     client_environment,
     download_prefix,
-    split_s3_uri,
     tar_directory,
     upload_directory,
 )
 from local_stack.errors import ApiError, check_name, not_found, require, resource_not_found, validation
 from local_stack.runner import ContainerProcess, LogSink, command_for, container_path, rewrite_arguments
+from ml.contract.container import split_s3_uri
 from ml.contract.metrics import final_metrics
 
 CHECKPOINT_SYNC_SECONDS = 2.0

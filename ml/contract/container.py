@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the LoRA file training writes to model/ and serving loads
+
+# Training channels, by the names the request builders (plugins/sdxl_lora) give them and the jobs read them.
+TRAIN_CHANNEL = "train"  # the processed dataset version
+BASE_MODEL_CHANNEL = "base_model"  # a staged base model (diffusers layout); absent: the job loads pretrained_model
+SCORE_CHANNEL = "score_adapter"  # a LoRA to score on this dataset's held-out images instead of training one
 NOISY_LOGGERS = ("httpx", "urllib3", "botocore", "accelerate", "diffusers", "transformers", "peft")
 
 
@@ -24,6 +29,14 @@ def configure_logging() -> None:
                         stream=sys.stdout, force=True)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b'); 's3://bucket' -> ('bucket', ''). Anything else is refused."""
+    if not uri.startswith("s3://") or not uri[len("s3://"):].partition("/")[0]:
+        raise ValueError(f"{uri!r} is not an s3:// URI: write it as s3://bucket/key")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
 
 
 class JobError(RuntimeError):

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ml.contract.container import LORA_WEIGHTS
+from ml.contract.container import LORA_WEIGHTS, split_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class AdapterLocator:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        bucket, key = split_s3_uri(uri)
         key = key.strip("/")
         if not key.endswith((".safetensors", ".tar.gz")):
             key = f"{key}/{LORA_WEIGHTS}" if key else LORA_WEIGHTS

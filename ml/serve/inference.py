@@ -42,7 +42,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ml.contract.container import LORA_WEIGHTS
+from ml.contract.container import LORA_WEIGHTS, split_s3_uri
 from ml.serve.adapters import DEFAULT_ADAPTER, AdapterBank, AdapterError, AdapterLocator, Combination, env_int
 
 log = logging.getLogger(__name__)
@@ -261,10 +261,11 @@ def download_s3_prefix(uri: str, cache_root: Path) -> Path:
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    try:
+        bucket, prefix = split_s3_uri(uri)
+    except ValueError as error:
+        raise ModelLoadError(f"BASE_MODEL: {error}") from None
     prefix = prefix.strip("/")
-    if not bucket:
-        raise ModelLoadError(f"BASE_MODEL {uri} names no bucket")
     target = (cache_root / bucket / prefix).resolve()
     key_prefix = f"{prefix}/" if prefix else ""
     s3 = boto3.client("s3")  # honours AWS_ENDPOINT_URL, which is how the local stack is reached

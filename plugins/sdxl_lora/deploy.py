@@ -33,6 +33,7 @@ import logging
 from airflow.sdk import TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from ml.contract.container import split_s3_uri
 from sdxl_lora import serving as serving_record
 from sdxl_lora.dag_common import waiting_kwargs
 from sdxl_lora.operators.endpoints import (
@@ -156,16 +157,11 @@ def check_body(name: str, raw: bytes) -> dict:
     return body
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
 def read_s3_object(s3, uri: str) -> bytes | None:
     """The object's bytes, or None while it does not exist."""
     from botocore.exceptions import ClientError
 
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3_uri(uri)
     try:
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as error:
@@ -200,7 +196,7 @@ def invoke_async_and_wait(runtime, s3, endpoint: str, request: dict, input_uri: 
     """InvokeEndpointAsync with the request uploaded to input_uri; the response body and where it lies."""
     import json
 
-    bucket, key = _split_s3(input_uri)
+    bucket, key = split_s3_uri(input_uri)
     s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(request).encode(), ContentType="application/json")
     response = runtime.invoke_endpoint_async(EndpointName=endpoint, ContentType="application/json",
                                              Accept="application/json", InputLocation=input_uri,

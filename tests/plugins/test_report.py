@@ -72,5 +72,5 @@ def test_a_trial_whose_job_never_started_is_listed_without_cost(s3):
 
 
 def test_bad_folder_is_refused(s3):
-    with pytest.raises(ValueError, match="not an s3://bucket/key URI"):
+    with pytest.raises(ValueError, match="is not an s3:// URI: write it as s3://bucket/key"):
         report.publish(None, s3, [], "bucket/prefix", "d", "r")

@@ -16,6 +16,7 @@ import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 
+from ml.contract.container import split_s3_uri
 from sdxl_lora import costs, selection
 from sdxl_lora.operators import jobs as operators
 from sdxl_lora.report import sheets
@@ -33,13 +34,6 @@ class Trial:
     cost: costs.Cost
     files: dict[str, bytes] = field(default_factory=dict)  # report member name (without report/) -> bytes
     note: str | None = None  # why it has no images
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise ValueError(f"not an s3://bucket/key URI: {uri!r}")
-    bucket, key = uri[5:].split("/", 1)
-    return bucket, key
 
 
 def output_archive(description: dict) -> str | None:
@@ -75,7 +69,7 @@ def collect(sagemaker, s3, configs: list[dict]) -> list[Trial]:
         if archive is None:
             trial.note = f"no output ({result.status})"
         else:
-            bucket, key = split_s3(archive)
+            bucket, key = split_s3_uri(archive)
             try:
                 body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             except s3.exceptions.NoSuchKey:
@@ -178,7 +172,7 @@ def markdown(board: dict) -> str:
 def publish(sagemaker, s3, configs: list[dict], folder: str, dag_id: str, run_id: str) -> dict:
     """Write `<folder>/report/`: trial images, one sheet per steps value, leaderboard.json and .md.
     folder is the run's s3:// grid_search folder. Returns the leaderboard."""
-    bucket, prefix = split_s3(folder.rstrip("/") + "/" + REPORT)
+    bucket, prefix = split_s3_uri(folder.rstrip("/") + "/" + REPORT)
 
     def put(name: str, body: bytes, content_type: str) -> None:
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body, ContentType=content_type)

@@ -20,6 +20,8 @@ from urllib.parse import quote
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
 
+from ml.contract.container import split_s3_uri
+
 URL_PREFIX = "/sdxl-lora"
 VIEW_ROUTE = "sdxl-lora-report"  # the run's tab: <ui>/dags/<dag>/runs/<run>/plugin/sdxl-lora-report
 REPORTED_DAGS = ("sdxl_lora_grid_search",)
@@ -71,7 +73,7 @@ def report_location(run_id: str) -> tuple[str, str]:
     from sdxl_lora.settings import Settings
 
     folder = Settings.from_environment().uri("grid_search", naming.run_token(run_id), report.REPORT)
-    bucket, prefix = report.split_s3(folder)
+    bucket, prefix = split_s3_uri(folder)
     return bucket, prefix
 
 
