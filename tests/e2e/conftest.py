@@ -1,4 +1,4 @@
-"""A real `sdxl-lora local-stack` process for the session, and boto3 clients speaking to it."""
+"""A real `sdxl-lora-ops local-stack` process for the session, and boto3 clients speaking to it."""
 
 from __future__ import annotations
 
