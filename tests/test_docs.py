@@ -1,4 +1,4 @@
-"""The docs stay runnable: links resolve, `make` targets exist, and the named CLI verbs are real.
+"""The docs stay runnable: links (and their headings) resolve, `make` targets exist, and the named CLI verbs are real.
 
 Reads README.md and docs/*.md. Fast: it parses the Makefile and asks the two argparse parsers for
 `VERB --help` in process; nothing of the pipeline runs.
@@ -33,6 +33,12 @@ def _code(text: str) -> list[str]:
     return blocks + INLINE.findall(prose)
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+\s+(.*?)\s*$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 def _relative(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -46,13 +52,19 @@ def test_there_are_docs_pages():
 def test_relative_links_resolve_inside_the_repository(page):
     broken = []
     for target in LINK.findall(FENCE.sub("", page.read_text())):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):  # http:, mailto:, an anchor
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, mailto:
+            continue
+        if target.startswith("#"):
+            if target[1:] not in _anchors(page):
+                broken.append(f"{target} (no such heading)")
             continue
         path = (page.parent / target.split("#")[0]).resolve()
         if not path.is_relative_to(ROOT):
             broken.append(f"{target} (outside the repository)")
         elif not path.exists():
             broken.append(target)
+        elif "#" in target and path.suffix == ".md" and target.split("#", 1)[1] not in _anchors(path):
+            broken.append(f"{target} (no such heading)")
     assert not broken, f"{_relative(page)}: links that do not resolve: {broken}"
 
 
