@@ -1,4 +1,4 @@
-"""`sdxl-lora-ops demo --single-job`: a tiny SDXL, a synthetic dataset and one real training job, on this machine.
+"""`sdxl-lora-ops demo --train-only`: a tiny SDXL, a synthetic dataset and one real training job, on this machine.
 
 Lays out a SageMaker-style job directory and runs `sdxl-lora train` in it as its own
 process, exactly as a container would run.
