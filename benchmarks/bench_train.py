@@ -53,7 +53,7 @@ PRESETS = {
     "tiny": {"resolution": 64, "batch_size": 2, "steps": 60, "mixed_precision": "no"},
     "sdxl": {"resolution": 1024, "batch_size": 1, "steps": 30, "mixed_precision": None},
 }
-# The original system's production settings (README, Hyperparameters), beside the default ones.
+# The original system's production settings (docs/training-job.md, Hyperparameters), beside the default ones.
 CONFIGS = {
     "default": {},
     "production": {"gradient_accumulation_steps": 4, "gradient_checkpointing": True, "train_text_encoder": True,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 12 in one device call (README, Benchmark): the GPU-only tests of the fast step,
+# Every GPU check in one device call (docs/benchmarks.md): the GPU-only tests of the fast step,
 # then `bench_train.py --model sdxl` in the default configuration (2 alternating runs each), then the
 # production configuration (1 run each, fewer steps), each bounded so that what finished comes back.
 # Stage first with benchmarks/stage_device.sh; run it with the device tool's `run`, carry

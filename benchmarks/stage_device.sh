@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage what `benchmarks/bench_train.py --model sdxl` needs on a GPU device machine (README, Benchmark).
+# Stage what `benchmarks/bench_train.py --model sdxl` needs on a GPU device machine (docs/benchmarks.md).
 #
 # The device gets this checkout only: ../shared does not travel, and its image (Python 3.12, x86-64)
 # has torch, torchvision, transformers, accelerate, peft, safetensors, pyarrow, psutil and pillow but
