@@ -24,7 +24,7 @@ def vae_fingerprint(base: str) -> str:
     if not (root / "vae").is_dir():
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(base, allow_patterns=["vae/*"]))
+        root = Path(snapshot_download(base, allow_patterns=["vae/*.json", "vae/*.safetensors"]))
     files = sorted(p for p in (root / "vae").iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
     if not files:
         raise FileNotFoundError(f"{base} has no vae/ config or safetensors weights")

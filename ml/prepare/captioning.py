@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ml.contract.container import JobError
+from ml.contract.model_files import load_options
 
 DEFAULT_MODEL = "Salesforce/instructblip-vicuna-7b"
 DEFAULT_PROMPT = (
@@ -130,7 +131,8 @@ class Captioner:
         self.model_name = str(model)
         try:
             self.processor = InstructBlipProcessor.from_pretrained(self.model_name)
-            self.model = InstructBlipForConditionalGeneration.from_pretrained(self.model_name, dtype=self.dtype)
+            self.model = InstructBlipForConditionalGeneration.from_pretrained(self.model_name, dtype=self.dtype,
+                                                                              **load_options(self.model_name))
         except Exception as error:  # OSError, ValueError, KeyError...: any of them means "cannot use this model"
             raise JobError(f"captioning model {self.model_name!r} could not be loaded: {_first_line(error)}") \
                 from error

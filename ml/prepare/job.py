@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from ml.contract import manifest
 from ml.contract.container import ContainerPaths, JobError, configure_logging
+from ml.contract.model_files import load_options
 from ml.dataset import buckets
 from ml.dataset.imagefolder import metadata_rows
 
@@ -480,7 +481,8 @@ def cache_latents(options: Options, mine: list[Candidate], rows: dict[int, dict]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fingerprint = latents.vae_fingerprint(options.base_model)
     # fp32: SDXL's VAE overflows in fp16; the training job encodes in fp32 too, so the latents are its own.
-    vae = AutoencoderKL.from_pretrained(options.base_model, subfolder="vae", dtype=torch.float32).to(device)
+    vae = AutoencoderKL.from_pretrained(options.base_model, subfolder="vae", dtype=torch.float32,
+                                        **load_options(options.base_model, "vae")).to(device)
     vae.requires_grad_(False)
     for candidate in mine:
         row = rows[candidate.order]

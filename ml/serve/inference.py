@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ml.contract.container import LORA_WEIGHTS, split_s3_uri
+from ml.contract.model_files import ModelFilesError, pipeline_options
 from ml.serve.adapters import DEFAULT_ADAPTER, AdapterBank, AdapterError, AdapterLocator, Combination, env_int
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,11 @@ def load_base_pipeline(base: str, dtype):
 
     location = resolve_base_model(base)
     try:
-        return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype)
+        options = pipeline_options(location)  # safetensors only; the fp16 variant when that is what is staged
+    except ModelFilesError as error:
+        raise ModelLoadError(f"BASE_MODEL {base}: {error}") from None
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(location, dtype=dtype, **options)
     except Exception as error:  # diffusers raises OSError, ValueError, safetensors errors...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"BASE_MODEL {base} could not be loaded as an SDXL pipeline: {reason}") from error
