@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import Stack, free_port
+from conftest import Stack, free_port, processes_under
 from sdxl_lora.naming import run_token
 
 from local_stack.airflow_services import AirflowServices, parse_time
@@ -190,6 +190,52 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextmanager
+def held(stack: Stack, kind: str, find, timeout: float = 600):
+    """A job of the stack held InProgress for as long as the block runs: its processes (under
+    stack.workdir/<kind>/<name>: "training" or "processing") are SIGSTOPped as soon as they are seen, and SIGCONTed
+    on the way out. What a test does while "the job is still running" then cannot lose a race with the job's end
+    on a slow machine. find() -> the job's name once it exists, else None. Yields the name."""
+    import psutil
+
+    sagemaker = stack.client("sagemaker")
+    describe, status = {"training": (lambda n: sagemaker.describe_training_job(TrainingJobName=n), "TrainingJobStatus"),
+                        "processing": (lambda n: sagemaker.describe_processing_job(ProcessingJobName=n),
+                                       "ProcessingJobStatus")}[kind]
+    stopped: list[psutil.Process] = []
+
+    def resume() -> None:
+        while stopped:
+            try:
+                stopped.pop().resume()
+            except psutil.NoSuchProcess:
+                pass
+
+    def freeze():
+        name = find()
+        if not name:
+            return None
+        for pid in processes_under(stack.workdir / kind / name):
+            try:
+                process = psutil.Process(pid)
+                process.suspend()
+                stopped.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        # Its processes stopped while it is InProgress: it cannot end until they go on.
+        if stopped and describe(name)[status] == "InProgress":
+            return name
+        resume()
+        if describe(name)[status] != "InProgress":
+            raise AssertionError(f"{kind} job {name} ended before it could be held: make it longer")
+        return None
+
+    try:
+        yield wait_until(freeze, timeout, f"the {kind} job's processes, to hold it InProgress", interval=0.05)
+    finally:
+        resume()
 
 
 def training_jobs(sagemaker, contains: str) -> list[str]:
