@@ -266,8 +266,8 @@ def trials(airflow: AirflowServices, run_id: str) -> list[dict]:
 
 
 def check_the_pool_limit(airflow: AirflowServices, label: str, deferrable: bool = False) -> str:
-    """12 trials of equal length in a pool of 3: never more than 3 jobs InProgress, all complete, the pool's
-    slots busy at least 90% of the run's span. Prints the figures (README: reliability); returns the run id."""
+    """12 trials of equal length in a pool of 3: never more than 3 jobs InProgress and 3 reached, all complete.
+    Prints the figures, the slots' busy share among them (README: reliability); returns the run id."""
     sagemaker = airflow.stack.client("sagemaker")
     # Jobs of a few seconds (a warm-started tiny job of 2 steps is over in about 1 s, and then the scheduler's own
     # latency between one trial and the next is what would be measured), one checkpoint at the end.
@@ -287,8 +287,12 @@ def check_the_pool_limit(airflow: AirflowServices, label: str, deferrable: bool 
     assert max(sampler.occupied) == POOL_SIZE, sampler.occupied
     if deferrable:  # the waits happened in the triggerer, and the deferred trials kept their slots
         assert max(sampler.deferred) > 0, sampler.deferred
+    # The cap in Airflow's own record too: no more than the pool's slots of trials started before the first one
+    # ended. The share of time the slots were busy is a figure (printed, README: reliability), not asserted: it
+    # falls with the scheduler's latency on a slow machine, whatever the code does.
+    first_end = min(parse_time(t["end_date"]) for t in instances)
+    assert sum(parse_time(t["start_date"]) >= first_end for t in instances) >= 12 - POOL_SIZE, instances
     busy = sampler.utilisation(POOL_SIZE)
     print(f"\n[{label}] 12 trials, pool {POOL_SIZE}: peak {max(sampler.jobs)} jobs InProgress "
           f"({len(sampler.jobs)} samples), slots busy {busy:.1%}, trials took {task_span(instances):.0f} s")
-    assert busy >= 0.9, f"the pool's slots were busy {busy:.1%} of the run"
     return run_id
