@@ -120,6 +120,8 @@ class Chromium:
     def __init__(self, profile: Path):
         self.process = subprocess.Popen(
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+             # a closed network: nothing of Chromium's own reaches out (and waits) in the background
+             "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1600,1400", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
@@ -199,28 +201,34 @@ def test_the_run_tab_shows_the_leaderboard_sheets_and_curves(airflow, stack, tmp
                 f"/plugin/sdxl-lora-report")
         browser.call("Page.enable")
         browser.call("Page.navigate", url=page)
-        deadline = time.monotonic() + 120
+        images = len(board["sheets"]) + 3  # the sheets and the finished trials' curves
+        deadline = time.monotonic() + 300  # generous: a loaded machine renders slowly; nothing here is timed
         shown = None
         while time.monotonic() < deadline:
             shown = browser.evaluate(IFRAME_ROWS)
-            if shown and shown["images"] >= len(board["sheets"]) + 3:  # the sheets and the finished trials' curves
+            if shown and shown["images"] >= images:
                 break
             time.sleep(1)
         assert shown is not None, f"no leaderboard in the run's tab; page text: {browser.evaluate('document.body.innerText')}"
         assert shown["rows"] == expected
+        assert shown["images"] >= images, f"{shown['images']} of {images} images loaded in the run's tab"
         assert "Grid report" in browser.evaluate("document.body.innerText")  # the tab, inside Airflow's own UI
-        time.sleep(1)
-        shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        # The winner's row is drawn in its highlight colour, and both sheets' first cells (lr 0.001: the red
+        # sample of steps 20, the blue one of steps 40) are on screen: screenshots until they are painted (an
+        # image loaded is not yet an image drawn), rather than one after a fixed pause.
+        wanted, deadline = {(232, 245, 233), (255, 0, 0), (0, 0, 255)}, time.monotonic() + 120
+        while True:
+            shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+            image = Image.open(io.BytesIO(shot)).convert("RGB")
+            present = {colour for _, colour in image.getcolors(maxcolors=2**20)}
+            if wanted <= present or time.monotonic() > deadline:
+                break
+            time.sleep(1)
     finally:
         browser.close()
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     saved = SCREENSHOT_DIR / "grid-report.png"
     saved.write_bytes(shot)
-    image = Image.open(io.BytesIO(shot)).convert("RGB")
     assert image.size[0] >= 1200
-    colours = image.getcolors(maxcolors=2**20)
-    # The winner's row is drawn in its highlight colour, and both sheets' first cells (lr 0.001: the red
-    # sample of steps 20, the blue one of steps 40) are on screen.
-    present = {colour for _, colour in colours}
     assert (232, 245, 233) in present, f"no highlighted winner row in {saved}"
     assert {(255, 0, 0), (0, 0, 255)} <= present, f"no sheet cells in {saved}"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import psutil
 import pytest
-from scheduler import GRID, check_the_pool_limit, grid_conf, training_jobs, trials, wait_until
+from scheduler import GRID, check_the_pool_limit, grid_conf, held, training_jobs, trials, wait_until
+from sdxl_lora.naming import run_token
 
 pytestmark = pytest.mark.scheduler
 TINY_LONG = {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "checkpointing_steps": 10}
@@ -21,19 +22,14 @@ def test_the_pool_caps_running_jobs_and_keeps_its_slots_busy(airflow):
 
 
 def _running_trial(airflow, run_id: str) -> dict:
-    """The trial's task instance once it runs and its training job is InProgress."""
-    sagemaker = airflow.stack.client("sagemaker")
-
+    """The trial's task instance while it runs and its training job is InProgress: the job held so (its processes
+    stopped, scheduler.held) from the moment it is seen, so that however slow the polling, the task cannot finish
+    first and the wait cannot miss its window. Call inside the hold; yields nothing itself."""
     def ready():
         trial = next(iter(trials(airflow, run_id)), None)
-        if trial is None or trial["state"] != "running" or not trial.get("pid"):
-            return None
-        names = training_jobs(sagemaker, "gridsearch")
-        running = [n for n in names if sagemaker.describe_training_job(TrainingJobName=n)["TrainingJobStatus"]
-                   == "InProgress"]
-        return (trial, running[0]) if running else None
+        return trial if trial is not None and trial["state"] == "running" and trial.get("pid") else None
 
-    return wait_until(ready, 300, "a running trial with its job InProgress")
+    return wait_until(ready, 600, "a running trial with its job InProgress")
 
 
 @pytest.mark.parametrize("victim", ["task", "worker"])
@@ -41,12 +37,13 @@ def test_a_killed_task_or_worker_is_retried_without_a_second_job(airflow, victim
     sagemaker = airflow.stack.client("sagemaker")
     before = set(training_jobs(sagemaker, "gridsearch"))
     run_id = airflow.trigger(GRID, grid_conf("tiny", [0.0007], [40], hyperparameters={**TINY_LONG}))
-    trial, job = _running_trial(airflow, run_id)
-    task = psutil.Process(trial["pid"])
-    if victim == "worker":  # the supervising worker and its task: as if their machine went away
-        worker = task.parent()
-        worker.kill()
-    task.kill()
+    with held(airflow.stack, "training", lambda: next(iter(training_jobs(sagemaker, run_token(run_id))), None)) as job:
+        trial = _running_trial(airflow, run_id)
+        task = psutil.Process(trial["pid"])
+        if victim == "worker":  # the supervising worker and its task: as if their machine went away
+            worker = task.parent()
+            worker.kill()
+        task.kill()
     run = airflow.wait_for_run(GRID, run_id, timeout=600)
     (trial,) = trials(airflow, run_id)
     assert run["state"] == "success" and trial["state"] == "success", trial

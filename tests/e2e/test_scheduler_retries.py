@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from ml.fixtures import synthetic
-from scheduler import BUCKET, PREFIX, wait_until
+from scheduler import BUCKET, PREFIX, held, wait_until
 from sdxl_lora.naming import run_token
 
 pytestmark = pytest.mark.scheduler
@@ -46,17 +46,16 @@ def test_a_killed_prepare_task_is_retried_without_a_second_processing_job(airflo
     run_id = airflow.trigger(PREPARE, {"version": version, "resolution": 32, "min_size": 32})
     token = run_token(run_id)
 
-    def running():  # the prepare task's process, once its processing job is InProgress
+    def running():  # the prepare task's process, while its processing job is held InProgress
         task = next((t for t in airflow.task_instances(PREPARE, run_id) if t["task_id"] == "prepare"), None)
-        if task is None or task["state"] != "running" or not task.get("pid"):
-            return None
-        jobs = [n for n in _processing_jobs(sagemaker, token)
-                if sagemaker.describe_processing_job(ProcessingJobName=n)["ProcessingJobStatus"] == "InProgress"]
-        return (task, jobs[0]) if jobs else None
+        return task if task is not None and task["state"] == "running" and task.get("pid") else None
 
-    task, job = wait_until(running, 300, "the prepare task running with its processing job InProgress")
-    psutil.Process(task["pid"]).kill()
-    killed = time.monotonic()
+    # The job held (its processes stopped, scheduler.held) from the moment it is seen: the task cannot finish
+    # before it is killed, however slow the polling.
+    with held(airflow.stack, "processing", lambda: next(iter(_processing_jobs(sagemaker, token)), None)) as job:
+        task = wait_until(running, 600, "the prepare task running with its processing job InProgress")
+        psutil.Process(task["pid"]).kill()
+        killed = time.monotonic()
     run = airflow.wait_for_run(PREPARE, run_id, timeout=600)
     instances = {t["task_id"]: t for t in airflow.task_instances(PREPARE, run_id)}
     prepare = instances["prepare"]

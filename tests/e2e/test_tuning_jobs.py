@@ -92,9 +92,12 @@ def test_stopping_a_tuning_job_stops_its_trials(stack, sagemaker, staged, operat
                                              "ScalingType": "Logarithmic"}],
               "IntegerParameterRanges": [{"Name": "rank", "MinValue": "2", "MaxValue": "4"}]}
     request = tuning_request("e2e-stop", staged, "Bayesian", ranges,
-                             {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2}, max_train_steps=5000)
+                             {"MaxNumberOfTrainingJobs": 4, "MaxParallelTrainingJobs": 2}, max_train_steps=100000,
+                             checkpointing_steps=100000)
     sagemaker.create_hyper_parameter_tuning_job(**request)
-    deadline = time.monotonic() + 180
+    # Trials that cannot end before the stop (at about 15 ms a warm tiny step, 5000 steps could: a slow start of the
+    # second trial would let the first finish and a third start); a generous deadline for both to be training.
+    deadline = time.monotonic() + 600
     while True:
         trials = trials_of(sagemaker, "e2e-stop")
         training = [sagemaker.describe_training_job(TrainingJobName=t["TrainingJobName"]) for t in trials]

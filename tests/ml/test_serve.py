@@ -418,6 +418,8 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server, body, headers, status
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path, base_model):
+    import psutil
+
     (tmp_path / "model").mkdir()  # no LoRA: the base model is served
     process = ServerProcess(tmp_path, str(base_model))
     try:
@@ -429,7 +431,14 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tmp_path, base_m
         connection.putheader("Content-Type", "application/json")
         connection.putheader("Content-Length", str(len(body)))
         connection.endheaders(body[:10])
-        time.sleep(0.3)  # accepted at once; this is only slack for a busy machine
+        # SIGTERM only once the server has accepted the connection (its socket ESTABLISHED in the server: counted
+        # in flight from then on), whatever the machine's speed: not after a pause that assumes it had.
+        port = int(process.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 120
+        while not any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                      for c in psutil.Process(process.process.pid).net_connections(kind="tcp")):
+            assert time.monotonic() < deadline, "the server never accepted the connection"
+            time.sleep(0.05)
         process.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "SIGTERM received" not in process.output() and time.monotonic() < deadline:
