@@ -40,9 +40,9 @@ from sdxl_lora.operators.endpoints import (
     ResumableSageMakerEndpointOperator,
     ReusableSageMakerEndpointConfigOperator,
     ReusableSageMakerModelOperator,
-    describe_or_none,
     settle,
 )
+from sdxl_lora.missing import describe_or_none, ignore_missing
 from sdxl_lora.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,9 @@ def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_
 
 def current_deployment(client, endpoint: str) -> dict | None:
     """The endpoint's config and variants with their current weights; None when there is no endpoint."""
-    from botocore.exceptions import ClientError
-
-    try:
-        described = client.describe_endpoint(EndpointName=endpoint)
-    except ClientError as error:
-        if error.response["Error"]["Code"] == "ValidationException":
-            return None
-        raise
+    described = describe_or_none(client.describe_endpoint, EndpointName=endpoint)
+    if described is None:
+        return None
     config = client.describe_endpoint_config(EndpointConfigName=described["EndpointConfigName"])
     weights = {v["VariantName"]: v.get("CurrentWeight", 0.0) for v in described.get("ProductionVariants", [])}
     return {"config": described["EndpointConfigName"],
@@ -332,7 +327,7 @@ def undo_deployment(client, deployment: dict, check_interval: float, timeout: fl
         if describe_or_none(describe, **{key: name}) is None:
             note(f"{kind} {name}: none to delete (never created, or already deleted)")
         else:
-            _ignore_missing(delete, **{key: name})
+            ignore_missing(delete, **{key: name})
             note(f"deleted {kind} {name}")
     return done
 
@@ -353,16 +348,6 @@ def rollback(deployment: dict | None) -> None:
     raise AirflowFailException(f"deployment to {endpoint} failed and was rolled back"
                                + (f" to {deployment['previous_config']}" if deployment["previous_config"] else "")
                                + ": " + "; ".join(done))
-
-
-def _ignore_missing(call, **kwargs) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        call(**kwargs)
-    except ClientError as error:
-        if error.response["Error"]["Code"] != "ValidationException":
-            raise
 
 
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",

@@ -20,21 +20,11 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from sdxl_lora.missing import describe_or_none
+
 log = logging.getLogger(__name__)
 
 CHANGING = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
-
-
-def describe_or_none(describe, **name) -> dict | None:
-    """A Describe* call's answer, or None when there is no resource of that name (ValidationException)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        return describe(**name)
-    except ClientError as error:
-        if error.response["Error"]["Code"] == "ValidationException":
-            return None
-        raise
 
 
 def model_differences(existing: dict, wanted: dict) -> list[str]:

@@ -38,6 +38,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from botocore.exceptions import ClientError
 
+from sdxl_lora.missing import describe_or_none
 from sdxl_lora.naming import MAX_LENGTH
 
 MAX_ATTEMPTS = 20
@@ -56,12 +57,7 @@ class JobKind:
 
     def describe(self, client, name: str) -> dict | None:
         """The job's description, or None when there is no such job."""
-        try:
-            return getattr(client, self.describe_method)(**{self.name_key: name})
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ValidationException":  # AWS: no such job
-                return None
-            raise
+        return describe_or_none(getattr(client, self.describe_method), **{self.name_key: name})
 
 
 TRAINING = JobKind("Training", "TrainingJobName", "TrainingJobStatus", "describe_training_job")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
-from botocore.exceptions import ClientError
-
+from sdxl_lora.missing import describe_or_none
 from sdxl_lora.operators import jobs as operators
 from sdxl_lora.tuning import MAX_ATTEMPTS, MAX_NAME_LENGTH
 
@@ -52,12 +51,7 @@ def attempt_name(base: str, attempt: int) -> str:
 
 def describe_attempt(client, name: str) -> dict | None:
     """DescribeHyperParameterTuningJob of one attempt, or None when there is no such job."""
-    try:
-        return client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-    except ClientError as error:
-        if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
-            return None
-        raise
+    return describe_or_none(client.describe_hyper_parameter_tuning_job, HyperParameterTuningJobName=name)
 
 
 def latest_attempt(client, base: str) -> dict | None:
