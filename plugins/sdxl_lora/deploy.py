@@ -125,6 +125,16 @@ def current_deployment(client, endpoint: str) -> dict | None:
 @task
 def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, training: dict | None = None,
          async_output_path: str | None = None, max_concurrent_invocations=1, run_id: str | None = None) -> dict:
+    """The deployment's requests and names (plan_deployment) against what the endpoint serves now.
+
+    :param model_data_url: the model.tar.gz to deploy.
+    :param endpoint_name: the endpoint; empty: the settings' ``endpoint_name``.
+    :param candidate_weight: the candidate's share of the traffic after its smoke test.
+    :param training: the training job and val_loss behind the model (serving.training).
+    :param async_output_path: an s3:// prefix for an asynchronous endpoint; empty: real-time.
+    :param max_concurrent_invocations: asynchronous endpoints: requests per instance at once.
+    :param run_id: the run's id (Airflow passes it), which fixes the names a retry finds again.
+    """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()
@@ -352,9 +362,23 @@ def rollback(deployment: dict | None) -> None:
 
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
                  candidate_weight=1.0, training=None, async_output_path="", max_concurrent_invocations=1) -> TaskGroup:
-    """The deployment tasks as a group; arguments may be XComArgs or templated strings. training:
-    the training job and val_loss behind the model (serving.training), recorded for later comparisons.
-    async_output_path: non-empty deploys an asynchronous endpoint writing its responses there."""
+    """The deployment tasks as a group: plan -> create_model -> create_endpoint_config ->
+    create_or_update_endpoint -> smoke_test -> shift_traffic -> record_serving, and rollback (ONE_FAILED) after
+    all of them. Arguments may be XComArgs or templated strings (rendered as native objects).
+
+    :param model_data_url: the training job's model.tar.gz (ModelArtifacts.S3ModelArtifacts).
+    :param endpoint_name: the endpoint to create or update; empty: the settings' ``endpoint_name``.
+    :param smoke_request: the invocation the candidate must answer with an image before traffic shifts.
+    :param group_id: the TaskGroup's id (the tasks are ``<group_id>.plan``, ...).
+    :param candidate_weight: the candidate's share of the traffic after its smoke test: 1 replaces what serves,
+        less runs an A/B test beside it.
+    :param training: the training job and val_loss behind the model (serving.training), recorded in the serving
+        record for later comparisons; None: none known.
+    :param async_output_path: an s3:// prefix deploys an asynchronous endpoint writing its responses there;
+        empty: real-time.
+    :param max_concurrent_invocations: asynchronous endpoints: requests sent to each instance at once.
+    :return: the TaskGroup, to chain after the task that chose the model.
+    """
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
         deployment = plan(model_data_url, endpoint_name, candidate_weight, training, async_output_path,
@@ -377,7 +401,12 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
 
 @task
 def change_traffic(endpoint_name: str | None, weights: dict) -> dict:
-    """Promote or roll back by weights: {variant: weight} on a running endpoint, no instance restarted."""
+    """Promote or roll back by weights: {variant: weight} on a running endpoint, no instance restarted.
+
+    :param endpoint_name: the endpoint; empty: the settings' ``endpoint_name``.
+    :param weights: variant name -> relative traffic weight (0 stops its traffic).
+    :return: the variants' weights once the endpoint has settled.
+    """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()
