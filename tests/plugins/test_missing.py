@@ -35,4 +35,5 @@ def test_other_errors_are_not_absence_and_are_raised():
 
 
 def test_an_existing_resource_is_described_with_its_name():
-    assert describe_or_none(lambda **name: {"described": name}, EndpointName="ep") == {"described": {"EndpointName": "ep"}}
+    described = describe_or_none(lambda **name: {"described": name}, EndpointName="ep")
+    assert described == {"described": {"EndpointName": "ep"}}

@@ -186,7 +186,8 @@ def test_a_tuning_jobs_trials_are_every_job_it_launched_with_tuned_over_static_v
     written, write = _writer()
     record = select_tuning_winner(job, TUNING_CONFIG, results, "tune r1", "s3://f", write)
     assert record["winner"] == "t-2" and record["tuning_job"] == "tj-a2" and record["sagemaker_best"] == "t-2"
-    assert {"winner", "val_loss", "model_artifacts", "leaderboard", "trials", "failed_trials", "training"} <= set(record)
+    assert {"winner", "val_loss", "model_artifacts", "leaderboard", "trials", "failed_trials",
+            "training"} <= set(record)
     assert written["s3://f/leaderboard.md"].startswith("# tune r1: tuning job tj-a2 (Bayesian, Completed): 2 trials\n")
     with pytest.raises(SelectionError, match="^tuning job tj was never created$"):
         tuning_results(client, TUNING_CONFIG, lambda client_, base: None)
