@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 def sdxl_dataset_prepare():
     @task
     def plan(**context) -> dict:
-        """The version, its options and their content key; whether it must be prepared."""
+        """The version, its options and their content key; whether it must be prepared (datasets.preparation_needed)."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         from sdxl_lora import assets, datasets
@@ -89,12 +89,9 @@ def sdxl_dataset_prepare():
             previous = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()).get("input_key")
         except s3.exceptions.NoSuchKey:
             pass
-        run = params["force"] or previous != key
-        if not run:
-            log.info("%s is prepared from these %d files with these options already (key %s): skipping; set force "
-                     "to prepare it again", settings.processed_dataset(version), len(objects), key)
-        elif previous:
-            log.info("the inputs or options of version %s changed since it was prepared: preparing it again", version)
+        run, why = datasets.preparation_needed(version, settings.processed_dataset(version), len(objects), key,
+                                               previous, params["force"])
+        log.info("%s", why)
         return {"version": version, "key": key, "options": options, "run": run, "files": len(objects)}
 
     @task.short_circuit

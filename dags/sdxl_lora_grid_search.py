@@ -43,10 +43,12 @@ from airflow.sdk import Param, TriggerRule, chain, dag, task
 from ml.contract.hyperparameters import SWEPT
 from sdxl_lora.dag_common import (
     dag_arguments,
+    deploy_requested,
     endpoint_param,
     grid_param,
     hyperparameters_param,
     job_kwargs,
+    no_retry,
     run_date,
     smoke_param,
     version_param,
@@ -83,17 +85,13 @@ log = logging.getLogger(__name__)
 def sdxl_lora_grid_search():
     @task
     def build_trials(**context) -> list[dict]:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from sdxl_lora import grid, naming, sagemaker_requests
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
         version = params["dataset_version"] or run_date(context)
-        try:
+        with no_retry(grid.GridError):  # a bad Param: a retry would fail the same way
             trials = grid.from_params(params)
-        except grid.GridError as error:  # a bad Param: a retry would fail the same way
-            raise AirflowFailException(str(error)) from None
         log.info("%d trials on dataset version %s", len(trials), version)
         configs = []
         for trial in trials:
@@ -107,41 +105,20 @@ def sdxl_lora_grid_search():
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def select_winner(configs: list[dict], run_id: str) -> dict:
+        """The leaderboard in grid_search/<run>/ and the winner's record (selection.select_winner)."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from airflow.sdk.exceptions import AirflowFailException
 
-        from sdxl_lora import grid, naming, selection, serving
-        from sdxl_lora.operators import jobs as operators
+        from sdxl_lora import naming, selection
+        from sdxl_lora.operators.jobs import latest_attempt
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
-        results = []
-        for config in configs:
-            base = config["TrainingJobName"]
-            description = operators.latest_attempt(client, base) or {"TrainingJobName": base,
-                                                                     "TrainingJobStatus": "NotStarted"}
-            values = config["HyperParameters"]
-            results.append(selection.from_description(description, float(values["learning_rate"]),
-                                                      int(values["max_train_steps"]), int(values["rank"])))
-        folder = settings.uri("grid_search", naming.run_token(run_id))
-        failed = [r for r in results if not r.usable]
-        for result in failed:
-            log.warning("trial %s failed (%s): %s", result.job_name, result.status,
-                        result.failure_reason or "no validation loss")
-        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        s3.load_string(selection.leaderboard_json(results), f"{folder}/leaderboard.json", replace=True)
-        title = grid.leaderboard_title(f"{DAG_ID} {run_id}", len(results), len(failed))
-        s3.load_string(selection.leaderboard_markdown(results, title), f"{folder}/leaderboard.md", replace=True)
-        best = selection.winner(results)
-        if best is None:
-            raise AirflowFailException(f"no trial completed with a validation loss ({len(failed)} of {len(results)} "
-                                       f"failed): the run fails; leaderboard at {folder}/leaderboard.md")
-        log.info("winner %s (val_loss %.6g) among %d trials, %d failed; leaderboard at %s/leaderboard.md",
-                 best.job_name, best.val_loss, len(results), len(failed), folder)
-        return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
-                "leaderboard": f"{folder}/leaderboard.md", "trials": len(results), "failed_trials": len(failed),
-                "training": serving.training(best.job_name, best.val_loss)}
+        results = selection.grid_results(configs, lambda base: latest_attempt(client, base))
+        with no_retry(selection.SelectionError):
+            return selection.select_winner(results, f"{DAG_ID} {run_id}",
+                                           settings.uri("grid_search", naming.run_token(run_id)),
+                                           selection.s3_writer(S3Hook(aws_conn_id=settings.aws_conn_id)), logger=log)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def publish_report(configs: list[dict], run_id: str) -> str:
@@ -160,12 +137,6 @@ def sdxl_lora_grid_search():
         log.info("report of %d trials (%d sheets, estimated cost %.2f USD) at %s/report/", len(board["trials"]),
                  len(board["sheets"]), board["estimated_cost_usd"], folder)
         return f"{folder}/report/{report.LEADERBOARD}"
-
-    # Skips the deploy group's first task; the rest follow their trigger rules (and so are skipped),
-    # the watcher after them is not skipped with them.
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def deploy_requested(params: dict) -> bool:
-        return params["deploy_winner"]
 
     configs = build_trials()
     trials = ResumableSageMakerTrainingOperator.partial(

@@ -23,7 +23,8 @@ object) when it is set.
 The comparison is like with like: each version holds out its own validation images, so while the
 new adapter trains, `score_serving` scores the adapter serving now on the new version's held-out
 images (a scoring job: ml/train/evaluate.py, the same split, fixed noise and timesteps and precision the
-new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log.
+new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log
+(the rule: `sdxl_lora.selection.compare_with_serving`).
 
 A failed training (or scoring, or deployment) fails the run: the `watcher` task (trigger rule ONE_FAILED,
 downstream of every task) fails it then, though `rollback` after a failed deployment succeeds.
@@ -133,10 +134,7 @@ def sdxl_lora_train():
         """The trained model, its job and val_loss: what deployment records and the comparison reads."""
         from sdxl_lora import selection
 
-        description = training["Training"]
-        return {"model_artifacts": description["ModelArtifacts"]["S3ModelArtifacts"],
-                "training": {"training_job": description["TrainingJobName"],
-                             "val_loss": selection.final_metrics(description).get(selection.METRIC)}}
+        return selection.candidate(training["Training"])
 
     @task
     def serving_adapter(version: str, params: dict) -> dict | None:
@@ -146,16 +144,14 @@ def sdxl_lora_train():
     @task
     def build_scoring_request(request: dict, serving: dict | None, version: str, params: dict, run_id: str) -> dict:
         """A scoring job for the serving adapter on the new version's held-out images; skipped when nothing
-        serves or nothing will be deployed."""
+        serves or nothing will be deployed (selection.scoring_skip_reason)."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from sdxl_lora import naming, sagemaker_requests, selection
 
-        if not params["deploy_if_better"]:
-            raise AirflowSkipException("deploy_if_better is off: nothing is compared, so the serving adapter "
-                                       "is not scored")
-        if serving is None:
-            raise AirflowSkipException("nothing is recorded as serving on the endpoint: no adapter to score")
+        skip = selection.scoring_skip_reason(params["deploy_if_better"], serving)
+        if skip:
+            raise AirflowSkipException(skip)
         name = naming.job_name("sdxl-lora-score", run_id, naming.slug(version))
         log.info("scoring the serving adapter %s (%s) on version %s's held-out images: job %s",
                  serving["model_data_url"], serving.get("training_job"), version, name)
@@ -166,23 +162,14 @@ def sdxl_lora_train():
     @task.short_circuit(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, ignore_downstream_trigger_rules=False)
     def better_than_serving(trained: dict, serving: dict | None, scoring: dict | None, version: str,
                             params: dict) -> bool:
+        """Deploy? selection.deploy_decision, its reason in the log."""
         from sdxl_lora import selection
 
-        if not params["deploy_if_better"]:
-            log.info("deploy_if_better is off: not deploying")
-            return False
-        rescored = None
-        if scoring is not None:
-            description = scoring["Training"]
-            rescored = {"training_job": description["TrainingJobName"],
-                        "val_loss": selection.final_metrics(description).get(selection.METRIC)}
-        endpoint = params["endpoint_name"] or Settings.resolve().endpoint_name
-        now = _serving_record(params)
-        if (now or {}).get("model_data_url") != (serving or {}).get("model_data_url"):
-            log.info("what serves on %s changed while this run trained (%s, now %s): not deploying automatically",
-                     endpoint, (serving or {}).get("model_data_url"), (now or {}).get("model_data_url"))
-            return False
-        deploy, reason = selection.compare_with_serving(trained["training"], rescored, serving, endpoint, version)
+        wanted = params["deploy_if_better"]
+        now = _serving_record(params) if wanted else None  # what serves now matters only when deploying
+        deploy, reason = selection.deploy_decision(
+            trained["training"], scoring and scoring["Training"], serving, now,
+            params["endpoint_name"] or Settings.resolve().endpoint_name, version, wanted)
         log.info("%s", reason)
         return deploy
 
@@ -209,17 +196,13 @@ def sdxl_lora_train():
 
 
 def _serving_record(params: dict) -> dict | None:
-    import json
-
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     from sdxl_lora import serving
 
     settings = Settings.resolve()
-    endpoint = params["endpoint_name"] or settings.endpoint_name
-    s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-    uri = serving.record_uri(settings, endpoint)
-    return json.loads(s3.read_key(uri)) if s3.check_for_key(uri) else None
+    return serving.read_record(S3Hook(aws_conn_id=settings.aws_conn_id), settings,
+                               params["endpoint_name"] or settings.endpoint_name)
 
 
 sdxl_lora_train()

@@ -34,9 +34,11 @@ from airflow.sdk import Param, TriggerRule, chain, dag, task
 from ml.contract.hyperparameters import SWEPT, value_schema
 from sdxl_lora.dag_common import (
     dag_arguments,
+    deploy_requested,
     endpoint_param,
     hyperparameters_param,
     list_param,
+    no_retry,
     run_date,
     smoke_param,
     version_param,
@@ -93,8 +95,6 @@ def _bound_param(name: str, default, description: str) -> Param:
 def sdxl_lora_tune():
     @task
     def plan_tuning(**context) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from sdxl_lora import grid, sagemaker_requests, tuning
 
         settings = Settings.resolve()
@@ -104,12 +104,10 @@ def sdxl_lora_tune():
         if parallel < params["max_parallel_jobs"]:
             log.info("max_parallel_jobs %d capped to %d: the training pool admits %d jobs (setting "
                      "training_pool_size)", params["max_parallel_jobs"], parallel, settings.training_pool_size)
-        try:  # a bad Param: a retry would fail the same way
+        with no_retry(grid.GridError, tuning.TuningError):  # a bad Param: a retry would fail the same way
             ranks = grid.values("ranks", params["ranks"], "rank", MAX_CATEGORICAL_VALUES)
             ranges = tuning.parameter_ranges(params["learning_rate_min"], params["learning_rate_max"],
                                              params["max_train_steps_min"], params["max_train_steps_max"], ranks)
-        except (grid.GridError, tuning.TuningError) as error:
-            raise AirflowFailException(str(error)) from None
         name = tuning.tuning_job_name(JOB_PREFIX, run_id)
         return tuning.tuning_request(
             settings, name, settings.processed_dataset(version), params["hyperparameters"], ranges,
@@ -118,55 +116,21 @@ def sdxl_lora_tune():
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def select_winner(config: dict, run_id: str) -> dict:
+        """The leaderboard of every trial in tuning/<run>/ and the winner's record (selection.select_tuning_winner)."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
-        from airflow.sdk.exceptions import AirflowFailException
 
-        from sdxl_lora import grid, naming, selection, serving, tuning
+        from sdxl_lora import naming, selection
         from sdxl_lora.operators.tuning import latest_attempt
 
         settings = Settings.resolve()
         client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
-        tuning_job = latest_attempt(client, config["HyperParameterTuningJobName"])
-        if tuning_job is None:
-            raise AirflowFailException(f"tuning job {config['HyperParameterTuningJobName']} was never created")
-        name = tuning_job["HyperParameterTuningJobName"]
-        static = config["TrainingJobDefinition"]["StaticHyperParameters"]
-        results = []
-        for page in client.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
-                HyperParameterTuningJobName=name):
-            for summary in page["TrainingJobSummaries"]:
-                description = client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
-                results.append(selection.from_description(description, *tuning.trial_values(summary, static)))
-        folder = settings.uri("tuning", naming.run_token(run_id))
-        strategy = config["HyperParameterTuningJobConfig"]["Strategy"]
-        s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
-        s3.load_string(selection.leaderboard_json(results), f"{folder}/leaderboard.json", replace=True)
-        status = tuning_job["HyperParameterTuningJobStatus"]
-        failed = [r for r in results if not r.usable]
-        for result in failed:
-            log.warning("trial %s failed (%s): %s", result.job_name, result.status,
-                        result.failure_reason or "no validation loss")
-        title = grid.leaderboard_title(f"{DAG_ID} {run_id}: tuning job {name} ({strategy}, {status})", len(results),
-                                       len(failed))
-        s3.load_string(selection.leaderboard_markdown(results, title), f"{folder}/leaderboard.md", replace=True)
-        best = selection.winner(results)
-        if best is None:
-            raise AirflowFailException(f"no trial of {name} completed with a validation loss ({len(failed)} of "
-                                       f"{len(results)} failed): the run fails; leaderboard at {folder}/leaderboard.md")
-        sagemaker_best = (tuning_job.get("BestTrainingJob") or {}).get("TrainingJobName")
-        log.info("winner %s (val_loss %.6g) among %d trials, %d failed; SageMaker's BestTrainingJob: %s",
-                 best.job_name, best.val_loss, len(results), len(failed), sagemaker_best)
-        return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
-                "leaderboard": f"{folder}/leaderboard.md", "tuning_job": name, "sagemaker_best": sagemaker_best,
-                "trials": len(results), "failed_trials": len(failed),
-                "training": serving.training(best.job_name, best.val_loss)}
-
-    # Skips the deploy group's first task; the rest follow their trigger rules (and so are skipped),
-    # the watcher after them is not skipped with them.
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def deploy_requested(params: dict) -> bool:
-        return params["deploy_winner"]
+        with no_retry(selection.SelectionError):
+            tuning_job, results = selection.tuning_results(client, config, latest_attempt)
+            return selection.select_tuning_winner(tuning_job, config, results, f"{DAG_ID} {run_id}",
+                                                  settings.uri("tuning", naming.run_token(run_id)),
+                                                  selection.s3_writer(S3Hook(aws_conn_id=settings.aws_conn_id)),
+                                                  logger=log)
 
     config = plan_tuning()
     tuned = ResumableSageMakerTuningOperator(task_id="tune", config=config, pool="sagemaker_training",

@@ -1,11 +1,12 @@
 """What every DAG of the project shares: its @dag arguments, the Params that recur, the
-keyword arguments of the SageMaker operators that wait for a job, and the watcher that fails a
-run when one of its tasks failed."""
+keyword arguments of the SageMaker operators that wait for a job, the tasks that recur
+(deploy_requested), the watcher that fails a run when one of its tasks failed, and no_retry."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pendulum
@@ -91,6 +92,39 @@ def run_date(context) -> str:
     return when.strftime("%Y-%m-%d")
 
 
+@contextmanager
+def no_retry(*errors: type[BaseException]) -> Iterator[None]:
+    """Inside a task: the given errors (a bad Param, no winner) are ones a retry would meet again, so they fail
+    the task at once, without its retries, with their message (AirflowFailException).
+
+    :param errors: the exception classes to fail on.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except errors as error:
+        raise AirflowFailException(str(error)) from None
+
+
+def deploy_requested(param: str = "deploy_winner", task_id: str = "deploy_requested"):
+    """A short-circuit task that lets the deploy group run only when the run's boolean Param asks for it.
+
+    It skips only its direct downstream task (the deploy group's first); the rest follow their trigger rules, so
+    they are skipped too while the watcher after them is not (ignore_downstream_trigger_rules=False, which
+    watch() requires). Call it inside the @dag function, between the task that chose the model and the group.
+
+    :param param: the name of the boolean Param that asks for the deployment.
+    :param task_id: the task's id.
+    :return: the task's XComArg, to chain.
+    """
+    @task.short_circuit(task_id=task_id, ignore_downstream_trigger_rules=False)
+    def requested(params: dict) -> bool:
+        return bool(params[param])
+
+    return requested()
+
+
 @task(task_id=WATCHER, trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 def _watcher(**context) -> None:
     """Runs only when a task it watches failed (or could not run because one upstream of it failed)."""
@@ -130,7 +164,12 @@ def watch(judged_downstream: Iterable = ()):
     judges their outcome (the grid's trials: select_winner fails when no trial succeeded). Tasks that skip their
     direct downstream (short-circuit, branch) are not wired to the watcher, which they would skip; their failure
     reaches it through the tasks after them. A short-circuit that skips everything downstream of it
-    (ignore_downstream_trigger_rules=True, the default) would skip the watcher too, so it is refused."""
+    (ignore_downstream_trigger_rules=True, the default) would skip the watcher too, so it is refused.
+
+    :param judged_downstream: tasks (operators or XComArgs) not wired to the watcher, as above.
+    :return: the watcher operator.
+    :raises ValueError: a judged task not in the DAG, a short-circuit that would skip the watcher, or a task
+        whose failure could not reach the watcher."""
     watcher = _watcher().operator
     dag = watcher.dag
     judged = {getattr(getattr(t, "operator", t), "task_id") for t in judged_downstream}

@@ -75,3 +75,25 @@ def input_key(settings: Settings, raw_uri: str, objects: list[dict], options: di
                           "image": settings.processing_image, "captioner": settings.captioner_uri,
                           "base_model": settings.base_model_uri}, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:32]
+
+
+def preparation_needed(version: str, location: str, files: int, key: str, previous_key: str | None,
+                       force: bool = False) -> tuple[bool, str]:
+    """(prepare?, why): a version is prepared again only when forced or when its inputs or options changed
+    (its content key differs from the one its manifest recorded); a version never prepared is prepared.
+
+    :param version: the dataset version.
+    :param location: its processed dataset's s3:// prefix, for the reason.
+    :param files: how many raw files it has, for the reason.
+    :param key: the content key of these files and options (input_key).
+    :param previous_key: the key its processed manifest recorded (None: never prepared, or no key recorded).
+    :param force: the run's Param: prepare again whatever the keys.
+    """
+    if force:
+        return True, f"force is set: preparing version {version} ({files} files) again"
+    if previous_key is None:
+        return True, f"version {version} has no preparation recorded: preparing its {files} files"
+    if previous_key != key:
+        return True, f"the inputs or options of version {version} changed since it was prepared: preparing it again"
+    return False, (f"{location} is prepared from these {files} files with these options already (key {key}): "
+                   "skipping; set force to prepare it again")

@@ -40,9 +40,9 @@ from sdxl_lora.operators.endpoints import (
     ResumableSageMakerEndpointOperator,
     ReusableSageMakerEndpointConfigOperator,
     ReusableSageMakerModelOperator,
-    describe_or_none,
     settle,
 )
+from sdxl_lora.missing import describe_or_none, ignore_missing
 from sdxl_lora.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,9 @@ def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_
 
 def current_deployment(client, endpoint: str) -> dict | None:
     """The endpoint's config and variants with their current weights; None when there is no endpoint."""
-    from botocore.exceptions import ClientError
-
-    try:
-        described = client.describe_endpoint(EndpointName=endpoint)
-    except ClientError as error:
-        if error.response["Error"]["Code"] == "ValidationException":
-            return None
-        raise
+    described = describe_or_none(client.describe_endpoint, EndpointName=endpoint)
+    if described is None:
+        return None
     config = client.describe_endpoint_config(EndpointConfigName=described["EndpointConfigName"])
     weights = {v["VariantName"]: v.get("CurrentWeight", 0.0) for v in described.get("ProductionVariants", [])}
     return {"config": described["EndpointConfigName"],
@@ -130,6 +125,16 @@ def current_deployment(client, endpoint: str) -> dict | None:
 @task
 def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, training: dict | None = None,
          async_output_path: str | None = None, max_concurrent_invocations=1, run_id: str | None = None) -> dict:
+    """The deployment's requests and names (plan_deployment) against what the endpoint serves now.
+
+    :param model_data_url: the model.tar.gz to deploy.
+    :param endpoint_name: the endpoint; empty: the settings' ``endpoint_name``.
+    :param candidate_weight: the candidate's share of the traffic after its smoke test.
+    :param training: the training job and val_loss behind the model (serving.training).
+    :param async_output_path: an s3:// prefix for an asynchronous endpoint; empty: real-time.
+    :param max_concurrent_invocations: asynchronous endpoints: requests per instance at once.
+    :param run_id: the run's id (Airflow passes it), which fixes the names a retry finds again.
+    """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()
@@ -332,7 +337,7 @@ def undo_deployment(client, deployment: dict, check_interval: float, timeout: fl
         if describe_or_none(describe, **{key: name}) is None:
             note(f"{kind} {name}: none to delete (never created, or already deleted)")
         else:
-            _ignore_missing(delete, **{key: name})
+            ignore_missing(delete, **{key: name})
             note(f"deleted {kind} {name}")
     return done
 
@@ -355,21 +360,25 @@ def rollback(deployment: dict | None) -> None:
                                + ": " + "; ".join(done))
 
 
-def _ignore_missing(call, **kwargs) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        call(**kwargs)
-    except ClientError as error:
-        if error.response["Error"]["Code"] != "ValidationException":
-            raise
-
-
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
                  candidate_weight=1.0, training=None, async_output_path="", max_concurrent_invocations=1) -> TaskGroup:
-    """The deployment tasks as a group; arguments may be XComArgs or templated strings. training:
-    the training job and val_loss behind the model (serving.training), recorded for later comparisons.
-    async_output_path: non-empty deploys an asynchronous endpoint writing its responses there."""
+    """The deployment tasks as a group: plan -> create_model -> create_endpoint_config ->
+    create_or_update_endpoint -> smoke_test -> shift_traffic -> record_serving, and rollback (ONE_FAILED) after
+    all of them. Arguments may be XComArgs or templated strings (rendered as native objects).
+
+    :param model_data_url: the training job's model.tar.gz (ModelArtifacts.S3ModelArtifacts).
+    :param endpoint_name: the endpoint to create or update; empty: the settings' ``endpoint_name``.
+    :param smoke_request: the invocation the candidate must answer with an image before traffic shifts.
+    :param group_id: the TaskGroup's id (the tasks are ``<group_id>.plan``, ...).
+    :param candidate_weight: the candidate's share of the traffic after its smoke test: 1 replaces what serves,
+        less runs an A/B test beside it.
+    :param training: the training job and val_loss behind the model (serving.training), recorded in the serving
+        record for later comparisons; None: none known.
+    :param async_output_path: an s3:// prefix deploys an asynchronous endpoint writing its responses there;
+        empty: real-time.
+    :param max_concurrent_invocations: asynchronous endpoints: requests sent to each instance at once.
+    :return: the TaskGroup, to chain after the task that chose the model.
+    """
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
         deployment = plan(model_data_url, endpoint_name, candidate_weight, training, async_output_path,
@@ -392,7 +401,12 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
 
 @task
 def change_traffic(endpoint_name: str | None, weights: dict) -> dict:
-    """Promote or roll back by weights: {variant: weight} on a running endpoint, no instance restarted."""
+    """Promote or roll back by weights: {variant: weight} on a running endpoint, no instance restarted.
+
+    :param endpoint_name: the endpoint; empty: the settings' ``endpoint_name``.
+    :param weights: variant name -> relative traffic weight (0 stops its traffic).
+    :return: the variants' weights once the endpoint has settled.
+    """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
     settings = Settings.resolve()

@@ -8,18 +8,32 @@ A val_loss is only comparable with another computed on the same held-out images:
 holds out its own. The serving adapter's recorded val_loss was computed on the version it was
 trained on, so a retrain scores it again on the new version (`scoring_request`: a training job
 with the `score_adapter` channel, ml/train/evaluate.py, the same split, fixed noise and timesteps and
-precision the new job's own val_loss used) and `compare_with_serving` compares those two numbers.
+precision the new job's own val_loss used) and `compare_with_serving` compares those two numbers: the
+recorded val_loss is reported, never compared (its docstring states the whole rule).
+
+The DAGs call these functions from their tasks (select_winner, better_than_serving); the decisions are here, so
+they are tested without Airflow.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from ml.contract.container import SCORE_CHANNEL  # a training job with this channel scores the adapter in it
+from sdxl_lora import grid, serving
+from sdxl_lora.tuning import trial_values
+
 METRIC = "val_loss"
-SCORE_CHANNEL = "score_adapter"  # ml/train/evaluate.py: a training job with this channel scores the adapter in it
+log = logging.getLogger(__name__)
+
+
+class SelectionError(RuntimeError):
+    """No winner can be chosen (no trial succeeded, the tuning job was never created): a retry finds the same."""
 
 
 @dataclass
@@ -54,6 +68,112 @@ def from_description(description: dict, learning_rate: float, max_train_steps: i
         train_loss=metrics.get("train_loss"), baseline_val_loss=metrics.get("baseline_val_loss"),
         model_artifacts=(description.get("ModelArtifacts") or {}).get("S3ModelArtifacts") or None,
         training_seconds=description.get("TrainingTimeInSeconds"), failure_reason=description.get("FailureReason"))
+
+
+def trained(description: dict) -> dict:
+    """A training (or scoring) job's {training_job, val_loss}: what the comparison reads and the serving
+    record keeps (serving.training); val_loss None when the job logged none (validation_split 0)."""
+    return serving.training(description["TrainingJobName"], final_metrics(description).get(METRIC))
+
+
+def candidate(description: dict) -> dict:
+    """The model a training job made, for the deploy group: {model_artifacts, training}."""
+    return {"model_artifacts": description["ModelArtifacts"]["S3ModelArtifacts"], "training": trained(description)}
+
+
+def grid_results(configs: Iterable[dict], latest: Callable[[str], dict | None]) -> list[Result]:
+    """The grid's trials, one per CreateTrainingJob request: the latest attempt at each (latest: base job name ->
+    DescribeTrainingJob or None) with the request's swept values; a trial never started is "NotStarted"."""
+    results = []
+    for config in configs:
+        base = config["TrainingJobName"]
+        description = latest(base) or {"TrainingJobName": base, "TrainingJobStatus": "NotStarted"}
+        values = config["HyperParameters"]
+        results.append(from_description(description, float(values["learning_rate"]), int(values["max_train_steps"]),
+                                        int(values["rank"])))
+    return results
+
+
+def tuning_results(client, config: dict, latest: Callable[[object, str], dict | None]) -> tuple[dict, list[Result]]:
+    """The tuning job a run made (latest: (client, base name) -> its last attempt's description or None) and
+    every trial it launched, each described, with its tuned values over the static ones.
+
+    :raises SelectionError: when the tuning job was never created.
+    """
+    tuning_job = latest(client, config["HyperParameterTuningJobName"])
+    if tuning_job is None:
+        raise SelectionError(f"tuning job {config['HyperParameterTuningJobName']} was never created")
+    static = config["TrainingJobDefinition"]["StaticHyperParameters"]
+    results = []
+    for page in client.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
+            HyperParameterTuningJobName=tuning_job["HyperParameterTuningJobName"]):
+        for summary in page["TrainingJobSummaries"]:
+            description = client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
+            results.append(from_description(description, *trial_values(summary, static)))
+    return tuning_job, results
+
+
+def select_winner(results: list[Result], heading: str, folder: str, write: Callable[[str, str], None],
+                  trials_of: str = "", logger: logging.Logger = log) -> dict:
+    """Write the leaderboard (``folder/leaderboard.json`` and ``.md``, its title counting the failed trials), log
+    each failed trial with its reason and return the winner's record, the XCom the deploy group reads.
+
+    :param results: every trial, failed ones included (they are listed, never chosen).
+    :param heading: the leaderboard's title before its counts, e.g. ``"<dag> <run id>"``.
+    :param folder: the s3:// prefix the leaderboard goes to.
+    :param write: ``write(text, uri)`` stores one object (S3Hook.load_string with replace, say: s3_writer).
+    :param trials_of: what the trials belong to (a tuning job's name), named when none succeeded.
+    :param logger: where the failed trials and the winner are logged.
+    :return: ``{winner, val_loss, model_artifacts, leaderboard, trials, failed_trials, training}``.
+    :raises SelectionError: when no trial completed with a finite validation loss (the leaderboard is written first).
+    """
+    failed = [r for r in results if not r.usable]
+    for result in failed:
+        logger.warning("trial %s failed (%s): %s", result.job_name, result.status,
+                       result.failure_reason or "no validation loss")
+    board = f"{folder}/leaderboard.md"
+    write(leaderboard_json(results), f"{folder}/leaderboard.json")
+    write(leaderboard_markdown(results, grid.leaderboard_title(heading, len(results), len(failed))), board)
+    best = winner(results)
+    if best is None:
+        of = f" of {trials_of}" if trials_of else ""
+        raise SelectionError(f"no trial{of} completed with a validation loss ({len(failed)} of {len(results)} "
+                             f"failed): the run fails; leaderboard at {board}")
+    logger.info("winner %s (val_loss %.6g) among %d trials, %d failed; leaderboard at %s", best.job_name,
+                best.val_loss, len(results), len(failed), board)
+    return {"winner": best.job_name, "val_loss": best.val_loss, "model_artifacts": best.model_artifacts,
+            "leaderboard": board, "trials": len(results), "failed_trials": len(failed),
+            "training": serving.training(best.job_name, best.val_loss)}
+
+
+def select_tuning_winner(tuning_job: dict, config: dict, results: list[Result], run: str, folder: str,
+                         write: Callable[[str, str], None], logger: logging.Logger = log) -> dict:
+    """select_winner for a tuning job's trials: the title names the job, its strategy and status, and the record
+    adds ``tuning_job`` and ``sagemaker_best`` (SageMaker's BestTrainingJob, logged beside the winner).
+
+    :param tuning_job: DescribeHyperParameterTuningJob of the run's tuning job (tuning_results).
+    :param config: the CreateHyperParameterTuningJob request (its strategy).
+    :param results: the job's trials (tuning_results).
+    :param run: the leaderboard's heading before the job, e.g. ``"<dag> <run id>"``.
+    :param folder: the s3:// prefix the leaderboard goes to.
+    :param write: ``write(text, uri)`` stores one object.
+    :param logger: where the failed trials and the winner are logged.
+    :raises SelectionError: when no trial completed with a finite validation loss.
+    """
+    name = tuning_job["HyperParameterTuningJobName"]
+    heading = (f"{run}: tuning job {name} ({config['HyperParameterTuningJobConfig']['Strategy']}, "
+               f"{tuning_job['HyperParameterTuningJobStatus']})")
+    record = select_winner(results, heading, folder, write, trials_of=name, logger=logger)
+    sagemaker_best = (tuning_job.get("BestTrainingJob") or {}).get("TrainingJobName")
+    logger.info("SageMaker's BestTrainingJob of %s: %s", name, sagemaker_best)
+    return {**record, "tuning_job": name, "sagemaker_best": sagemaker_best}
+
+
+def s3_writer(s3) -> Callable[[str, str], None]:
+    """select_winner's ``write`` over an S3Hook: each object replaced if it exists (a retried task writes again)."""
+    def write(text: str, uri: str) -> None:
+        s3.load_string(text, uri, replace=True)
+    return write
 
 
 def rank_results(results: list[Result]) -> list[Result]:
@@ -109,9 +229,22 @@ def scoring_request(training_request: dict, job_name: str, adapter_uri: str, job
 
 def compare_with_serving(new: dict, rescored: dict | None, serving: dict | None, endpoint: str,
                          version: str) -> tuple[bool, str]:
-    """(deploy?, why). new: the new adapter's {training_job, val_loss}, scored on `version`'s held-out
-    images by its own job; rescored: the serving adapter's {training_job, val_loss} from its scoring job on
-    the same images (None: not scored); serving: the endpoint's serving record (None: nothing serves)."""
+    """(deploy?, why): whether a new adapter replaces the one serving on the endpoint. The one rule:
+
+    - the new adapter has no finite val_loss (validation_split 0): not deployed automatically;
+    - nothing is recorded as serving: deployed;
+    - otherwise only the two scores on `version`'s held-out images are compared, the new adapter's and the
+      serving adapter's from its scoring job; lower wins, a tie keeps what serves. The serving record's own
+      val_loss (measured on another version's images, and absent for a model deployed outside a training run)
+      is reported, never compared: a record without one is rescored like any other, and when the serving
+      adapter has no score on these images the two cannot be compared and nothing is deployed automatically.
+
+    :param new: the new adapter's ``{training_job, val_loss}`` (trained), scored by its own job on `version`.
+    :param rescored: the serving adapter's ``{training_job, val_loss}`` from its scoring job (None: not scored).
+    :param serving: the endpoint's serving record (serving.record; None: nothing serves).
+    :param endpoint: the endpoint's name, for the reason.
+    :param version: the dataset version both were scored on, for the reason.
+    """
     new_loss = new.get("val_loss")
     if new_loss is None or not math.isfinite(new_loss):
         return False, ("the new adapter has no validation loss (validation_split is 0): not deploying it "
@@ -130,3 +263,39 @@ def compare_with_serving(new: dict, rescored: dict | None, serving: dict | None,
                      f"({new.get('training_job')}) against {scored:.6g} of the serving adapter ({what}, rescored "
                      f"by {rescored.get('training_job')}{own}), serving on {endpoint}: "
                      f"{'deploying' if verdict else 'keeping what serves'}")
+
+
+def scoring_skip_reason(deploy_if_better: bool, serving: dict | None) -> str | None:
+    """Why the serving adapter is not scored on the new version (None: it is): nothing will be compared.
+
+    :param deploy_if_better: the run's Param; off, nothing is deployed, so nothing is compared.
+    :param serving: the endpoint's serving record (None: nothing serves, so no adapter to score).
+    """
+    if not deploy_if_better:
+        return "deploy_if_better is off: nothing is compared, so the serving adapter is not scored"
+    if serving is None:
+        return "nothing is recorded as serving on the endpoint: no adapter to score"
+    return None
+
+
+def deploy_decision(new: dict, scoring: dict | None, serving_before: dict | None, serving_now: dict | None,
+                    endpoint: str, version: str, deploy_if_better: bool = True) -> tuple[bool, str]:
+    """(deploy?, why) at the end of a retraining run: not when the run was told not to, not when what serves
+    changed while the run trained (its scores were taken against another adapter), else compare_with_serving.
+
+    :param new: the new adapter's ``{training_job, val_loss}`` (trained).
+    :param scoring: DescribeTrainingJob of the serving adapter's scoring job (None: skipped, nothing to score).
+    :param serving_before: the serving record read before scoring (None: nothing served).
+    :param serving_now: the serving record read now.
+    :param endpoint: the endpoint's name.
+    :param version: the dataset version trained and scored on.
+    :param deploy_if_better: the run's Param.
+    """
+    if not deploy_if_better:
+        return False, "deploy_if_better is off: not deploying"
+    before, now = (serving_before or {}).get("model_data_url"), (serving_now or {}).get("model_data_url")
+    if before != now:
+        return False, (f"what serves on {endpoint} changed while this run trained ({before}, now {now}): not "
+                       "deploying automatically")
+    rescored = trained(scoring) if scoring is not None else None
+    return compare_with_serving(new, rescored, serving_before, endpoint, version)

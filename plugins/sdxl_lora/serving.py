@@ -1,13 +1,14 @@
-"""What an endpoint serves now (its serving record in S3), and whether a new adapter beats it.
+"""What an endpoint serves now: its serving record in S3.
 
 A deployment writes `serving/<endpoint>.json` with the model it deployed, the training job that
-made it and that job's val_loss; a retraining run compares its own val_loss with the recorded one.
-Pure functions: the tasks read and write the record with S3Hook.
+made it and that job's val_loss. A retraining run reads it to score the serving adapter on the new
+version's held-out images; whether the new adapter beats it is selection.compare_with_serving's rule.
+The tasks read and write the record with S3Hook.
 """
 
 from __future__ import annotations
 
-import math
+import json
 
 from sdxl_lora.settings import Settings
 
@@ -30,18 +31,12 @@ def training(job_name: str | None, val_loss: float | None) -> dict:
     return {"training_job": job_name, "val_loss": val_loss}
 
 
-def better_than_serving(new_val_loss: float | None, serving: dict | None, endpoint: str) -> tuple[bool, str]:
-    """(deploy?, why): deploy when the new val_loss is lower than the serving one, or nothing comparable serves."""
-    if new_val_loss is None or not math.isfinite(new_val_loss):
-        return False, ("the new adapter has no validation loss (validation_split is 0): not deploying it "
-                       "automatically")
-    if serving is None:
-        return True, f"nothing recorded as serving on {endpoint}: deploying (val_loss {new_val_loss:.6g})"
-    current = serving.get("val_loss")
-    job = serving.get("training_job") or serving.get("model_data_url")
-    if current is None:
-        return True, (f"the serving record of {endpoint} ({job}) has no val_loss to compare with: deploying "
-                      f"(val_loss {new_val_loss:.6g})")
-    verdict = new_val_loss < current
-    return verdict, (f"new val_loss {new_val_loss:.6g} against {current:.6g} of {job}, serving on {endpoint}: "
-                     f"{'deploying' if verdict else 'keeping what serves'}")
+def read_record(s3, settings: Settings, endpoint: str) -> dict | None:
+    """The endpoint's serving record, or None when nothing is recorded as serving on it.
+
+    :param s3: an S3Hook (check_for_key, read_key).
+    :param settings: where the records live.
+    :param endpoint: the endpoint's name.
+    """
+    uri = record_uri(settings, endpoint)
+    return json.loads(s3.read_key(uri)) if s3.check_for_key(uri) else None

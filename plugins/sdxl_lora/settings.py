@@ -1,6 +1,6 @@
 """Deployment settings: an Airflow Variable, else an environment variable, else a local default.
 
-The defaults serve the local stack (`sdxl-lora local-stack`); on AWS set at least the bucket,
+The defaults serve the local stack (`sdxl-lora-ops local-stack`); on AWS set at least the bucket,
 the execution role and the image URIs. Variables are named `sdxl_lora_<field>` and environment
 variables `SDXL_LORA_<FIELD>`. DAG files read settings at parse time only from the environment
 (`Settings.from_environment()`), so parsing never queries the metadata database; tasks read them

@@ -127,3 +127,31 @@ def test_list_params_are_one_value_per_line_boxes_that_say_what_they_take():
                                  "numbers); each a number in (0, 0.1]; at most 10 values.")
     assert param.resolve(["0.0001", "2e-4", ""]) == ["0.0001", "2e-4", ""]  # what the form sends passes
     assert list_param("rank", [4], "Ranks.", 28).schema["maxItems"] == 28
+
+
+def test_deploy_requested_is_one_short_circuit_on_the_runs_param_that_spares_the_watcher():
+    import pendulum
+    from airflow.sdk import DAG
+
+    from sdxl_lora.dag_common import deploy_requested, watch
+
+    with DAG("requested", start_date=pendulum.datetime(2026, 1, 1), schedule=None) as dag:
+        requested = deploy_requested("deploy_if_better")
+        watch()  # would refuse a short-circuit that skips the watcher
+    operator = dag.get_task("deploy_requested")
+    assert requested.operator is operator and operator.ignore_downstream_trigger_rules is False
+    assert operator.python_callable(params={"deploy_if_better": True}) is True
+    assert operator.python_callable(params={"deploy_if_better": False}) is False
+
+
+def test_no_retry_fails_the_task_at_once_with_the_errors_message_and_lets_others_through():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from sdxl_lora.dag_common import no_retry
+
+    with pytest.raises(AirflowFailException, match="^bad rank 0$"):
+        with no_retry(ValueError, KeyError):
+            raise ValueError("bad rank 0")
+    with pytest.raises(RuntimeError):
+        with no_retry(ValueError):
+            raise RuntimeError("a retry may help")

@@ -46,3 +46,16 @@ def test_the_key_changes_with_content_options_and_image_but_not_instance_count()
     # The same files under another version's prefix are the same content.
     moved = [{**o, "Key": o["Key"].replace("/v1/", "/v2/")} for o in OBJECTS]
     assert datasets.input_key(settings, "s3://b/p/raw_dataset/v2/", moved, {}) == key
+
+
+@pytest.mark.parametrize("previous, force, run, words", [
+    ("k1", False, False, "s3://b/p/proc_dataset/v1/ is prepared from these 3 files with these options already (key "
+                         "k1): skipping; set force to prepare it again"),
+    ("k0", False, True, "the inputs or options of version v1 changed since it was prepared: preparing it again"),
+    (None, False, True, "version v1 has no preparation recorded: preparing its 3 files"),
+    ("k1", True, True, "force is set: preparing version v1 (3 files) again"),
+])
+def test_a_version_is_prepared_again_only_when_forced_or_changed(previous, force, run, words):
+    from sdxl_lora.datasets import preparation_needed
+
+    assert preparation_needed("v1", "s3://b/p/proc_dataset/v1/", 3, "k1", previous, force) == (run, words)

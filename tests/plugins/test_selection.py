@@ -1,6 +1,20 @@
 import json
+from types import SimpleNamespace
 
-from sdxl_lora.selection import Result, from_description, leaderboard_json, leaderboard_markdown, winner
+import pytest
+
+from sdxl_lora.selection import (
+    Result,
+    SelectionError,
+    from_description,
+    grid_results,
+    leaderboard_json,
+    leaderboard_markdown,
+    select_tuning_winner,
+    select_winner,
+    tuning_results,
+    winner,
+)
 
 
 def _description(name, status, val_loss=None):
@@ -87,3 +101,125 @@ def test_the_comparison_without_a_serving_adapter_or_a_score():
     assert not deploy and "has no score on version v2's held-out images" in reason
     deploy, reason = compare_with_serving({"training_job": "new", "val_loss": None}, None, SERVING, "ep", "v2")
     assert not deploy and "validation_split is 0" in reason
+
+
+# The decisions the DAG tasks call (select_winner, candidate, build_scoring_request, better_than_serving).
+
+def _writer():
+    written = {}
+    return written, lambda text, uri: written.__setitem__(uri, text)
+
+
+def _grid_config(name, learning_rate, steps, rank):
+    return {"TrainingJobName": name, "HyperParameters": {"learning_rate": str(learning_rate),
+                                                         "max_train_steps": str(steps), "rank": str(rank)}}
+
+
+def test_grid_results_take_each_trials_latest_attempt_and_its_request_values():
+    described = {"g-1": _description("g-1-a2", "Completed", 0.3)}
+    results = grid_results([_grid_config("g-1", 1e-4, 500, 4), _grid_config("g-2", 2e-4, 1000, 8)], described.get)
+    assert [(r.job_name, r.status, r.learning_rate, r.max_train_steps, r.rank) for r in results] == [
+        ("g-1-a2", "Completed", 1e-4, 500, 4), ("g-2", "NotStarted", 2e-4, 1000, 8)]
+
+
+def test_select_winner_writes_the_leaderboard_and_returns_the_record_the_deploy_group_reads(caplog):
+    results = [from_description(_description("a", "Completed", 0.30), 1e-4, 500, 4),
+               from_description(_description("b", "Failed"), 2e-4, 500, 4)]
+    written, write = _writer()
+    with caplog.at_level("INFO"):
+        record = select_winner(results, "grid r1", "s3://b/p/grid_search/r1", write)
+    assert record == {"winner": "a", "val_loss": 0.30, "model_artifacts": "s3://b/a",
+                      "leaderboard": "s3://b/p/grid_search/r1/leaderboard.md", "trials": 2, "failed_trials": 1,
+                      "training": {"training_job": "a", "val_loss": 0.30}}
+    assert set(written) == {"s3://b/p/grid_search/r1/leaderboard.json", "s3://b/p/grid_search/r1/leaderboard.md"}
+    assert json.loads(written["s3://b/p/grid_search/r1/leaderboard.json"])["winner"] == "a"
+    assert written[record["leaderboard"]].startswith(
+        "# grid r1: 1 of 2 trials failed (the winner is the best of the others)\n")
+    assert "trial b failed (Failed): rank: must be at least 1" in caplog.text
+
+
+def test_no_winner_is_a_clear_error_after_the_leaderboard_is_written():
+    written, write = _writer()
+    results = [from_description(_description("b", "Failed"), 2e-4, 500, 4)]
+    with pytest.raises(SelectionError, match=r"^no trial of tj completed with a validation loss \(1 of 1 failed\): "
+                                             r"the run fails; leaderboard at s3://f/leaderboard.md$"):
+        select_winner(results, "tune r1", "s3://f", write, trials_of="tj")
+    assert "none succeeded: the run failed" in written["s3://f/leaderboard.md"]
+    with pytest.raises(SelectionError, match=r"^no trial completed"):
+        select_winner([], "grid r1", "s3://f", write)
+
+
+class _TuningClient:
+    """ListTrainingJobsForHyperParameterTuningJob (two pages) and DescribeTrainingJob of a tuning job's trials."""
+
+    def __init__(self, trials: dict[str, tuple[dict, dict]]):
+        self.trials = trials
+
+    def get_paginator(self, operation):
+        assert operation == "list_training_jobs_for_hyper_parameter_tuning_job"
+        summaries = [summary for summary, _ in self.trials.values()]
+        return SimpleNamespace(paginate=lambda HyperParameterTuningJobName: [
+            {"TrainingJobSummaries": summaries[:1]}, {"TrainingJobSummaries": summaries[1:]}])
+
+    def describe_training_job(self, TrainingJobName):
+        return self.trials[TrainingJobName][1]
+
+
+TUNING_CONFIG = {"HyperParameterTuningJobName": "tj", "HyperParameterTuningJobConfig": {"Strategy": "Bayesian"},
+                 "TrainingJobDefinition": {"StaticHyperParameters": {"learning_rate": "0.1", "max_train_steps": "9",
+                                                                     "rank": "2"}}}
+
+
+def _tuning_trial(name, val_loss, rank):
+    summary = {"TrainingJobName": name, "TunedHyperParameters": {"learning_rate": "0.0002", "rank": f'"{rank}"'}}
+    return summary, _description(name, "Completed", val_loss)
+
+
+def test_a_tuning_jobs_trials_are_every_job_it_launched_with_tuned_over_static_values():
+    client = _TuningClient({"t-1": _tuning_trial("t-1", 0.3, 4), "t-2": _tuning_trial("t-2", 0.2, 16)})
+    job = {"HyperParameterTuningJobName": "tj-a2", "HyperParameterTuningJobStatus": "Completed",
+           "BestTrainingJob": {"TrainingJobName": "t-2"}}
+    tuning_job, results = tuning_results(client, TUNING_CONFIG, lambda client_, base: job)
+    assert tuning_job is job
+    assert [(r.job_name, r.learning_rate, r.max_train_steps, r.rank) for r in results] == [
+        ("t-1", 2e-4, 9, 4), ("t-2", 2e-4, 9, 16)]
+    written, write = _writer()
+    record = select_tuning_winner(job, TUNING_CONFIG, results, "tune r1", "s3://f", write)
+    assert record["winner"] == "t-2" and record["tuning_job"] == "tj-a2" and record["sagemaker_best"] == "t-2"
+    assert {"winner", "val_loss", "model_artifacts", "leaderboard", "trials", "failed_trials",
+            "training"} <= set(record)
+    assert written["s3://f/leaderboard.md"].startswith("# tune r1: tuning job tj-a2 (Bayesian, Completed): 2 trials\n")
+    with pytest.raises(SelectionError, match="^tuning job tj was never created$"):
+        tuning_results(client, TUNING_CONFIG, lambda client_, base: None)
+
+
+def test_the_candidate_is_the_models_artifacts_its_job_and_val_loss():
+    from sdxl_lora.selection import candidate, trained
+
+    assert candidate(_description("job-1", "Completed", 0.25)) == {
+        "model_artifacts": "s3://b/job-1", "training": {"training_job": "job-1", "val_loss": 0.25}}
+    assert trained(_description("job-2", "Completed")) == {"training_job": "job-2", "val_loss": None}
+
+
+def test_the_serving_adapter_is_scored_only_when_something_serves_and_deploying_is_wanted():
+    from sdxl_lora.selection import scoring_skip_reason
+
+    assert scoring_skip_reason(True, SERVING) is None
+    assert "deploy_if_better is off" in scoring_skip_reason(False, SERVING)
+    assert "nothing is recorded as serving" in scoring_skip_reason(True, None)
+
+
+def test_the_deploy_decision_refuses_when_not_wanted_or_when_what_serves_changed_else_compares():
+    from sdxl_lora.selection import deploy_decision
+
+    new = {"training_job": "new", "val_loss": 0.30}
+    scoring = _description("score-old", "Completed", 0.35)
+    assert deploy_decision(new, scoring, SERVING, SERVING, "ep", "v2", deploy_if_better=False) == (
+        False, "deploy_if_better is off: not deploying")
+    moved = {**SERVING, "model_data_url": "s3://b/p/models/other/output/model.tar.gz"}
+    deploy, reason = deploy_decision(new, scoring, SERVING, moved, "ep", "v2")
+    assert not deploy and reason.startswith("what serves on ep changed while this run trained")
+    deploy, reason = deploy_decision(new, scoring, SERVING, SERVING, "ep", "v2")
+    assert deploy and "rescored by score-old" in reason
+    assert deploy_decision(new, None, None, None, "ep", "v2") == (
+        True, "nothing recorded as serving on ep: deploying (val_loss 0.3)")

@@ -20,21 +20,11 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from sdxl_lora.missing import describe_or_none
+
 log = logging.getLogger(__name__)
 
 CHANGING = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
-
-
-def describe_or_none(describe, **name) -> dict | None:
-    """A Describe* call's answer, or None when there is no resource of that name (ValidationException)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        return describe(**name)
-    except ClientError as error:
-        if error.response["Error"]["Code"] == "ValidationException":
-            return None
-        raise
 
 
 def model_differences(existing: dict, wanted: dict) -> list[str]:
@@ -61,7 +51,13 @@ def endpoint_config_differences(existing: dict, wanted: dict) -> list[str]:
 
 class ReusableSageMakerModelOperator(SageMakerModelOperator):
     """CreateModel, or the model of the same (deterministic) name that an earlier try of this task created:
-    the provider's operator fails on a retry because the name exists."""
+    the provider's operator fails on a retry because the name exists. A model of that name that differs from
+    the request (model_differences) fails the task, naming the differences.
+
+    :param config: the CreateModel request (sagemaker_requests.model_request). (templated)
+    :param aws_conn_id: the Airflow connection to AWS.
+    :return: ``{"Model": DescribeModel}`` or the provider's CreateModel answer.
+    """
 
     def execute(self, context) -> dict:
         name = self.config["ModelName"]
@@ -77,7 +73,13 @@ class ReusableSageMakerModelOperator(SageMakerModelOperator):
 
 
 class ReusableSageMakerEndpointConfigOperator(SageMakerEndpointConfigOperator):
-    """CreateEndpointConfig, or the config of the same name that an earlier try of this task created."""
+    """CreateEndpointConfig, or the config of the same name that an earlier try of this task created; one of
+    that name that differs (its variants, real-time or asynchronous) fails the task, naming the differences.
+
+    :param config: the CreateEndpointConfig request (sagemaker_requests.endpoint_config_request). (templated)
+    :param aws_conn_id: the Airflow connection to AWS.
+    :return: ``{"EndpointConfig": DescribeEndpointConfig}`` or the provider's answer.
+    """
 
     def execute(self, context) -> dict:
         name = self.config["EndpointConfigName"]
@@ -137,7 +139,17 @@ class ResumableSageMakerEndpointOperator(SageMakerEndpointOperator):
     A retried try looks first (endpoint_step): it waits for a creation or update of its config that an earlier
     try started, and accepts an endpoint already serving it; the provider's operator would try to update an
     endpoint that is still Creating and fail. An update that SageMaker rolled back ends InService on the old
-    config, which the provider's waiter takes for success: here it fails the task with the FailureReason."""
+    config, which the provider's waiter takes for success: here it fails the task with the FailureReason.
+
+    :param config: ``{"Endpoint": {"EndpointName", "EndpointConfigName"}}`` (deploy.plan_deployment's
+        ``endpoint``) or that inner dict. (templated)
+    :param aws_conn_id: the Airflow connection to AWS.
+    :param wait_for_completion: accepted as the provider's; this operator always waits for the endpoint.
+    :param check_interval: seconds between DescribeEndpoint calls while waiting.
+    :param max_ingestion_time: fail when the endpoint has not settled after this many seconds.
+    :param deferrable: wait in the triggerer (the provider's SageMakerTrigger) between looks.
+    :return: ``{"EndpointConfig": DescribeEndpointConfig, "Endpoint": DescribeEndpoint}`` once it serves config.
+    """
 
     def execute(self, context) -> dict:
         self.preprocess_config()

@@ -38,6 +38,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from botocore.exceptions import ClientError
 
+from sdxl_lora.missing import describe_or_none
 from sdxl_lora.naming import MAX_LENGTH
 
 MAX_ATTEMPTS = 20
@@ -56,12 +57,7 @@ class JobKind:
 
     def describe(self, client, name: str) -> dict | None:
         """The job's description, or None when there is no such job."""
-        try:
-            return getattr(client, self.describe_method)(**{self.name_key: name})
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ValidationException":  # AWS: no such job
-                return None
-            raise
+        return describe_or_none(getattr(client, self.describe_method), **{self.name_key: name})
 
 
 TRAINING = JobKind("Training", "TrainingJobName", "TrainingJobStatus", "describe_training_job")
@@ -119,7 +115,12 @@ def capacity_backoff(waits: int, first: float, longest: float, rng: random.Rando
 
 class JobTrigger(SageMakerTrigger):
     """The provider's SageMakerTrigger whose lines in the task's log name the job, carry its status,
-    secondary status and failure reason on every check, and end with the job's outcome."""
+    secondary status and failure reason on every check, and end with the job's outcome.
+
+    :param job_name: the job to wait for.
+    :param job_type: ``"Training"`` or ``"Processing"`` (JobKind.label).
+    :param kwargs: the provider trigger's own (waiter_delay, waiter_max_attempts, aws_conn_id, ...).
+    """
 
     def __init__(self, job_name: str, job_type: str, **kwargs):
         super().__init__(job_name=job_name, job_type=job_type, **kwargs)
@@ -264,6 +265,29 @@ class _ResumableJob:
 
 
 class ResumableSageMakerTrainingOperator(_ResumableJob, SageMakerTrainingOperator):
+    """CreateTrainingJob under a name fixed per run, safe to retry: an earlier try's job is waited for or used,
+    a Failed or Stopped one is followed by the next attempt (``<name>-a2``, ...); no capacity is waited out.
+
+    .. seealso:: the provider's SageMakerTrainingOperator, whose other arguments it takes.
+
+    :param config: the CreateTrainingJob request (sagemaker_requests.training_request); its TrainingJobName is
+        the first attempt's name. (templated)
+    :param aws_conn_id: the Airflow connection to AWS (the provider's; the settings' ``aws_conn_id``).
+    :param wait_for_completion: wait for the job to end (default True); False returns once it is created or found.
+    :param check_interval: seconds between status checks while waiting.
+    :param max_ingestion_time: fail when the job has not ended after this many seconds (None: no limit).
+    :param deferrable: wait in the triggerer (JobTrigger) instead of the worker.
+    :param capacity_wait_seconds: how long to keep trying to create the job while the account has no capacity
+        (ResourceLimitExceeded); default: as long as the operator would wait for the job (max_attempts x
+        check_interval).
+    :param capacity_backoff_seconds: the first pause between those tries, growing to 10 times it with jitter;
+        default: check_interval.
+    :param print_log: tail the job's CloudWatch lines into the task log while waiting in the worker.
+    :param max_attempts: status checks before giving up when deferred (dag_common.job_kwargs sizes it to outlast
+        the longest job).
+    :return: ``{"Training": DescribeTrainingJob}`` of the attempt that completed.
+    """
+
     kind = TRAINING
     aws_hook_class = PromptSageMakerHook
 
@@ -289,6 +313,26 @@ class ResumableSageMakerTrainingOperator(_ResumableJob, SageMakerTrainingOperato
 
 
 class ResumableSageMakerProcessingOperator(_ResumableJob, SageMakerProcessingOperator):
+    """CreateProcessingJob under a name fixed per run, safe to retry as ResumableSageMakerTrainingOperator is.
+
+    .. seealso:: the provider's SageMakerProcessingOperator, whose other arguments it takes.
+
+    :param config: the CreateProcessingJob request (sagemaker_requests.processing_request); its
+        ProcessingJobName is the first attempt's name. (templated)
+    :param aws_conn_id: the Airflow connection to AWS (the provider's; the settings' ``aws_conn_id``).
+    :param wait_for_completion: wait for the job to end (default True); False returns once it is created or found.
+    :param check_interval: seconds between status checks while waiting.
+    :param max_ingestion_time: fail when the job has not ended after this many seconds (None: no limit).
+    :param deferrable: wait in the triggerer (JobTrigger) instead of the worker.
+    :param capacity_wait_seconds: how long to keep trying to create the job while the account has no capacity
+        (ResourceLimitExceeded); default: as long as the operator would wait for the job (max_attempts x
+        check_interval).
+    :param capacity_backoff_seconds: the first pause between those tries, growing to 10 times it with jitter;
+        default: check_interval.
+    :param max_attempts: status checks before giving up when deferred.
+    :return: ``{"Processing": DescribeProcessingJob, ...}`` with the provider's output files.
+    """
+
     kind = PROCESSING
 
     def __init__(self, **kwargs):  # defined here, so Airflow's operator metaclass applies default_args to it

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTuningOperator, serialize
-from botocore.exceptions import ClientError
-
+from sdxl_lora.missing import describe_or_none
 from sdxl_lora.operators import jobs as operators
 from sdxl_lora.tuning import MAX_ATTEMPTS, MAX_NAME_LENGTH
 
@@ -15,6 +14,17 @@ class ResumableSageMakerTuningOperator(SageMakerTuningOperator):
     On a retry it looks the name up first: InProgress or Stopping -> waits for that job;
     Completed -> uses it; Failed or Stopped -> starts the next attempt (`<name>-a2`, ...). When
     the task is killed, the tuning job it waits for is stopped, which stops its trials.
+
+    .. seealso:: the provider's SageMakerTuningOperator, whose other arguments it takes.
+
+    :param config: the CreateHyperParameterTuningJob request (tuning.tuning_request); its
+        HyperParameterTuningJobName is the first attempt's name. (templated)
+    :param aws_conn_id: the Airflow connection to AWS.
+    :param wait_for_completion: wait for the tuning job to end.
+    :param check_interval: seconds between status checks while waiting.
+    :param max_ingestion_time: fail when the job has not ended after this many seconds (None: no limit).
+    :param deferrable: wait in the triggerer (the provider's) for a job this try creates.
+    :return: ``{"Tuning": DescribeHyperParameterTuningJob}``.
     """
 
     def execute(self, context):
@@ -52,12 +62,7 @@ def attempt_name(base: str, attempt: int) -> str:
 
 def describe_attempt(client, name: str) -> dict | None:
     """DescribeHyperParameterTuningJob of one attempt, or None when there is no such job."""
-    try:
-        return client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-    except ClientError as error:
-        if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
-            return None
-        raise
+    return describe_or_none(client.describe_hyper_parameter_tuning_job, HyperParameterTuningJobName=name)
 
 
 def latest_attempt(client, base: str) -> dict | None:
