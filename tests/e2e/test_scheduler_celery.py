@@ -33,7 +33,8 @@ def airflow(tmp_path_factory):
 
 def test_deferrable_trials_keep_the_pool_limit_under_the_celery_executor(airflow):
     # A trial on an empty dataset runs beside the 12, in the same pool: in deferrable mode, too, its job's
-    # failure fails the task with the job's FailureReason, and each retry starts the next attempt.
+    # failure fails the task with the job's FailureReason, at once: a failure on the job's input is not retried
+    # (no second paid job; sdxl_lora.failures).
     failing = airflow.trigger(GRID, grid_conf("empty", [0.0009], [2]))
     run_id = check_the_pool_limit(airflow, "CeleryExecutor, deferrable", deferrable=True)
     # Each trial was resumed from its trigger with the job's success: the worker's half (execute_complete) wrote
@@ -50,15 +51,15 @@ def test_deferrable_trials_keep_the_pool_limit_under_the_celery_executor(airflow
 
     airflow.wait_for_run(GRID, failing, timeout=600)
     (trial,) = trials(airflow, failing)
-    assert trial["state"] == "failed" and trial["try_number"] == 3, trial
+    assert trial["state"] == "failed" and trial["try_number"] == 1, trial
     # the job's FailureReason, as the worker's half (execute_complete, back from the trigger's failure event)
     # fails the task with it: the exception in the try's structured log (airflow.log keeps only the events'
     # text); the trigger's own line is not waited for (see above)
-    raw = json.dumps(airflow.request("GET", f"/dags/{GRID}/dagRuns/{failing}/taskInstances/train_trial/logs/3",
+    raw = json.dumps(airflow.request("GET", f"/dags/{GRID}/dagRuns/{failing}/taskInstances/train_trial/logs/1",
                                      params={"map_index": 0, "full_content": True}))
-    assert re.search(r"Training job \S+-a3 Failed: Reason: train channel has no images", raw), raw[-3000:]
+    assert re.search(r"Training job \S+-r-4 Failed: Reason: train channel has no images", raw), raw[-3000:]
     names = training_jobs(sagemaker, run_token(failing))
-    assert [n.rsplit("-", 1)[-1] for n in names] == ["4", "a2", "a3"], names
+    assert [n.rsplit("-", 1)[-1] for n in names] == ["4"], names  # one job: no retry paid for a second
     assert all(sagemaker.describe_training_job(TrainingJobName=n)["FailureReason"].startswith(
         "train channel has no images") for n in names), names
 

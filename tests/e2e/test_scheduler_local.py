@@ -60,8 +60,8 @@ def test_a_failing_trial_fails_its_task_with_the_jobs_failure_reason(airflow):
     run = airflow.wait_for_run(GRID, run_id, timeout=600)
     instances = {t["task_id"]: t for t in airflow.task_instances(GRID, run_id)}
     trial = instances["train_trial"]
-    assert trial["state"] == "failed" and trial["try_number"] == 3  # retried twice: -a2, -a3
-    log = airflow.log(GRID, run_id, "train_trial", 3, map_index=0)
+    assert trial["state"] == "failed" and trial["try_number"] == 1  # a failure on its input: not retried
+    log = airflow.log(GRID, run_id, "train_trial", 1, map_index=0)
     assert "Reason: train channel has no images" in log, log[-3000:]  # the job's FailureReason, in the task log
     assert instances["select_winner"]["state"] == "failed"
     # No trial succeeded: the run is red, though publish_report and the deploy group's last task succeed or skip
@@ -70,6 +70,6 @@ def test_a_failing_trial_fails_its_task_with_the_jobs_failure_reason(airflow):
     assert instances["watcher"]["state"] == "failed" and run["state"] == "failed", {
         name: t["state"] for name, t in instances.items()}
     assert "failed: select_winner" in airflow.log(GRID, run_id, "watcher", 1)
-    names = training_jobs(sagemaker, "lr-0-0009")
-    assert len(names) == 3 and all(
-        sagemaker.describe_training_job(TrainingJobName=n)["TrainingJobStatus"] == "Failed" for n in names)
+    names = training_jobs(sagemaker, run_token(run_id))
+    assert len(names) == 1, names  # a failure on its input is not retried: no second, paid job
+    assert sagemaker.describe_training_job(TrainingJobName=names[0])["TrainingJobStatus"] == "Failed"

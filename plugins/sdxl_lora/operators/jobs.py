@@ -8,7 +8,8 @@ which is looked up the same way.
 
 Waiting happens in the worker, or with `deferrable` in the triggerer (JobTrigger, the provider's
 SageMakerTrigger over aiobotocore), also for a job an earlier try started; a failed job fails the
-task with its FailureReason either way.
+task with its FailureReason either way, at once (no retry, no second paid job) unless a new job may
+pass (sdxl_lora.failures).
 
 When the account's instance quota is used up, SageMaker answers CreateTrainingJob (or
 CreateProcessingJob) with ResourceLimitExceeded and creates nothing. The operators then wait for
@@ -38,6 +39,7 @@ from airflow.providers.common.compat.sdk import AirflowException
 from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from botocore.exceptions import ClientError
 
+from sdxl_lora.failures import job_failure
 from sdxl_lora.missing import describe_or_none
 from sdxl_lora.naming import MAX_LENGTH
 
@@ -249,8 +251,7 @@ class _ResumableJob:
         if event["status"] != "success":
             description = self.kind.describe(self.hook.conn, name) or {}
             status = description.get(self.kind.status_key, event["status"])
-            reason = description.get("FailureReason") or event.get("message") or "(No reason provided)"
-            raise AirflowException(f"{self.kind.label} job {name} {status}: Reason: {reason}")
+            raise job_failure(self.kind.label, name, status, description.get("FailureReason") or event.get("message"))
         self.log.info("%s job %s completed", self.kind.label.lower(), name)
         return self._result(name)
 
@@ -354,5 +355,4 @@ class ResumableSageMakerProcessingOperator(_ResumableJob, SageMakerProcessingOpe
 def _raise_unless_completed(kind: JobKind, description: dict) -> None:
     status = description[kind.status_key]
     if status != "Completed":
-        reason = description.get("FailureReason", "(No reason provided)")
-        raise AirflowException(f"{kind.label} job {description[kind.name_key]} {status}: Reason: {reason}")
+        raise job_failure(kind.label, description[kind.name_key], status, description.get("FailureReason"))
