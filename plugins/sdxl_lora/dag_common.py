@@ -56,7 +56,7 @@ def version_param(description: str) -> Param:
 def hyperparameters_param(preset_name: str, description: str, exclude: tuple[str, ...] = ()) -> Param:
     """A hyperparameters object Param: the preset as its default, every key typed and bounded by
     ml.contract.hyperparameters, unknown keys refused, so the trigger form refuses what the job would."""
-    return Param(preset(preset_name), description=description + " Keys, types and bounds: the README's table.",
+    return Param(preset(preset_name), description=description + " Keys, types and bounds: docs/training-job.md.",
                  **hyperparameters_schema(exclude=exclude))
 
 
