@@ -26,13 +26,14 @@ SMOKE_REQUEST = {"prompt": "storyboard frame, ink outline, a red circle on the l
 
 
 def dag_arguments(dag_id: str, doc_md: str, *tags: str, retries: int = 2) -> dict:
+    retry_delay = timedelta(seconds=Settings.from_environment().retry_delay_seconds)  # parse-time, as the DAG is
     return {
         "dag_id": dag_id,
         "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
         "catchup": False,
         "doc_md": doc_md,
         "tags": ["sdxl", "lora", "sagemaker", *tags],
-        "default_args": {"retries": retries, "retry_delay": timedelta(minutes=1)},
+        "default_args": {"retries": retries, "retry_delay": retry_delay},
         "render_template_as_native_obj": True,  # Params that are objects stay objects in templates
     }
 

@@ -22,7 +22,7 @@ Getter = Callable[[str], "str | None"]
 # Read when the DAG files are parsed: the processed-dataset Asset (bucket, prefix), the retraining
 # schedule, and the operators' connection, polling and status-check limits.
 PARSE_TIME = ("bucket", "prefix", "aws_conn_id", "check_interval_seconds", "deferrable", "retrain_schedule",
-              "max_runtime_seconds", "max_wait_seconds")
+              "max_runtime_seconds", "max_wait_seconds", "retry_delay_seconds")
 
 
 class SettingsError(ValueError):
@@ -51,6 +51,7 @@ class Settings:
     aws_conn_id: str = "aws_default"
     check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status
     deferrable: bool = False  # wait in the triggerer instead of a worker slot
+    retry_delay_seconds: int = 60  # between a failed task's tries (the DAGs' default_args)
     # Security on AWS (docs/aws.md). Empty or false by default: the local stack has no VPC or KMS.
     subnet_ids: str = ""  # comma-separated private subnets: jobs and endpoints run in your VPC
     security_group_ids: str = ""  # comma-separated; required together with subnet_ids

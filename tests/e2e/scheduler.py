@@ -94,6 +94,7 @@ def deployment(tmp: Path, executor: str = "LocalExecutor", instance_quotas: dict
                    "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + url,
                    "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX,
                    "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1", "SDXL_LORA_TRAINING_POOL_SIZE": str(POOL_SIZE),
+                   "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
                    "SDXL_LORA_BASE_MODEL_URI": staged["base_model_uri"],
                    **{f"SDXL_LORA_{k.upper()}": v for k, v in settings.items()},
                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -23,6 +23,7 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1",
+           "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
            "SDXL_LORA_BASE_MODEL_URI": staged["base"] + "/",
            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
                                                    "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}})}
@@ -45,9 +46,14 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
     return env
 
 
+def _dags_test_command(dag_id: str, conf: dict) -> list[str]:
+    """`airflow dags test`, parsing only the DAG's own file (each DAG file is named by its dag_id)."""
+    return [sys.executable, "-m", "airflow", "dags", "test", dag_id, "-f", str(ROOT / "dags" / f"{dag_id}.py"),
+            "-c", json.dumps(conf)]
+
+
 def _dags_test(env: dict, dag_id: str, conf: dict) -> str:
-    done = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_dags_test_command(dag_id, conf), env=env, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "state=success" in output, output[-4000:]
     return output
@@ -101,8 +107,8 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     assert served["EndpointStatus"] == "InService"
 
     # A deployment whose smoke test fails is rolled back: the endpoint keeps the config it had.
-    failed = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", "sdxl_lora_deploy", "-c", json.dumps(
-        {"model_data_url": winner, "endpoint_name": "e2e-dag-endpoint", "smoke_request": {**smoke, "width": 33}})],
+    failed = subprocess.run(_dags_test_command("sdxl_lora_deploy", {
+        "model_data_url": winner, "endpoint_name": "e2e-dag-endpoint", "smoke_request": {**smoke, "width": 33}}),
         env=airflow_env, capture_output=True, text=True, timeout=900)
     assert "state=failed" in failed.stdout + failed.stderr
     after = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")

@@ -21,6 +21,7 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1",
+           "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
            "SDXL_LORA_TRAINING_POOL_SIZE": "2", "SDXL_LORA_BASE_MODEL_URI": staged["base"] + "/",
            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
                                                    "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}})}

@@ -155,3 +155,15 @@ def test_no_retry_fails_the_task_at_once_with_the_errors_message_and_lets_others
     with pytest.raises(RuntimeError):
         with no_retry(ValueError):
             raise RuntimeError("a retry may help")
+
+
+def test_the_retry_delay_is_a_parse_time_setting(monkeypatch):
+    from datetime import timedelta
+
+    from sdxl_lora.dag_common import dag_arguments
+    from sdxl_lora.settings import PARSE_TIME
+
+    assert dag_arguments("d", "doc")["default_args"]["retry_delay"] == timedelta(seconds=60)
+    monkeypatch.setenv("SDXL_LORA_RETRY_DELAY_SECONDS", "5")
+    assert dag_arguments("d", "doc")["default_args"]["retry_delay"] == timedelta(seconds=5)
+    assert "retry_delay_seconds" in PARSE_TIME  # the DAGs read it when parsed: a Variable may not contradict it
