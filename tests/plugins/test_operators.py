@@ -291,3 +291,16 @@ def test_a_stopped_job_fails_the_processing_task():
     fake.check_status = lambda name, key, describe, *a: (fake.jobs.__setitem__(name, "Stopped"), describe(name))[1]
     with pytest.raises(AirflowException, match="Processing job sdxl-lora-prepare-run-v1 Stopped"):
         _operator(fake, processing=True).execute({})
+
+
+@pytest.mark.parametrize("print_log", [True, False])
+def test_a_job_that_failed_on_its_input_fails_the_task_at_once_whether_its_log_is_tailed_or_not(print_log):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    fake = FakeSageMaker()
+    failing = lambda name, *a, **k: (fake.jobs.__setitem__(name, "Failed"), fake.describe_training_job(name))[1]  # noqa: E731
+    fake.check_status = fake.check_training_status_with_log = failing
+    with pytest.raises(AirflowFailException, match=f"Training job {JOB} Failed: Reason: train channel has no images "
+                                                   r"\(not retried"):
+        _operator(fake, print_log=print_log).execute({})
+    assert fake.created == [JOB]

@@ -301,12 +301,14 @@ class ResumableSageMakerTrainingOperator(_ResumableJob, SageMakerTrainingOperato
 
     def _wait(self, name: str) -> None:
         if self.print_log:  # the job's CloudWatch lines in the task log as they come
+            # No failed states for the hook to raise on: how a failure fails the task is decided below.
             self.hook.check_training_status_with_log(
-                name, self.hook.non_terminal_states, self.hook.training_failed_states, wait_for_completion=True,
+                name, self.hook.non_terminal_states, set(), wait_for_completion=True,
                 check_interval=self.check_interval, max_ingestion_time=self.max_ingestion_time)
-            return
-        description = self.hook.check_status(name, "TrainingJobStatus", self.hook.describe_training_job,
-                                              self.check_interval, self.max_ingestion_time)
+            description = self.hook.describe_training_job(name)
+        else:
+            description = self.hook.check_status(name, "TrainingJobStatus", self.hook.describe_training_job,
+                                                  self.check_interval, self.max_ingestion_time)
         _raise_unless_completed(TRAINING, description)
 
     def _result(self, name: str) -> dict:
