@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import torch
 
 from ml.contract import metrics
-from ml.contract.container import LORA_WEIGHTS, ContainerPaths, JobError
+from ml.contract.container import LORA_WEIGHTS, SCORE_CHANNEL, ContainerPaths, JobError
 from ml.contract.hyperparameters import Hyperparameters
+from ml.contract.lora_files import LoraFileError, check_safetensors, lora_from_archive, refuse_pickle
 from ml.dataset.imagefolder import load_imagefolder, split_validation
 from ml.train import reporting
 from ml.train.interruption import StopFlag
 
 log = logging.getLogger(__name__)
 
-SCORE_CHANNEL = "score_adapter"
 SCORE_FILE = "score.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def requested(paths: ContainerPaths) -> bool:
@@ -47,37 +45,31 @@ def adapter_file(channel: Path) -> Path:
     .tar.gz (a training job's model.tar.gz; nothing else of it is extracted). Pickles are refused unopened."""
     if not channel.is_dir():
         raise JobError(f"{SCORE_CHANNEL} channel is not a directory ({channel})")
+    try:
+        return _lora_in(channel)
+    except LoraFileError as error:
+        raise JobError(f"{SCORE_CHANNEL} channel: {error}") from None
+
+
+def _lora_in(channel: Path) -> Path:
     direct = channel / LORA_WEIGHTS
     if direct.is_file():
-        return _checked(direct, direct.name)
+        check_safetensors(direct, direct.name)
+        return direct
     archives = sorted(channel.glob("*.tar.gz"))
     files = sorted(p.name for p in channel.iterdir())
     if len(archives) != 1:
-        pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
-        if pickles:
-            raise JobError(f"{SCORE_CHANNEL} channel holds a pickle file ({pickles[0]}): only safetensors "
-                           "adapters are read")
+        for name in files:
+            refuse_pickle(name, "the adapter")
         raise JobError(f"{SCORE_CHANNEL} channel holds neither {LORA_WEIGHTS} nor one model.tar.gz "
                        f"(found: {', '.join(files) or 'nothing'})")
+    with archives[0].open("rb") as stream:
+        data = lora_from_archive(stream, archives[0].name)
     target = channel / ".extracted" / LORA_WEIGHTS
-    try:
-        with tarfile.open(archives[0], mode="r:gz") as archive:
-            for member in archive:
-                if member.isfile() and Path(member.name).as_posix().lstrip("./") == LORA_WEIGHTS:
-                    target.parent.mkdir(exist_ok=True)
-                    target.write_bytes(archive.extractfile(member).read())
-                    return _checked(target, f"{archives[0].name}:{LORA_WEIGHTS}")
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise JobError(f"{SCORE_CHANNEL} channel: {archives[0].name} is not a readable .tar.gz: {error}") from None
-    raise JobError(f"{SCORE_CHANNEL} channel: {archives[0].name} holds no {LORA_WEIGHTS} at its top level")
-
-
-def _checked(path: Path, label: str) -> Path:
-    """A safetensors file starts with an 8-byte little-endian header length, then '{'."""
-    head = path.read_bytes()[:9]
-    if len(head) < 9 or head[8:9] != b"{" or int.from_bytes(head[:8], "little") > path.stat().st_size:
-        raise JobError(f"{SCORE_CHANNEL} channel: {label} is not a safetensors file")
-    return path
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(data)
+    check_safetensors(target, f"{archives[0].name}:{LORA_WEIGHTS}")
+    return target
 
 
 def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
