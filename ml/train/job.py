@@ -223,7 +223,6 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from peft import LoraConfig
 
     # The torch stack is imported: move its millions of long-lived objects out of the
     # collector's sight, so no collection (automatic ones in the loop included) walks them again.
@@ -257,30 +256,8 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     gc.collect()
     phases["latents_cached"] = _process_seconds()
 
-    unet = load_frozen_unet(base, weight_dtype, device)
-    if hp.enable_xformers_memory_efficient_attention:
-        try:
-            import xformers  # noqa: F401
-
-            unet.enable_xformers_memory_efficient_attention()
-        except ImportError:
-            log.warning("xformers is not installed: using PyTorch scaled-dot-product attention")
-    unet_config = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
-                             target_modules=UNET_LORA_TARGETS)
-    unet.add_adapter(unet_config)
-    text_config = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
-                             target_modules=TEXT_LORA_TARGETS)
-    for encoder in text_encoders or ():
-        encoder.add_adapter(text_config)
-    trained = [unet, *(text_encoders or ())]
-    if hp.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for encoder in text_encoders or ():
-            encoder.gradient_checkpointing_enable()
-    for model in trained:  # LoRA parameters train in fp32 whatever the compute precision
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+    trained, unet_config, text_config = _models_with_lora(base, hp, weight_dtype, device, text_encoders)
+    unet = trained[0]
 
     baseline_val_loss = None
     resume = complete_checkpoints(paths.checkpoints)
@@ -305,16 +282,9 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
         resumed_from = progress["global_step"]
         log.info("resumed from %s at step %d", checkpoint.name, resumed_from)
 
-    if fast_path_off:
-        log.info("training step: accelerate loop (fast path off: %s)", ", ".join(fast_path_off))
-        step = AcceleratedStep(accelerator, hp, noise_scheduler, train_cache, trained, clipped, optimizer,
-                               lr_scheduler, weight_dtype)
-    else:  # built after resuming: it captures the loaded optimizer state and loss scale
-        fast = FastStep(trained[0], optimizer.optimizer, noise_scheduler, weight_dtype, device,
-                        hp.gradient_accumulation_steps, hp.max_grad_norm, hp.snr_gamma, scaler=accelerator.scaler)
-        log.info("training step: fast path (LoRA computed in %s, fp32 master weights%s)",
-                 str(weight_dtype).removeprefix("torch."), ", CUDA graphs per input shape" if fast.graphs else "")
-        step = FastPathStep(fast, hp, noise_scheduler, train_cache, lr_scheduler, accelerator.scaler)
+    # Built after resuming: the fast path's step captures the loaded optimizer state and loss scale.
+    step = _make_step(accelerator, hp, noise_scheduler, train_cache, trained, clipped, optimizer, lr_scheduler,
+                      weight_dtype, fast_path_off)
 
     per_epoch = micro_batches_per_epoch(hp, train_cache.buckets, world)
     log.info("training: %d images, %d micro-batches per epoch, %d optimizer steps, %d process(es) on %s",
@@ -325,6 +295,52 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     return Training(paths, hp, accelerator, base, train_examples, val_examples, train_cache, val_cache,
                     noise_scheduler, trained, (unet_config, text_config), optimizer, step, weight_dtype, max_steps,
                     per_epoch, resumed_from, baseline_val_loss, phases, interactive)
+
+
+def _models_with_lora(base: str, hp: Hyperparameters, weight_dtype: torch.dtype, device, text_encoders):
+    """The UNet (and the text encoders when they train) with fresh LoRA adapters, the LoRA in fp32;
+    returns (models that train, the UNet's LoraConfig, the text encoders')."""
+    from peft import LoraConfig
+
+    unet = load_frozen_unet(base, weight_dtype, device)
+    if hp.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+
+            unet.enable_xformers_memory_efficient_attention()
+        except ImportError:
+            log.warning("xformers is not installed: using PyTorch scaled-dot-product attention")
+    unet_config = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
+                             target_modules=UNET_LORA_TARGETS)
+    unet.add_adapter(unet_config)
+    text_config = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
+                             target_modules=TEXT_LORA_TARGETS)
+    for encoder in text_encoders or ():
+        encoder.add_adapter(text_config)
+    trained = [unet, *(text_encoders or ())]
+    if hp.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in text_encoders or ():
+            encoder.gradient_checkpointing_enable()
+    for model in trained:  # LoRA parameters train in fp32 whatever the compute precision
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    return trained, unet_config, text_config
+
+
+def _make_step(accelerator, hp: Hyperparameters, noise_scheduler, train_cache: Frozen, trained: list, clipped: list,
+               optimizer, lr_scheduler, weight_dtype: torch.dtype, fast_path_off: list[str]) -> TrainingStep:
+    """The fast path's step unless something it does not cover is asked for (fast_path_off), else accelerate's."""
+    if fast_path_off:
+        log.info("training step: accelerate loop (fast path off: %s)", ", ".join(fast_path_off))
+        return AcceleratedStep(accelerator, hp, noise_scheduler, train_cache, trained, clipped, optimizer,
+                               lr_scheduler, weight_dtype)
+    fast = FastStep(trained[0], optimizer.optimizer, noise_scheduler, weight_dtype, accelerator.device,
+                    hp.gradient_accumulation_steps, hp.max_grad_norm, hp.snr_gamma, scaler=accelerator.scaler)
+    log.info("training step: fast path (LoRA computed in %s, fp32 master weights%s)",
+             str(weight_dtype).removeprefix("torch."), ", CUDA graphs per input shape" if fast.graphs else "")
+    return FastPathStep(fast, hp, noise_scheduler, train_cache, lr_scheduler, accelerator.scaler)
 
 
 def _progress_bar(training: Training, initial: int):
