@@ -138,6 +138,9 @@ MAX_TRAIN_STEPS = 100_000
 SPECS: tuple[Spec, ...] = (
     Spec("pretrained_model_name_or_path", str, "stabilityai/stable-diffusion-xl-base-1.0",
          "Base SDXL pipeline (Hub id or local directory); ignored when the base_model channel is given."),
+    Spec("base_model_id", str, None,
+         "Hub id the base_model channel's pipeline was staged from, named as base_model in the model card; "
+         "unset: the staged pipeline's own _name_or_path when that is a Hub id.", optional=True),
     Spec("resolution", int, 1024, "Square training resolution in pixels (multiple of 8).", minimum=8, maximum=4096,
          multiple_of=8),
     Spec("train_batch_size", int, 1, "Images per device per micro-batch.", minimum=1),

@@ -25,14 +25,13 @@ import io
 import logging
 import os
 import re
-import struct
-import tarfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ml.contract import lora_files
 from ml.contract.container import LORA_WEIGHTS, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -40,9 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ADAPTER = "default"
 ADAPTERS_DIR = "adapters"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 
 
 class AdapterError(Exception):
@@ -62,21 +59,17 @@ def is_s3(name: str) -> bool:
 
 
 def refuse_pickle(name: str, where: str) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise AdapterError(f"adapter {where} is a pickle file ({Path(name).name}): only .safetensors adapters "
-                           "are loaded, and pickle files are never opened")
+    try:
+        lora_files.refuse_pickle(name, f"adapter {where}")
+    except lora_files.LoraFileError as error:
+        raise AdapterError(str(error)) from None
 
 
 def check_safetensors_header(path: Path, where: str) -> None:
-    """The first bytes of a safetensors file: an 8-byte little-endian header length, then '{'."""
-    with path.open("rb") as file:
-        head = file.read(9)
-    size = path.stat().st_size
-    if len(head) < 9:
-        raise AdapterError(f"adapter {where} is not a safetensors file: only {size} bytes")
-    (length,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or length > min(size - 8, _MAX_SAFETENSORS_HEADER):
-        raise AdapterError(f"adapter {where} is not a safetensors file (no safetensors header)")
+    try:
+        lora_files.check_safetensors(path, f"adapter {where}")
+    except lora_files.LoraFileError as error:
+        raise AdapterError(str(error)) from None
 
 
 class AdapterLocator:
@@ -120,7 +113,7 @@ class AdapterLocator:
         folder = self.model_dir if name == DEFAULT_ADAPTER else self.model_dir / ADAPTERS_DIR / name
         path = folder / LORA_WEIGHTS
         if not path.is_file():
-            pickles = sorted(p.name for p in folder.glob("*") if p.name.lower().endswith(PICKLE_SUFFIXES)) \
+            pickles = sorted(p.name for p in folder.glob("*") if lora_files.is_pickle(p.name)) \
                 if folder.is_dir() else []
             if pickles:
                 refuse_pickle(pickles[0], name)
@@ -173,13 +166,11 @@ class AdapterLocator:
 def _lora_from_archive(body, uri: str) -> bytes:
     """The LoRA member of a model.tar.gz, read as a stream; nothing else is extracted."""
     try:
-        with tarfile.open(fileobj=io.BufferedReader(body), mode="r|gz") as archive:
-            for member in archive:
-                if member.isfile() and Path(member.name).as_posix().lstrip("./") == LORA_WEIGHTS:
-                    return archive.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise AdapterError(f"adapter {uri} is not a readable .tar.gz: {error}") from None
-    raise AdapterError(f"adapter {uri} holds no {LORA_WEIGHTS} at its top level", status=404)
+        return lora_files.lora_from_archive(io.BufferedReader(body), f"adapter {uri}")
+    except lora_files.LoraMemberMissing as error:
+        raise AdapterError(str(error), status=404) from None
+    except lora_files.LoraFileError as error:
+        raise AdapterError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------

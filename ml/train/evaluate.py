@@ -18,23 +18,26 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from pathlib import Path
 
-import torch
-
 from ml.contract import metrics
-from ml.contract.container import LORA_WEIGHTS, ContainerPaths, JobError
+from ml.contract.container import LORA_WEIGHTS, SCORE_CHANNEL, TRAIN_CHANNEL, ContainerPaths, JobError
 from ml.contract.hyperparameters import Hyperparameters
+from ml.contract.lora_files import LoraFileError, check_safetensors, lora_from_archive, refuse_pickle
 from ml.dataset.imagefolder import load_imagefolder, split_validation
 from ml.train import reporting
 from ml.train.interruption import StopFlag
+from ml.train.models import (
+    base_model_path,
+    check_precision_support,
+    compute_dtype,
+    load_frozen_encoders,
+    load_frozen_unet,
+)
 
 log = logging.getLogger(__name__)
 
-SCORE_CHANNEL = "score_adapter"
 SCORE_FILE = "score.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def requested(paths: ContainerPaths) -> bool:
@@ -47,45 +50,38 @@ def adapter_file(channel: Path) -> Path:
     .tar.gz (a training job's model.tar.gz; nothing else of it is extracted). Pickles are refused unopened."""
     if not channel.is_dir():
         raise JobError(f"{SCORE_CHANNEL} channel is not a directory ({channel})")
+    try:
+        return _lora_in(channel)
+    except LoraFileError as error:
+        raise JobError(f"{SCORE_CHANNEL} channel: {error}") from None
+
+
+def _lora_in(channel: Path) -> Path:
     direct = channel / LORA_WEIGHTS
     if direct.is_file():
-        return _checked(direct, direct.name)
+        check_safetensors(direct, direct.name)
+        return direct
     archives = sorted(channel.glob("*.tar.gz"))
     files = sorted(p.name for p in channel.iterdir())
     if len(archives) != 1:
-        pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
-        if pickles:
-            raise JobError(f"{SCORE_CHANNEL} channel holds a pickle file ({pickles[0]}): only safetensors "
-                           "adapters are read")
+        for name in files:
+            refuse_pickle(name, "the adapter")
         raise JobError(f"{SCORE_CHANNEL} channel holds neither {LORA_WEIGHTS} nor one model.tar.gz "
                        f"(found: {', '.join(files) or 'nothing'})")
+    with archives[0].open("rb") as stream:
+        data = lora_from_archive(stream, archives[0].name)
     target = channel / ".extracted" / LORA_WEIGHTS
-    try:
-        with tarfile.open(archives[0], mode="r:gz") as archive:
-            for member in archive:
-                if member.isfile() and Path(member.name).as_posix().lstrip("./") == LORA_WEIGHTS:
-                    target.parent.mkdir(exist_ok=True)
-                    target.write_bytes(archive.extractfile(member).read())
-                    return _checked(target, f"{archives[0].name}:{LORA_WEIGHTS}")
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise JobError(f"{SCORE_CHANNEL} channel: {archives[0].name} is not a readable .tar.gz: {error}") from None
-    raise JobError(f"{SCORE_CHANNEL} channel: {archives[0].name} holds no {LORA_WEIGHTS} at its top level")
-
-
-def _checked(path: Path, label: str) -> Path:
-    """A safetensors file starts with an 8-byte little-endian header length, then '{'."""
-    head = path.read_bytes()[:9]
-    if len(head) < 9 or head[8:9] != b"{" or int.from_bytes(head[:8], "little") > path.stat().st_size:
-        raise JobError(f"{SCORE_CHANNEL} channel: {label} is not a safetensors file")
-    return path
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(data)
+    check_safetensors(target, f"{archives[0].name}:{LORA_WEIGHTS}")
+    return target
 
 
 def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     """The adapter's val_loss on the train channel's held-out images, as training computes its own."""
-    if hp.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise JobError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on a CPU")
+    check_precision_support(hp)
     lora = adapter_file(paths.channel(SCORE_CHANNEL))
-    examples = load_imagefolder(paths.channel("train"), hp.caption_column)
+    examples = load_imagefolder(paths.channel(TRAIN_CHANNEL), hp.caption_column)
     _, val_examples = split_validation(examples, hp.validation_split)
     if not val_examples:
         raise JobError("validation_split is 0: there are no held-out images to score the adapter on")
@@ -94,7 +90,6 @@ def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
 
     from ml.train.frozen import cache_frozen, latent_source
     from ml.train.loss import validation_loss
-    from ml.train.models import base_model_path, load_encoders, load_unet
 
     base = base_model_path(paths, hp)
     try:
@@ -106,15 +101,11 @@ def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
 
     accelerator = Accelerator(mixed_precision=hp.mixed_precision)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(hp.mixed_precision, torch.float32)
-    # As in training: text encoders carrying a LoRA run in fp32 (they were trained so) and encode each
-    # caption when scored; frozen ones run in the compute dtype and encode every caption once.
+    weight_dtype = compute_dtype(hp.mixed_precision)
+    # As in training: text encoders carrying a LoRA encode each caption when scored; frozen ones
+    # encode every caption once.
     as_trained = Hyperparameters({**hp.as_dict(), "train_text_encoder": encoders_adapted})
-    tokenizers, text_encoders, vae, scheduler = load_encoders(
-        base, torch.float32 if encoders_adapted else weight_dtype)
-    for model in (vae, *text_encoders):
-        model.requires_grad_(False)
-        model.to(device)
+    tokenizers, text_encoders, vae, scheduler = load_frozen_encoders(base, weight_dtype, device, encoders_adapted)
     if encoders_adapted:
         for encoder, prefix in zip(text_encoders, ("text_encoder", "text_encoder_2")):
             StableDiffusionXLPipeline.load_lora_into_text_encoder(state, alphas, encoder, prefix=prefix,
@@ -124,9 +115,7 @@ def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     val_cache = cache_frozen(val_examples, as_trained, vae, tokenizers, text_encoders, device, 1, stop,
                              center_crop=True, source=source)
     del vae
-    unet = load_unet(base, weight_dtype)
-    unet.requires_grad_(False)
-    unet.to(device, memory_format=torch.channels_last)
+    unet = load_frozen_unet(base, weight_dtype, device)
     StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, unet, metadata=metadata)
     _lora_in_fp32(unet)
     if encoders_adapted:
@@ -140,7 +129,7 @@ def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     log.info(metrics.val_loss_line(val_loss))
     result = {"val_loss": val_loss, "validation_images": len(val_examples),
               "held_out": sorted(e.path.name for e in val_examples),
-              "dataset_version": reporting.dataset_version(paths.channel("train")),
+              "dataset_version": reporting.dataset_version(paths.channel(TRAIN_CHANNEL)),
               "text_encoders_adapted": encoders_adapted, "mixed_precision": hp.mixed_precision,
               "resolution": hp.resolution, "validation_split": hp.validation_split}
     if accelerator.is_main_process:

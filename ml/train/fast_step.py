@@ -58,6 +58,14 @@ class StepInputs:
     def shape_key(self) -> tuple:
         return tuple(tuple(t.shape) for t in (self.latents, self.prompt_embeds, self.pooled, self.time_ids))
 
+    def on(self, device: torch.device, dtype: torch.dtype) -> "StepInputs":
+        """On the device as the UNet takes them: latents and noise channels-last, all but timesteps in dtype."""
+        nhwc = torch.channels_last
+        return StepInputs(self.latents.to(device, dtype, memory_format=nhwc),
+                          self.noise.to(device, dtype, memory_format=nhwc), self.timesteps.to(device),
+                          self.prompt_embeds.to(device, dtype), self.pooled.to(device, dtype),
+                          self.time_ids.to(device, dtype))
+
 
 def fast_path_blockers(hp, world: int) -> list[str]:
     """Why this job runs the accelerate loop instead (empty: the fast path applies)."""
@@ -183,14 +191,6 @@ class FastStep:
 
     # -- public ---------------------------------------------------------------------------------
 
-    def to_device(self, inputs: StepInputs) -> StepInputs:
-        """The loop's conversions: latents and noise channels-last, everything in the compute dtype."""
-        nhwc, dtype, device = torch.channels_last, self.weight_dtype, self.device
-        return StepInputs(inputs.latents.to(device, dtype, memory_format=nhwc),
-                          inputs.noise.to(device, dtype, memory_format=nhwc), inputs.timesteps.to(device),
-                          inputs.prompt_embeds.to(device, dtype), inputs.pooled.to(device, dtype),
-                          inputs.time_ids.to(device, dtype))
-
     def micro_step(self, inputs: StepInputs) -> None:
         """Forward and backward of one micro-batch; gradients add up until update()."""
         key = inputs.shape_key()
@@ -202,14 +202,14 @@ class FastStep:
             return
         runs = self._runs.get(key, 0)
         if self.graphs and runs >= _RUNS_BEFORE_CAPTURE:
-            static = self.to_device(inputs)
+            static = inputs.on(self.device, self.weight_dtype)
             graph = self._capture(lambda: self._forward_backward(static), f"micro-batch shape {key[0]}")
             if graph is not None:
                 self._graphs[key] = (graph, static)
                 graph.replay()
                 return
         self._runs[key] = runs + 1
-        self._forward_backward(self.to_device(inputs))
+        self._forward_backward(inputs.on(self.device, self.weight_dtype))
 
     def update(self) -> None:
         """Unscale (fp16), clip, AdamW step, zero gradients, refresh the compute copies."""

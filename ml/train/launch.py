@@ -74,13 +74,14 @@ def launch_command(config_file: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "-m", "ml.train.job"]
 
 
-def run(config: dict, stop) -> int:
-    """Run accelerate launch, forwarding SIGTERM so every rank checkpoints and exits."""
+def run(config: dict, stop, paths: ContainerPaths) -> int:
+    """Run accelerate launch, forwarding SIGTERM so every rank checkpoints and exits. The ranks read the
+    job's directory from SAGEMAKER_BASE_DIR, which is set to this job's (a --base-dir included)."""
     with tempfile.TemporaryDirectory(prefix="sdxl-lora-launch-") as folder:
         config_file = os.path.join(folder, "accelerate.yaml")
         with open(config_file, "w") as out:
             yaml.safe_dump(config, out)
-        child = subprocess.Popen(launch_command(config_file))
+        child = subprocess.Popen(launch_command(config_file), env={**os.environ, "SAGEMAKER_BASE_DIR": str(paths.base)})
 
         def forward(signum, frame):
             stop.raised = True

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
+
+from ml.contract.hyperparameters import Hyperparameters
 
 LOSS_CURVE = "loss_curve.png"
 REPORT_DIR = "report"  # under output/data/
@@ -19,6 +22,8 @@ SUMMARY = "training_summary.json"
 # Validation image i is always drawn from seed FIRST_SAMPLE_SEED + i, whatever the trial's own seed:
 # every trial of a grid renders the same prompt from the same noise, so their images compare cell by cell.
 FIRST_SAMPLE_SEED = 1000
+# owner/name, as the Hub names every SDXL pipeline; a path (absolute, ./, ../) never matches.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 _TRAIN_COLOUR = (31, 119, 180)
 _VAL_COLOUR = (255, 127, 14)
@@ -149,12 +154,34 @@ def dataset_version(train_channel: Path) -> str | None:
         return None
 
 
+def base_model_name(base: str, hp: Hyperparameters) -> str:
+    """The card's base_model for the pipeline loaded from base: the Hub id it came from, never a container path."""
+    if hp.base_model_id:
+        return hp.base_model_id
+    # The text encoders' configs are left out: theirs name CLIP models, not the pipeline.
+    for config in (Path(base) / "model_index.json", Path(base) / "unet" / "config.json"):
+        recorded = _recorded_name(config)
+        if recorded and HUB_ID.fullmatch(recorded):
+            return recorded
+    if base == hp.pretrained_model_name_or_path:
+        return base
+    # Nothing staged says where it came from. The folder's own name may still tell one staged model from
+    # another; the channel's path is the same /opt/ml/input/data/base_model in every job and would tell nothing.
+    return Path(base).resolve().name
+
+
+def _recorded_name(config: Path) -> str | None:
+    try:
+        recorded = json.loads(config.read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
 def _base_model_sentence(base: str) -> str:
-    if base.rstrip("/").endswith("input/data/base_model"):
-        return "A LoRA adapter for the SDXL pipeline of the training job's `base_model` channel"
-    if "/" in base and not base.startswith((".", "/")):
+    if HUB_ID.fullmatch(base):
         return f"A LoRA adapter for [`{base}`](https://huggingface.co/{base})"
-    return f"A LoRA adapter for the SDXL pipeline at `{base}`"
+    return f"A LoRA adapter for the SDXL pipeline `{base}`"
 
 
 def model_card(summary: dict, weights_name: str) -> str:

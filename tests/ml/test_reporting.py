@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from ml.contract.hyperparameters import parse
 from ml.train import reporting
 
 
@@ -81,6 +82,7 @@ def test_a_job_writes_curve_samples_card_and_the_output_data_report(make_job, da
     assert curve.size == (800, 480) and _pixels_of(curve, (255, 127, 14)) > 200  # 3 validation points: 0, 4, 8
     card = (job.model / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n")
+    assert "input/data/base_model" not in card  # the container path means nothing outside the job
     for expected in ("base_model:", 'datasets: ["v-test"]', "widget:", "url: samples/sample-0.png",
                      "![loss curve](loss_curve.png)", "load_lora_weights", "| learning_rate | 0.001 |",
                      f"| validation loss (held-out images) | {summary['val_loss']:.6g} |", "dataset version `v-test`"):
@@ -108,3 +110,21 @@ def test_validation_images_at_checkpoints_when_asked_without_changing_the_traini
     # Rendering at a checkpoint leaves the training models alone: the same losses and the same final LoRA.
     assert [r["loss"] for r in summary["losses"]] == pytest.approx([r["loss"] for r in plain.summary()["losses"]])
     assert (asked.model / "samples" / "sample-0.png").read_bytes() == (plain.model / "samples" / "sample-0.png").read_bytes()
+
+
+def test_the_card_names_the_hub_id_the_base_model_came_from(tmp_path):
+    channel = tmp_path / "input" / "data" / "base_model"
+    (channel / "unet").mkdir(parents=True)
+    index, unet = channel / "model_index.json", channel / "unet" / "config.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    unet.write_text(json.dumps({"_name_or_path": "/root/.cache/sdxl/unet"}))  # a path is never a Hub id
+    # Nothing staged names it: the folder's name, never the container path.
+    assert reporting.base_model_name(str(channel), parse({})) == "base_model"
+    unet.write_text(json.dumps({"_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0"}))
+    assert reporting.base_model_name(str(channel), parse({})) == "stabilityai/stable-diffusion-xl-base-1.0"
+    index.write_text(json.dumps({"_name_or_path": "org/pipeline"}))
+    assert reporting.base_model_name(str(channel), parse({})) == "org/pipeline"
+    # The hyperparameter wins over what the files record.
+    assert reporting.base_model_name(str(channel), parse({"base_model_id": "org/given"})) == "org/given"
+    # Loaded from the Hub, with no channel: the id it was loaded by.
+    assert reporting.base_model_name("org/sdxl", parse({"pretrained_model_name_or_path": "org/sdxl"})) == "org/sdxl"

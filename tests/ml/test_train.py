@@ -224,6 +224,23 @@ def test_invalid_hyperparameters_json_fails_clearly(make_job):
     _assert_failed(job.run(), "hyperparameters.json is not valid JSON")
 
 
+def test_the_command_line_is_honoured(make_job):
+    """`python -m ml.train.job --base-dir DIR` reads and writes that job directory, whatever the environment."""
+    import subprocess
+    import sys
+
+    job = make_job({})
+    (job.base / "input" / "config" / "hyperparameters.json").write_text("{not json")
+    env = {key: value for key, value in job.env().items() if key != "SAGEMAKER_BASE_DIR"}
+    done = subprocess.run([sys.executable, "-m", "ml.train.job", "--base-dir", str(job.base)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "hyperparameters.json is not valid JSON" in job.failure
+    refused = subprocess.run([sys.executable, "-m", "ml.train.job", "--learning-rate", "1"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "unrecognized arguments: --learning-rate" in refused.stderr
+
+
 def test_gpu_only_options_fail_clearly_on_a_cpu(make_job):
     _assert_failed(make_job({"use_8bit_adam": "true"}).run(), "use_8bit_adam needs a CUDA GPU")
     _assert_failed(make_job({"mixed_precision": "fp16"}).run(), "mixed_precision fp16 needs a CUDA GPU")
