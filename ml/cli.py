@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> NoReturn:
     from ml.contract.container import exit_now
     from ml.train import job as train
 
     exit_now(train.main())
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> NoReturn:
     from ml.contract.container import exit_now
     from ml.serve import server as serve
 

@@ -18,9 +18,9 @@ import re
 from pathlib import Path
 
 from ml.contract.container import JobError
+from ml.contract.lora_files import PICKLE_SUFFIXES
 
 SAFETENSORS = ".safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # `diffusion_pytorch_model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`: the variant is the
 # name's second dotted part, before the shard suffix (diffusers' and transformers' naming).
 _VARIANT = re.compile(r"^[^.]+\.(?P<variant>[A-Za-z0-9_]+)(?:-\d{5}-of-\d{5})?\.safetensors$")

@@ -39,6 +39,7 @@ import torch
 from ml.contract import metrics
 from ml.contract.container import LORA_WEIGHTS, TRAIN_CHANNEL, ContainerPaths, JobError, configure_logging, exit_now
 from ml.contract.hyperparameters import Hyperparameters, parse
+from ml.contract.model_files import pipeline_options
 from ml.dataset.imagefolder import Example, load_imagefolder, split_validation
 from ml.train import reporting, seeds
 from ml.train.checkpoints import (
@@ -449,7 +450,7 @@ def render_samples(base: str, model_dir: Path, hp: Hyperparameters, device, weig
 
     # The compute dtype on a GPU; fp32 on a CPU, where half-precision inference is slow or unsupported.
     dtype = weight_dtype if torch.cuda.is_available() else torch.float32
-    pipeline = StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype).to(device)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(base, dtype=dtype, **pipeline_options(base)).to(device)
     pipeline.load_lora_weights(str(lora_dir or model_dir), weight_name=LORA_WEIGHTS)
     pipeline.set_progress_bar_config(disable=True)
     out = model_dir / folder

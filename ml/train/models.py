@@ -9,6 +9,7 @@ import torch
 
 from ml.contract.container import BASE_MODEL_CHANNEL, LORA_WEIGHTS, ContainerPaths, JobError
 from ml.contract.hyperparameters import Hyperparameters
+from ml.contract.model_files import load_options
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -38,11 +39,14 @@ def load_encoders(base: str, text_dtype: torch.dtype):
     def load():
         tokenizers = (CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
                       CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"))
-        text_encoders = (CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_dtype),
+        # Safetensors only, the variant staged (ml.contract.model_files): never a pickle beside them.
+        text_encoders = (CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_dtype,
+                                                       **load_options(base, "text_encoder")),
                          CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
-                                                                     dtype=text_dtype))
+                                                                     dtype=text_dtype,
+                                                                     **load_options(base, "text_encoder_2")))
         # fp32: SDXL's VAE overflows in fp16, and it runs only once per image here.
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=torch.float32, **load_options(base, "vae"))
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         return tokenizers, text_encoders, vae, scheduler
 
@@ -53,7 +57,8 @@ def load_unet(base: str, dtype: torch.dtype):
     """The UNet, straight into its compute dtype (half the memory of loading fp32 and casting)."""
     from diffusers import UNet2DConditionModel
 
-    return _loading(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype))
+    return _loading(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype,
+                                                                        **load_options(base, "unet")))
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype:

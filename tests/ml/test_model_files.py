@@ -105,3 +105,18 @@ def test_the_prepare_job_caches_latents_with_the_fp16_variant_alone(base_model, 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     latents = list((tmp_path / "job" / "processing" / "output" / "dataset" / "latents").rglob("*.safetensors"))
     assert len(latents) == 2
+
+
+def test_a_training_job_trains_on_the_fp16_variant_alone_and_refuses_pickles(make_job, base_model, tmp_path):
+    fp16 = _layout(base_model, tmp_path / "fp16", fp16=WEIGHTS)
+    job = make_job({"max_train_steps": 2, "train_text_encoder": True, "num_validation_images": 1}, base=fp16).run()
+    assert job.lora.exists(), job.failure
+
+    pickled = _layout(base_model, tmp_path / "pickled")
+    trace = tmp_path / "trace"
+    (pickled / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    _plant_pickle(pickled / "vae", "diffusion_pytorch_model.bin", trace)
+    job = make_job({"max_train_steps": 2}, base=pickled).run()
+    assert not job.lora.exists()
+    assert "vae holds only pickle weights (diffusion_pytorch_model.bin)" in job.failure
+    assert not trace.exists()
