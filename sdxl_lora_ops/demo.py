@@ -161,7 +161,6 @@ def _copy_results(s3, run_id: str, out: Path) -> None:
     """The winner's LoRA and card, the leaderboards, sheets and curves as files (`sdxl-lora-ops fetch-results`)."""
     from sdxl_lora_ops import results
 
-    shutil.rmtree(out, ignore_errors=True)  # this demo's results, not an earlier one's
     target = targets.Target(s3, BUCKET, PREFIX, "the demo's local stack", True)
     results.describe(results.fetch(target, run_id, out, "sdxl_lora_grid_search"))
 
@@ -182,6 +181,7 @@ def _forget_previous_demo(root: Path) -> None:
     for path in home.glob("airflow.db*"):
         path.unlink()
     shutil.rmtree(root / "stack" / "s3", ignore_errors=True)
+    shutil.rmtree(root / "results", ignore_errors=True)
 
 
 def ui(workdir: str | None, port: int = 8080) -> int:
