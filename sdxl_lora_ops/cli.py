@@ -1,8 +1,9 @@
 """`sdxl-lora-ops`: the tools around the job images, never inside them.
 
 `local-stack` (the docker-free AWS stand-in), `airflow` (the UI against it), `demo` (the pipeline
-through the DAGs), `submit` (one training job without Airflow, through the SageMaker Python SDK)
-and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
+through the DAGs), `submit` (one training job without Airflow, through the SageMaker Python SDK),
+`upload-images` (a folder of one's own images into raw_dataset/<version>/), `fetch-results` (a grid run's
+LoRA, card, leaderboard, sheets and curves as files) and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
 `sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
 this package runs ml/ entrypoints as local processes. Each verb imports what it needs when it runs.
 """
@@ -61,6 +62,29 @@ def _base_images(args: argparse.Namespace) -> int:
         for image, uri in uris.items():
             print(f"{image}={uri}")
     return 0
+
+
+def _upload_images(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import upload_images
+
+    return upload_images.main(args)
+
+
+def _fetch_results(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import results
+
+    return results.main(args)
+
+
+def _where(command: argparse.ArgumentParser) -> None:
+    """--workdir / --aws: the running local stack of `make airflow` (sdxl_lora_ops/target.py), or S3 on AWS."""
+    place = command.add_mutually_exclusive_group()
+    place.add_argument("--workdir", default=None,
+                       help="the local stack that `airflow` or `demo` runs on this work dir (its local-stack.json); "
+                            "default: the newest running one of outputs/airflow and outputs/demo")
+    place.add_argument("--aws", action="store_true",
+                       help="S3 on AWS even when a local stack runs: SDXL_LORA_BUCKET and SDXL_LORA_PREFIX, boto3's "
+                            "default credentials (the default when no local stack runs)")
 
 
 def _json_object(text: str) -> dict:
@@ -136,6 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--wait", action="store_true", help="wait for the job to end and print its outcome")
     command.add_argument("--timeout", type=int, default=None, help="seconds to wait with --wait")
     command.set_defaults(handler=_submit)
+
+    command = commands.add_parser(
+        "upload-images", help="a folder of your own images (captions optional) into raw_dataset/VERSION/",
+        description="Uploads every file under FOLDER, as it is, to <prefix>/raw_dataset/VERSION/ of the running local "
+                    "stack of `airflow` (or `demo`), else of S3 on AWS. Captions are optional: a .txt beside an image, "
+                    "or a metadata.jsonl with file_name and text; prepare captions the rest. Images are not checked "
+                    "here: sdxl_dataset_prepare reports the ones it rejects. Then trigger sdxl_dataset_prepare with "
+                    "that version.")
+    command.add_argument("folder", metavar="FOLDER")
+    command.add_argument("--version", required=True,
+                         help="the dataset version: letters, digits, '.', '_' and '-' (what the prepare DAG accepts)")
+    command.add_argument("--replace", action="store_true",
+                         help="delete the version's objects first when it has some (else it is refused)")
+    _where(command)
+    command.set_defaults(handler=_upload_images)
+
+    command = commands.add_parser(
+        "fetch-results", help="a grid run's LoRA, model card, leaderboard, sheets and loss curves as files",
+        description="Copies grid_search/<run token>/ (leaderboards and report/: comparison sheets, loss curves) of "
+                    "the running local stack, else of S3 on AWS, and extracts the winner's model.tar.gz into "
+                    "OUT/winner/ (pytorch_lora_weights.safetensors, README.md). Prints the paths.")
+    command.add_argument("--run", required=True, metavar="RUN_ID", help="the DAG run id, as the UI shows it")
+    command.add_argument("--dag", choices=("sdxl_lora_grid_search", "sdxl_lora_tune"), default="sdxl_lora_grid_search")
+    command.add_argument("--out", default=None, help="default: outputs/results/<run token>")
+    _where(command)
+    command.set_defaults(handler=_fetch_results)
 
     command = commands.add_parser("base-images",
                                   help="the Hugging Face Deep Learning Container URIs of a region (image_uris)",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from local_stack.aws import CREDENTIALS, REGION
 from local_stack.hosting import free_port
+from sdxl_lora_ops import target as targets
 from sdxl_lora_ops.airflow_services import AirflowServices
 
 BUCKET, PREFIX, VERSION, ENDPOINT = "sdxl-lora-local", "sdxl-finetune-lora", "demo", "sdxl-lora-demo"
@@ -68,6 +69,8 @@ def _start_stack(workdir: Path, port: int) -> subprocess.Popen:
         if stack.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the local stack did not start; see {log}")
         time.sleep(0.2)
+    # Where `upload-images` and `fetch-results` find this stack (sdxl_lora_ops/target.py); gone when it stops.
+    targets.write_record(workdir, f"http://127.0.0.1:{port}", CREDENTIALS, REGION, BUCKET, PREFIX, stack.pid)
     return stack
 
 
@@ -134,7 +137,7 @@ def _start_airflow(root: Path, endpoint_url: str, s3, port: int | None = None,
     return airflow
 
 
-def _run_dag(airflow: AirflowServices, dag_id: str, conf: dict) -> None:
+def _run_dag(airflow: AirflowServices, dag_id: str, conf: dict) -> str:
     airflow.unpause(dag_id)
     run_id = airflow.trigger(dag_id, conf)
     run = airflow.wait_for_run(dag_id, run_id, timeout=1800)
@@ -143,6 +146,7 @@ def _run_dag(airflow: AirflowServices, dag_id: str, conf: dict) -> None:
                   for t in airflow.task_instances(dag_id, run_id) if t["state"] in ("failed", "upstream_failed")]
         raise SystemExit(f"{dag_id} {run_id} {run['state']}: {', '.join(failed)}; task logs under "
                          f"{airflow.home / 'logs'}")
+    return run_id
 
 
 def _training_pool_size() -> int:
@@ -151,6 +155,14 @@ def _training_pool_size() -> int:
     from sdxl_lora.settings import Settings
 
     return Settings.from_environment().training_pool_size
+
+
+def _copy_results(s3, run_id: str, out: Path) -> None:
+    """The winner's LoRA and card, the leaderboards, sheets and curves as files (`sdxl-lora-ops fetch-results`)."""
+    from sdxl_lora_ops import results
+
+    target = targets.Target(s3, BUCKET, PREFIX, "the demo's local stack", True)
+    results.describe(results.fetch(target, run_id, out, "sdxl_lora_grid_search"))
 
 
 def ui_workdir(workdir: str | None, cwd: Path | None = None) -> Path:
@@ -169,6 +181,7 @@ def _forget_previous_demo(root: Path) -> None:
     for path in home.glob("airflow.db*"):
         path.unlink()
     shutil.rmtree(root / "stack" / "s3", ignore_errors=True)
+    shutil.rmtree(root / "results", ignore_errors=True)
 
 
 def ui(workdir: str | None, port: int = 8080) -> int:
@@ -193,8 +206,12 @@ def ui(workdir: str | None, port: int = 8080) -> int:
                           aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
         _step(f"staging a tiny SDXL and raw_dataset/{VERSION}/ in S3")
         airflow = _start_airflow(root, endpoint_url, s3, port=port, paused_at_creation=False)
+        targets.update_record(root, airflow_url=airflow.url)
         _step(f"Airflow UI on {airflow.url} (loopback only): user admin, password {airflow.password}\n"
               f"   Try sdxl_dataset_prepare with version '{VERSION}'. Ctrl-C stops everything.")
+        print("   Your own images: sdxl-lora-ops upload-images FOLDER --version V (finds this stack), then "
+              "sdxl_dataset_prepare with version V; a grid run's files: sdxl-lora-ops fetch-results --run RUN_ID",
+              flush=True)
         if reused:
             print(f"   Earlier runs from {root}: their reports and S3 objects are back (DAG run -> Grid report); "
                   "their SageMaker jobs and endpoints are not (they ended with that stack).", flush=True)
@@ -210,6 +227,7 @@ def ui(workdir: str | None, port: int = 8080) -> int:
             airflow.stop(grace=10)
         stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=300)
+        targets.remove_record(root)
         print("stopped", flush=True)
 
 
@@ -241,7 +259,7 @@ def main(workdir: str) -> int:
               f"buckets {counts['buckets']}, {counts['latents_cached']} latents cached; first caption: "
               f"{_first_caption(clients['s3'])!r}")
         _step("sdxl_lora_grid_search: 2 learning rates x 2 step counts x 1 rank, then deploy the winner")
-        _run_dag(airflow, "sdxl_lora_grid_search", GRID)
+        grid_run = _run_dag(airflow, "sdxl_lora_grid_search", GRID)
         s3 = clients["s3"]
         boards = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/grid_search/")["Contents"]]
         board_key = sorted(k for k in boards if k.endswith("leaderboard.md"))[-1]
@@ -254,6 +272,8 @@ def main(workdir: str) -> int:
         image.write_bytes(base64.b64decode(body["images"][0]))
         print(f"variant {response['InvokedProductionVariant']}, seed {body['seed']}: image saved to {image}")
         print(f"leaderboard: s3://{BUCKET}/{board_key} (local stack files under {root / 'stack'})")
+        _step(f"copying the results into {root / 'results'}")
+        _copy_results(s3, grid_run, root / "results")
         print(f"demo finished in {time.monotonic() - started:.0f} s")
         print("`make airflow` now shows this demo's runs: sdxl_lora_grid_search -> its run -> Grid report")
         return 0
@@ -262,3 +282,4 @@ def main(workdir: str) -> int:
             airflow.stop(grace=10)
         stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=300)
+        targets.remove_record(root)
