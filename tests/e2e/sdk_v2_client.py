@@ -1,7 +1,8 @@
 """The SageMaker Python SDK v2 as a user calls it, pointed at the local stack.
 
 Runs inside a virtual environment of its own that holds the SDK (tests/e2e/test_sagemaker_sdk.py makes it), never
-the project's code: `python sdk_v2_client.py STEP CONFIG.json` prints one JSON line with what the step saw.
+the project's code: `python sdk_v2_client.py STEP CONFIG.json` prints what the step saw as one JSON line after
+`RESULT`.
 Steps: train (Estimator.fit with spot, checkpoints and logs, then TrainingJobAnalytics), tune
 (HyperparameterTuner.fit, wait, best_training_job) and deploy (Model.deploy, predict, delete_endpoint).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+RESULT = "sdk-v2-client result: "
 
 
 def session(config: dict):
@@ -80,20 +83,21 @@ def tune(config: dict) -> dict:
 def deploy(config: dict) -> dict:
     from sagemaker.deserializers import JSONDeserializer
     from sagemaker.model import Model
+    from sagemaker.predictor import Predictor
     from sagemaker.serializers import JSONSerializer
 
     sm_session = session(config)
     model = Model(image_uri=config["inference_image"], model_data=config["model_data"], role=config["role"],
-                  env={"BASE_MODEL": config["base_model"]}, sagemaker_session=sm_session)
+                  env={"BASE_MODEL": config["base_model"]}, predictor_cls=Predictor, sagemaker_session=sm_session)
     predictor = model.deploy(initial_instance_count=1, instance_type="ml.g5.2xlarge",
                              endpoint_name="sdk-v2-endpoint", serializer=JSONSerializer(),
                              deserializer=JSONDeserializer())
     try:
         status = sm_session.sagemaker_client.describe_endpoint(EndpointName="sdk-v2-endpoint")["EndpointStatus"]
         answer = predictor.predict(config["request"])
-    finally:
-        predictor.delete_endpoint()
+    finally:  # the model first: the SDK finds it through the endpoint config, which delete_endpoint deletes
         predictor.delete_model()
+        predictor.delete_endpoint()
     endpoints = [e["EndpointName"] for e in sm_session.sagemaker_client.list_endpoints()["Endpoints"]]
     return {"status": status, "images": answer.get("images", []), "endpoints_after": endpoints}
 
@@ -102,4 +106,4 @@ if __name__ == "__main__":
     step, path = sys.argv[1], sys.argv[2]
     with open(path) as handle:
         result = {"train": train, "tune": tune, "deploy": deploy}[step](json.load(handle))
-    print(json.dumps(result, default=str))
+    print(f"\n{RESULT}{json.dumps(result, default=str)}")  # on a line of its own: the SDK prints progress dots

@@ -19,7 +19,8 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import BUCKET, IMAGE, ROLE
+from botocore.exceptions import ClientError
+from conftest import BUCKET, IMAGE, ROLE, training_request, wait_for
 from PIL import Image
 
 SDK = "sagemaker==2.257.7"  # the newest 2.x on the package index when this was written
@@ -79,7 +80,8 @@ def _run(sdk_python: Path, stack, tmp_path: Path, step: str, **config) -> dict:
                           timeout=600, env=_sdk_environment(stack, sdk_python), cwd=tmp_path)
     (tmp_path / f"{step}.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, f"the SDK's {step} failed; its output: {tmp_path / f'{step}.log'}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    line = next(line for line in done.stdout.splitlines() if line.startswith("sdk-v2-client result: "))
+    return json.loads(line.split(": ", 1)[1])
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,63 @@ def test_deploy_predict_and_delete_endpoint(sdk_python, stack, staged, fitted, t
     image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
     assert image.format == "PNG" and image.size == (32, 32)
     assert "sdk-v2-endpoint" not in answer["endpoints_after"]
+
+
+# -- what the SDK's tuner sends, through plain boto3: HyperParameterTuningResourceConfig ------------------------
+
+
+def _tuning_request(name: str, staged: dict, **resources) -> dict:
+    definition = {k: v for k, v in training_request("unused", staged).items()
+                  if k not in ("TrainingJobName", "HyperParameters", "ResourceConfig")}
+    definition["StaticHyperParameters"] = {"resolution": "32", "max_train_steps": "2", "train_batch_size": "2",
+                                           "validation_split": "0.2"}
+    return {"HyperParameterTuningJobName": name,
+            "HyperParameterTuningJobConfig": {
+                "Strategy": "Random", "HyperParameterTuningJobObjective": {"Type": "Minimize", "MetricName": "val_loss"},
+                "ResourceLimits": {"MaxNumberOfTrainingJobs": 1, "MaxParallelTrainingJobs": 1},
+                "ParameterRanges": {"ContinuousParameterRanges": [
+                    {"Name": "learning_rate", "MinValue": "0.0001", "MaxValue": "0.001"}]}},
+            "TrainingJobDefinition": {**definition, **resources}}
+
+
+FIXED = {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50}
+
+
+@pytest.mark.parametrize("resources, words", [
+    ({}, "exactly one of ResourceConfig and HyperParameterTuningResourceConfig"),
+    ({"ResourceConfig": FIXED, "HyperParameterTuningResourceConfig": FIXED},
+     "exactly one of ResourceConfig and HyperParameterTuningResourceConfig"),
+    ({"HyperParameterTuningResourceConfig": {"InstanceCount": 1}}, "hyperParameterTuningResourceConfig.instanceType"),
+    ({"HyperParameterTuningResourceConfig": {**FIXED, "InstanceConfigs": [FIXED]}}, "do not provide values"),
+    ({"HyperParameterTuningResourceConfig": {"InstanceConfigs": [FIXED], "AllocationStrategy": "Cheapest"}},
+     "Prioritized"),
+    ({"HyperParameterTuningResourceConfig": {"InstanceConfigs": [FIXED] * 7}}, "length less than or equal to 6"),
+])
+def test_tuning_resources_are_checked_as_aws_checks_them(sagemaker, staged, resources, words):
+    with pytest.raises(ClientError) as raised:
+        sagemaker.create_hyper_parameter_tuning_job(**_tuning_request("sdk-bad-resources", staged, **resources))
+    assert raised.value.response["Error"]["Code"] == "ValidationException"
+    assert words in raised.value.response["Error"]["Message"]
+
+
+def test_instance_configs_give_the_trial_its_first_instance_type(sagemaker, staged):
+    configs = [{"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}, FIXED]
+    sagemaker.create_hyper_parameter_tuning_job(**_tuning_request(
+        "sdk-instance-configs", staged,
+        HyperParameterTuningResourceConfig={"InstanceConfigs": configs, "AllocationStrategy": "Prioritized"}))
+    try:
+        trials = wait_for(lambda: {"n": str(len(sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
+            HyperParameterTuningJobName="sdk-instance-configs")["TrainingJobSummaries"]))}, "n", done=("1",))
+        assert trials["n"] == "1"
+        trial = sagemaker.list_training_jobs_for_hyper_parameter_tuning_job(
+            HyperParameterTuningJobName="sdk-instance-configs")["TrainingJobSummaries"][0]["TrainingJobName"]
+        resources = sagemaker.describe_training_job(TrainingJobName=trial)["ResourceConfig"]
+        assert resources == configs[0]
+    finally:  # the trial need not run to its end
+        try:
+            sagemaker.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName="sdk-instance-configs")
+        except ClientError:
+            pass  # it ended meanwhile
+    ended = wait_for(lambda: sagemaker.describe_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName="sdk-instance-configs"), "HyperParameterTuningJobStatus")
+    assert ended["HyperParameterTuningJobStatus"] in ("Stopped", "Completed")
