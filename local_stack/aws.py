@@ -30,6 +30,7 @@ class Clients:
         config = Config(retries={"max_attempts": 3}, max_pool_connections=32)
         self.s3 = session.client("s3", endpoint_url=endpoint_url, config=config)
         self.logs = session.client("logs", endpoint_url=endpoint_url, config=config)
+        self.cloudwatch = session.client("cloudwatch", endpoint_url=endpoint_url, config=config)
 
 
 def download_prefix(s3, uri: str, destination: Path) -> int:

@@ -8,6 +8,8 @@ Logs, and outputs go back to S3 where SageMaker puts them.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import shutil
 import threading
@@ -29,7 +31,11 @@ from local_stack.runner import ContainerProcess, LogSink, command_for, container
 from ml.contract.container import split_s3_uri
 from ml.contract.metrics import final_metrics
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_SYNC_SECONDS = 2.0
+METRICS_PUBLISH_SECONDS = 2.0  # SageMaker publishes about once a minute; tests should not wait that long
+METRICS_NAMESPACE = "/aws/sagemaker/TrainingJobs"
 TERMINAL = ("Completed", "Failed", "Stopped")
 
 
@@ -56,6 +62,7 @@ class Job:
     process: ContainerProcess | None = None
     log_lines: list[str] = field(default_factory=list)
     thread: threading.Thread | None = None
+    metrics: "_MetricPublisher | None" = None
 
 
 class JobService:
@@ -332,19 +339,25 @@ class JobService:
                               d["AlgorithmSpecification"].get("ContainerEntrypoint"),
                               d["AlgorithmSpecification"].get("ContainerArguments"))
         stopping = d["StoppingCondition"]
+        definitions = d["AlgorithmSpecification"].get("MetricDefinitions", [])
+        job.metrics = _MetricPublisher(self.clients.cloudwatch, job.name, definitions) if definitions else None
         spot = d["EnableManagedSpotTraining"] and self.options.spot_interruption_pattern
         interrupt = re.compile(self.options.spot_interruption_pattern) if spot else None
         started = time.time()
         attempt = 0
         while True:
             sink = LogSink(self.clients.logs, "/aws/sagemaker/TrainingJobs", f"{job.name}/algo-1-{int(time.time())}")
-            process = ContainerProcess(command, job.base, self._environment(job), sink, job.log_lines.append)
+            process = ContainerProcess(command, job.base, self._environment(job), sink,
+                                       lambda line: self._observe(job, line))
             job.process = process
             sync = _CheckpointSync(s3, local_checkpoints, checkpoint["S3Uri"]) if checkpoint else None
+            ticks = [t.maybe for t in (sync, job.metrics) if t is not None]
             code, why = self._watch(job, process, stopping.get("MaxRuntimeInSeconds", 86400), started,
-                                    interrupt if attempt == 0 else None, sync.maybe if sync else None)
+                                    interrupt if attempt == 0 else None, lambda: [tick() for tick in ticks])
             if sync:
                 sync.now()
+            if job.metrics:
+                job.metrics.now()
             if why != "interrupted":
                 break
             attempt += 1
@@ -371,6 +384,12 @@ class JobService:
             self._finish(job, "Completed")
         else:
             self._finish(job, "Failed", _failure_reason(job.base, code))
+
+    @staticmethod
+    def _observe(job: Job, line: str) -> None:
+        job.log_lines.append(line)
+        if job.metrics is not None:
+            job.metrics.observe(line, time.time())
 
     def _upload_model(self, job: Job) -> str | None:
         """model/ as model.tar.gz and, as SageMaker does, output/data/ (when not empty) as output.tar.gz."""
@@ -451,6 +470,46 @@ class _CheckpointSync:
         for relative in set(self.uploaded) - set(present):
             self.s3.delete_object(Bucket=bucket, Key=prefix + relative)
             del self.uploaded[relative]
+
+
+class _MetricPublisher:
+    """MetricDefinitions applied to each log line as it comes, each value a CloudWatch metric (namespace
+    /aws/sagemaker/TrainingJobs, dimension TrainingJobName, the log line's time), as SageMaker publishes them."""
+
+    def __init__(self, cloudwatch, job_name: str, definitions: list[dict]):
+        self.cloudwatch, self.job_name = cloudwatch, job_name
+        self.patterns = [(d["Name"], re.compile(d["Regex"])) for d in definitions]
+        self.pending: list[dict] = []
+        self.lock = threading.Lock()
+        self.last = 0.0
+
+    def observe(self, line: str, timestamp: float) -> None:
+        for name, pattern in self.patterns:
+            match = pattern.search(line)
+            if match is None:
+                continue
+            try:
+                value = float(match.group(1) if pattern.groups else match.group(0))
+            except ValueError:
+                continue
+            if math.isfinite(value):  # CloudWatch refuses NaN and infinities
+                with self.lock:
+                    self.pending.append({"MetricName": name, "Timestamp": timestamp, "Value": value, "Unit": "None",
+                                         "Dimensions": [{"Name": "TrainingJobName", "Value": self.job_name}]})
+
+    def maybe(self) -> None:
+        if time.monotonic() - self.last >= METRICS_PUBLISH_SECONDS:
+            self.now()
+
+    def now(self) -> None:
+        self.last = time.monotonic()
+        with self.lock:
+            data, self.pending = self.pending, []
+        try:
+            for start in range(0, len(data), 1000):  # PutMetricData takes at most 1000 values a call
+                self.cloudwatch.put_metric_data(Namespace=METRICS_NAMESPACE, MetricData=data[start:start + 1000])
+        except Exception:  # the job's own outcome does not depend on its metrics
+            log.exception("training job %s: could not publish its metrics", self.job_name)
 
 
 def _instances(request: dict) -> tuple[str, int]:

@@ -102,6 +102,7 @@ class TuningService:
                 "TrainingJobDefinition.StoppingCondition")
         config, definition = request["HyperParameterTuningJobConfig"], request["TrainingJobDefinition"]
         ranges = check_config(config, definition)
+        check_resources(definition)
         with self.lock:
             if name in self.tuning_jobs:
                 raise ApiError("ResourceInUse", f"Hyperparameter tuning job name {name} already exists: job names "
@@ -251,13 +252,7 @@ class TuningService:
                 continue
             values = values or next(candidates)
             trial = trial_name(job.name, len(job.trials) + 1)
-            try:
-                self.jobs.create_training_job(self._trial_request(job, trial, values),
-                                              tuning_job_arn=job.description["HyperParameterTuningJobArn"],
-                                              starting_message=note)
-            except ApiError as error:
-                if error.code != "ResourceLimitExceeded":
-                    raise
+            if not self._launch(job, trial, values, note):
                 job.stop_requested.wait(POLL_SECONDS)  # the account's limit: wait for a slot, as SageMaker does
                 continue
             with self.lock:
@@ -284,12 +279,27 @@ class TuningService:
         self._finish(job, "Failed", f"No training job reported the objective metric {metric}"
                      + (f"; {reasons[0]}" if reasons else ""))
 
-    def _trial_request(self, job: TuningJob, trial: str, values: dict[str, str]) -> dict:
+    def _launch(self, job: TuningJob, trial: str, values: dict[str, str], note: str) -> bool:
+        """Create the trial on the first of the definition's resource configs (InstanceConfigs in their
+        Prioritized order) that the account's quotas admit; False when none does now."""
+        for resources in resource_configs(job.request["TrainingJobDefinition"]):
+            try:
+                self.jobs.create_training_job(self._trial_request(job, trial, values, resources),
+                                              tuning_job_arn=job.description["HyperParameterTuningJobArn"],
+                                              starting_message=note)
+                return True
+            except ApiError as error:
+                if error.code != "ResourceLimitExceeded":
+                    raise
+        return False
+
+    def _trial_request(self, job: TuningJob, trial: str, values: dict[str, str], resources: dict) -> dict:
         definition = job.request["TrainingJobDefinition"]
         request = {k: v for k, v in definition.items() if k not in DEFINITION_ONLY}
         request = json.loads(json.dumps(request))
         request["TrainingJobName"] = trial
         request["HyperParameters"] = {**definition.get("StaticHyperParameters", {}), **values}
+        request["ResourceConfig"] = resources
         request["Tags"] = job.request.get("Tags", [])
         return request
 
@@ -362,6 +372,20 @@ def trial_name(tuning_job: str, number: int) -> str:
     return f"{tuning_job}-{number:03d}-{digest}"
 
 
+def resource_configs(definition: dict) -> list[dict]:
+    """The ResourceConfig of each trial the definition may launch, in order of preference: its ResourceConfig,
+    else its HyperParameterTuningResourceConfig (one instance type, or InstanceConfigs, Prioritized)."""
+    if definition.get("ResourceConfig"):
+        return [json.loads(json.dumps(definition["ResourceConfig"]))]
+    flexible = definition["HyperParameterTuningResourceConfig"]
+    kms = {"VolumeKmsKeyId": flexible["VolumeKmsKeyId"]} if flexible.get("VolumeKmsKeyId") else {}
+    if flexible.get("InstanceConfigs"):
+        return [{"InstanceType": c["InstanceType"], "InstanceCount": c["InstanceCount"],
+                 "VolumeSizeInGB": c["VolumeSizeInGB"], **kms} for c in flexible["InstanceConfigs"]]
+    single = {k: flexible[k] for k in ("InstanceType", "InstanceCount", "VolumeSizeInGB") if k in flexible}
+    return [{"InstanceCount": 1, **single, **kms}]
+
+
 def grid_points(ranges: list[Range]) -> list[dict[str, str]]:
     names = [r.name for r in ranges]
     return [dict(zip(names, combination)) for combination in itertools.product(*(r.values for r in ranges))]
@@ -392,6 +416,9 @@ def check_config(config: dict, definition: dict) -> list[Range]:
                          "constraint: Member must satisfy enum value set: [Maximize, Minimize]")
     config.setdefault("HyperParameterTuningJobObjective", objective)
     metrics = [m.get("Name") for m in definition["AlgorithmSpecification"].get("MetricDefinitions", [])]
+    if not metrics:  # AWS's words (the SDK's HyperparameterTuner sends none unless given metric_definitions)
+        raise validation("A metric is required for this hyperparameter tuning job objective. Provide a metric in the "
+                         "metric definitions.")
     if objective.get("MetricName") not in metrics:
         raise validation(f"The objective metric '{objective.get('MetricName')}' is not defined in the "
                          f"MetricDefinitions of the training job definition ({', '.join(map(str, metrics)) or 'none'})")
@@ -449,6 +476,55 @@ def check_config(config: dict, definition: dict) -> list[Range]:
     elif config.get("StrategyConfig"):
         raise validation(f"StrategyConfig applies only to the Hyperband strategy, not {strategy}")
     return ranges
+
+
+def check_resources(definition: dict) -> None:
+    """ResourceConfig or HyperParameterTuningResourceConfig, exactly one, as CreateHyperParameterTuningJob
+    requires; the latter with one instance type or InstanceConfigs, not both."""
+    path = "trainingJobDefinition.hyperParameterTuningResourceConfig"
+    fixed, flexible = definition.get("ResourceConfig"), definition.get("HyperParameterTuningResourceConfig")
+    if bool(fixed) == bool(flexible):
+        raise validation("TrainingJobDefinition must specify exactly one of ResourceConfig and "
+                         f"HyperParameterTuningResourceConfig; {'both are' if fixed else 'neither is'} specified")
+    if fixed:
+        require(definition, "ResourceConfig.InstanceType", "ResourceConfig.InstanceCount")
+        return
+    strategy = flexible.get("AllocationStrategy")
+    if strategy is not None and strategy != "Prioritized":
+        raise validation(f"1 validation error detected: Value '{strategy}' at '{path}.allocationStrategy' failed "
+                         "to satisfy constraint: Member must satisfy enum value set: [Prioritized]")
+    configs = flexible.get("InstanceConfigs")
+    if configs is None:
+        if not flexible.get("InstanceType"):
+            raise validation(f"1 validation error detected: Value null at '{path}.instanceType' failed to satisfy "
+                             "constraint: Member must not be null")
+        _check_count(flexible.get("InstanceCount", 1), f"{path}.instanceCount", 0)
+        return
+    if any(key in flexible for key in ("InstanceType", "InstanceCount", "VolumeSizeInGB")):
+        raise validation("HyperParameterTuningResourceConfig: if you use InstanceConfigs, do not provide values for "
+                         "InstanceType, VolumeSizeInGB or InstanceCount")
+    if not isinstance(configs, list) or not 1 <= len(configs) <= 6:
+        raise validation(f"1 validation error detected: Value '{configs}' at '{path}.instanceConfigs' failed to "
+                         "satisfy constraint: Member must have length less than or equal to 6 and greater than or "
+                         "equal to 1")
+    for number, item in enumerate(configs, 1):
+        where = f"{path}.instanceConfigs.{number}.member"
+        for key in ("InstanceType", "InstanceCount", "VolumeSizeInGB"):
+            if item.get(key) in (None, ""):
+                raise validation(f"1 validation error detected: Value null at '{where}.{key[0].lower() + key[1:]}' "
+                                 "failed to satisfy constraint: Member must not be null")
+        _check_count(item["InstanceCount"], f"{where}.instanceCount", 0)
+        _check_count(item["VolumeSizeInGB"], f"{where}.volumeSizeInGB", 1)
+    types = [item["InstanceType"] for item in configs]
+    if len(set(types)) != len(types):
+        raise validation(f"HyperParameterTuningResourceConfig.InstanceConfigs lists an instance type more than once: "
+                         f"{types}")
+
+
+def _check_count(value, field: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise validation(f"1 validation error detected: Value '{value}' at '{field}' failed to satisfy constraint: "
+                         f"Member must have value greater than or equal to {minimum}")
 
 
 def check_ranges(parameter_ranges: dict) -> list[Range]:
