@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 
+from ml.contract.container import BASE_MODEL_CHANNEL, TRAIN_CHANNEL
 from ml.contract.hyperparameters import to_sagemaker
 from ml.contract.metrics import METRIC_DEFINITIONS
 from sdxl_lora.naming import slug
 from sdxl_lora.settings import Settings
-
-BASE_MODEL_CHANNEL = "base_model"
 
 
 def tags(**values: str) -> list[dict[str, str]]:
@@ -38,9 +37,11 @@ def _security(settings: Settings, request: dict) -> dict:
 def training_request(settings: Settings, job_name: str, dataset_uri: str, hyperparameters: dict,
                      job_tags: list[dict] | None = None) -> dict:
     _require_local_base_model(settings)
-    channels = [("train", dataset_uri)]
+    channels = [(TRAIN_CHANNEL, dataset_uri)]
     if settings.base_model_uri:
-        channels.append(("base_model", settings.base_model_uri))
+        channels.append((BASE_MODEL_CHANNEL, settings.base_model_uri))
+        if settings.base_model_id:  # the model card names the Hub id, not the channel's container path
+            hyperparameters = {"base_model_id": settings.base_model_id, **hyperparameters}
     request = {
         "TrainingJobName": job_name,
         "AlgorithmSpecification": {"TrainingImage": settings.training_image, "TrainingInputMode": "File",

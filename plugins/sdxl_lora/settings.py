@@ -46,6 +46,7 @@ class Settings:
     training_pool_size: int = 4
     retrain_schedule: str = "0 3 * * 1"  # Mondays 03:00
     base_model_uri: str = ""  # s3:// prefix of a diffusers SDXL pipeline; empty: the training default
+    base_model_id: str = ""  # the Hub id base_model_uri was staged from: the model card's base_model
     captioner_uri: str = ""  # s3:// prefix of a staged InstructBLIP; empty: Salesforce/instructblip-vicuna-7b from the Hub
     endpoint_name: str = "sdxl-lora"
     aws_conn_id: str = "aws_default"

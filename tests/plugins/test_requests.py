@@ -51,3 +51,21 @@ def test_endpoint_config_with_two_variants_is_an_ab_test():
     config = sagemaker_requests.endpoint_config_request(Settings(), "cfg", {"champion": ("m1", 0.9), "challenger": ("m2", 0.1)})
     assert [(v["VariantName"], v["InitialVariantWeight"]) for v in config["ProductionVariants"]] == \
         [("champion", 0.9), ("challenger", 0.1)]
+
+
+def test_a_staged_base_model_names_its_hub_id_to_the_job_for_the_model_card():
+    import dataclasses
+
+    from ml.contract.container import BASE_MODEL_CHANNEL
+    from sdxl_lora import sagemaker_requests
+    from sdxl_lora.settings import Settings
+
+    staged = dataclasses.replace(Settings(), base_model_uri="s3://b/models/sdxl/",
+                                 base_model_id="stabilityai/stable-diffusion-xl-base-1.0")
+    request = sagemaker_requests.training_request(staged, "job", "s3://b/proc_dataset/v1/", {"rank": 4})
+    assert BASE_MODEL_CHANNEL in [c["ChannelName"] for c in request["InputDataConfig"]]
+    assert request["HyperParameters"]["base_model_id"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    given = sagemaker_requests.training_request(staged, "job", "s3://b/p/", {"base_model_id": "me/my-sdxl"})
+    assert given["HyperParameters"]["base_model_id"] == "me/my-sdxl"  # the user's own word wins
+    hub = sagemaker_requests.training_request(Settings(), "job", "s3://b/p/", {"rank": 4})
+    assert "base_model_id" not in hub["HyperParameters"]  # no channel: the job names pretrained_model itself
