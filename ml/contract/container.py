@@ -16,6 +16,8 @@ from typing import NoReturn
 from pathlib import Path
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the LoRA file training writes to model/ and serving loads
+# The same LoRA in kohya's format (ComfyUI, Forge, Automatic1111), which training writes beside it.
+KOHYA_LORA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 
 # Training channels, by the names the request builders (plugins/sdxl_lora) give them and the jobs read them.
 TRAIN_CHANNEL = "train"  # the processed dataset version

@@ -19,7 +19,8 @@ faster and resumable:
 This module is the job, shaped as diffusers' script: `parse_args()` and `main(args)`, `set_up()` builds
 what the loop needs, `train()` is the loop over one step interface (ml/train/steps.py, which the fast
 path and accelerate's step both implement), and `finish()` writes the LoRA, its samples and the summary.
-The loss is ml/train/loss.py; the base model's parts and the LoRA file are ml/train/models.py.
+The loss is ml/train/loss.py; the base model's parts and the LoRA file are ml/train/models.py, the LoRA
+in kohya's format (ComfyUI, Forge, Automatic1111) ml/train/kohya_format.py.
 """
 
 from __future__ import annotations
@@ -37,11 +38,19 @@ from pathlib import Path
 import torch
 
 from ml.contract import metrics
-from ml.contract.container import LORA_WEIGHTS, TRAIN_CHANNEL, ContainerPaths, JobError, configure_logging, exit_now
+from ml.contract.container import (
+    KOHYA_LORA_WEIGHTS,
+    LORA_WEIGHTS,
+    TRAIN_CHANNEL,
+    ContainerPaths,
+    JobError,
+    configure_logging,
+    exit_now,
+)
 from ml.contract.hyperparameters import Hyperparameters, parse
 from ml.contract.model_files import pipeline_options
 from ml.dataset.imagefolder import Example, load_imagefolder, split_validation
-from ml.train import reporting, seeds
+from ml.train import kohya_format, reporting, seeds
 from ml.train.checkpoints import (
     PROGRESS_FILE,
     check_resumable,
@@ -149,6 +158,15 @@ class Training:
 
     def save_lora(self, folder: Path) -> None:
         save_lora(self.accelerator, folder, self.unet, self.text_encoders, *self.lora_configs)
+
+    def save_kohya_lora(self, path: Path, steps: int, title: str) -> None:
+        """The LoRA again, in kohya's format with sd-scripts' metadata (ml/train/kohya_format.py)."""
+        unwrap = self.accelerator.unwrap_model
+        encoders = tuple(unwrap(encoder) for encoder in self.text_encoders or ()) or None
+        state = kohya_format.kohya_state(unwrap(self.unet), encoders)
+        header = kohya_format.metadata(state, self.hp, reporting.base_model_name(self.base, self.hp),
+                                       len(self.train_examples), steps, title)
+        kohya_format.save(path, state, header)
 
     def free_models(self) -> None:
         """Drops the training models, optimizer and step, making room for a pipeline."""
@@ -395,16 +413,18 @@ def finish(training: Training, history: History) -> dict:
     if not training.accelerator.is_main_process:
         return {}
     paths.model.mkdir(parents=True, exist_ok=True)
+    title = f"lr {hp.learning_rate:g}, rank {hp.rank}, {training.max_steps} steps"
     training.save_lora(paths.model)
+    training.save_kohya_lora(paths.model / KOHYA_LORA_WEIGHTS, history.global_step, title)
     training.phases["lora_saved"] = _process_seconds()
     samples = []
     if hp.validation_prompt and hp.num_validation_images:
         training.free_models()
         samples = render_samples(training.base, paths.model, hp, training.accelerator.device, training.weight_dtype)
     summary = build_summary(training, history, val_loss, samples)
-    reporting.write(paths.model, paths.output, summary, LORA_WEIGHTS,
-                    f"lr {hp.learning_rate:g}, rank {hp.rank}, {training.max_steps} steps")
-    log.info("LoRA written to %s", paths.model / LORA_WEIGHTS)
+    reporting.write(paths.model, paths.output, summary, LORA_WEIGHTS, title)
+    log.info("LoRA written to %s (diffusers) and %s (kohya)", paths.model / LORA_WEIGHTS,
+             paths.model / KOHYA_LORA_WEIGHTS)
     return summary
 
 

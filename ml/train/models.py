@@ -13,6 +13,7 @@ from ml.contract.model_files import load_options
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_MODEL = "text_model."
 
 
 def base_model_path(paths: ContainerPaths, hp: Hyperparameters) -> str:
@@ -85,6 +86,13 @@ def load_frozen_unet(base: str, weight_dtype: torch.dtype, device: torch.device)
     return unet
 
 
+def text_model_path(path: str) -> str:
+    """A CLIP text encoder's module path with its `text_model.` level: transformers 5 dropped that level from
+    CLIPTextModel (CLIPTextModelWithProjection keeps it), transformers 4 and every LoRA loader still name it.
+    diffusers removes it again where the model has no such level, so a file naming it loads under both."""
+    return path if path.startswith(TEXT_MODEL) else TEXT_MODEL + path
+
+
 def lora_state(model) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -116,6 +124,7 @@ def save_lora(accelerator, model_dir: Path, unet, text_encoders, unet_config, te
               "unet_lora_adapter_metadata": unet_config.to_dict()}
     if text_encoders is not None:
         for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-            layers[f"{name}_lora_layers"] = lora_state(accelerator.unwrap_model(encoder))
+            state = lora_state(accelerator.unwrap_model(encoder))
+            layers[f"{name}_lora_layers"] = {text_model_path(key): tensor for key, tensor in state.items()}
             layers[f"{name}_lora_adapter_metadata"] = text_config.to_dict()
     StableDiffusionXLPipeline.save_lora_weights(model_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers)

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ml.contract.container import KOHYA_LORA_WEIGHTS
 from ml.contract.hyperparameters import Hyperparameters
 
 LOSS_CURVE = "loss_curve.png"
@@ -223,14 +224,26 @@ def model_card(summary: dict, weights_name: str) -> str:
         card += [f"![seed {seed}]({name}) seed {seed}" for name, seed in zip(samples, seeds or [None] * len(samples))]
     else:
         card.append("None rendered (no `validation_prompt`).")
-    card += ["", "## How to use it", "", "```python", "import torch",
+    card += ["", "## How to use it", "",
+             "The same LoRA is here twice, in safetensors; pick the file your tool reads:", "",
+             "| file | format | for |", "|---|---|---|",
+             f"| `{weights_name}` | diffusers (PEFT) LoRA: `unet.` keys, and `text_encoder.` / "
+             "`text_encoder_2.` when the text encoders were trained | diffusers (`pipe.load_lora_weights`), PEFT, "
+             "the SageMaker endpoint |",
+             f"| `{KOHYA_LORA_WEIGHTS}` | kohya (sd-scripts) LoRA: `lora_unet_`, `lora_te1_` / `lora_te2_` keys, "
+             "the trained alpha per module, sd-scripts' metadata | ComfyUI, Forge, Automatic1111 |", "",
+             "diffusers:", "", "```python", "import torch",
              "from diffusers import StableDiffusionXLPipeline", "",
              f"pipe = StableDiffusionXLPipeline.from_pretrained({json.dumps(base)}, torch_dtype=torch.float16)",
              "pipe.to(\"cuda\")",
              f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name={json.dumps(weights_name)})",
              f"image = pipe({json.dumps(prompt or 'your prompt')}, cross_attention_kwargs={{\"scale\": 0.8}}).images[0]",
-             "```", "", "The weights are safetensors in diffusers' LoRA format (`unet.` keys, and `text_encoder.` / "
-             "`text_encoder_2.` when the text encoders were trained).", "", "## Hyperparameters", "",
+             "```", "",
+             f"ComfyUI: copy `{KOHYA_LORA_WEIGHTS}` into `ComfyUI/models/loras/` and load it with a *Load LoRA* "
+             "node between the SDXL checkpoint and the sampler. Forge and Automatic1111: copy it into "
+             f"`models/Lora/` and add `<lora:{Path(KOHYA_LORA_WEIGHTS).stem}:0.8>` to the prompt (the name is the "
+             "file's, so renaming the file renames the tag). Its text-encoder part, when the text encoders were "
+             "trained, applies too (ComfyUI's strength_clip scales it).", "", "## Hyperparameters", "",
              "| name | value |", "|---|---|"]
     card += [f"| {key} | {value} |" for key, value in sorted(hp.items())]
     return "\n".join(card) + "\n"
