@@ -2,7 +2,8 @@
 
 `local-stack` (the docker-free AWS stand-in), `airflow` (the UI against it), `demo` (the pipeline
 through the DAGs), `submit` (one training job without Airflow, through the SageMaker Python SDK),
-`upload-images` (a folder of one's own images into raw_dataset/<version>/), `fetch-results` (a grid run's
+`stage-models` (SDXL and InstructBLIP into S3, checked first, where the jobs read them), `upload-images` (a
+folder of one's own images into raw_dataset/<version>/), `fetch-results` (a grid run's
 LoRA, card, leaderboard, sheets and curves as files) and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
 `sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
 this package runs ml/ entrypoints as local processes. Each verb imports what it needs when it runs.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -62,6 +64,19 @@ def _base_images(args: argparse.Namespace) -> int:
         for image, uri in uris.items():
             print(f"{image}={uri}")
     return 0
+
+
+def _stage_models(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import stage_models
+
+    return stage_models.main(args)
+
+
+def _variant(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_]+", text):
+        raise argparse.ArgumentTypeError(f"a variant is a word of a weight file's name (fp16 in "
+                                         f"model.fp16.safetensors); got {text!r}")
+    return text
 
 
 def _upload_images(args: argparse.Namespace) -> int:
@@ -160,6 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--wait", action="store_true", help="wait for the job to end and print its outcome")
     command.add_argument("--timeout", type=int, default=None, help="seconds to wait with --wait")
     command.set_defaults(handler=_submit)
+
+    command = commands.add_parser(
+        "stage-models", help="SDXL (and a fixed VAE) and InstructBLIP into S3, checked first, where the jobs read them",
+        description="Stages the base model into <prefix>/base_model/ and the captioner into <prefix>/captioner/ of "
+                    "the running local stack of `airflow` (or `demo`), else of S3 on AWS, and prints the settings "
+                    "that point the jobs at them (SDXL_LORA_BASE_MODEL_URI, SDXL_LORA_BASE_MODEL_ID, "
+                    "SDXL_LORA_CAPTIONER_URI). A SOURCE is a Hugging Face Hub id (org/name or org/name@revision: "
+                    "downloaded into the Hugging Face cache, resumable; with HF_HUB_OFFLINE=1 from the cache alone) "
+                    "or a local folder. Only what the loaders read is staged: configs, tokenizers and safetensors "
+                    "(never a pickle). Each model is loaded as the jobs load it before anything is uploaded; an "
+                    "object of the same size and sha256 is not uploaded again, and objects of the prefix that are "
+                    "not part of the model are deleted.")
+    command.add_argument("--base-model", metavar="SOURCE",
+                         help="a diffusers SDXL pipeline; default stabilityai/stable-diffusion-xl-base-1.0; "
+                              "'none' leaves base_model/ as it is")
+    command.add_argument("--variant", type=_variant, metavar="VARIANT",
+                         help="stage each component's VARIANT safetensors where it has them, e.g. fp16 (half the "
+                              "bytes; the jobs load it alone); default: full precision where it is there")
+    command.add_argument("--vae", metavar="SOURCE",
+                         help="a diffusers AutoencoderKL staged as the base model's vae/ in place of its own, e.g. "
+                              "madebyollin/sdxl-vae-fp16-fix (SDXL's VAE overflows in fp16; this one does not)")
+    command.add_argument("--captioner", metavar="SOURCE",
+                         help="an InstructBLIP; default Salesforce/instructblip-vicuna-7b; 'none' leaves captioner/ "
+                              "as it is")
+    _where(command)
+    command.set_defaults(handler=_stage_models)
 
     command = commands.add_parser(
         "upload-images", help="a folder of your own images (captions optional) into raw_dataset/VERSION/",

@@ -89,20 +89,24 @@ def _airflow_env(workdir: Path, endpoint_url: str, base_model_uri: str) -> dict[
 
 
 def _stage(s3, workdir: Path) -> tuple[str, str]:
-    """A tiny SDXL, a tiny InstructBLIP and 16 uncaptioned 16:9 frames in S3; returns the models' URIs."""
+    """A tiny SDXL, a tiny InstructBLIP and 16 uncaptioned 16:9 frames in S3; returns the models' URIs. A model
+    that `sdxl-lora-ops stage-models` put there (into `make airflow`'s persisted S3) is kept instead."""
     from ml.fixtures import synthetic, tiny_captioner, tiny_model
+    from sdxl_lora_ops.stage_models import is_staged
 
     s3.create_bucket(Bucket=BUCKET)
-    base = workdir / "tiny-sdxl"
-    if not (base / "model_index.json").exists():
-        tiny_model.build(base)
-    captioner = workdir / "tiny-instructblip"
-    if not (captioner / "config.json").exists():
-        tiny_captioner.build(captioner)
     raw = synthetic.write_dataset(workdir / "raw", count=16)
     (raw / "metadata.jsonl").unlink()  # as the original system's frames came: no captions at all
-    for prefix, folder in ((f"{PREFIX}/base_model", base), (f"{PREFIX}/captioner", captioner),
-                           (f"{PREFIX}/raw_dataset/{VERSION}", raw)):
+    uploads = [(f"{PREFIX}/raw_dataset/{VERSION}", raw)]
+    for folder, name, index, build in (("base_model", "tiny-sdxl", "model_index.json", tiny_model.build),
+                                       ("captioner", "tiny-instructblip", "config.json", tiny_captioner.build)):
+        if is_staged(s3, BUCKET, f"{PREFIX}/{folder}"):
+            print(f"   keeping the model staged in s3://{BUCKET}/{PREFIX}/{folder}/ (sdxl-lora-ops stage-models)")
+            continue
+        if not (workdir / name / index).exists():
+            build(workdir / name)
+        uploads.append((f"{PREFIX}/{folder}", workdir / name))
+    for prefix, folder in uploads:
         for path in folder.rglob("*"):
             if path.is_file():
                 s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")

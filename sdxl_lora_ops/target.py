@@ -1,4 +1,4 @@
-"""Where `upload-images` and `fetch-results` read and write: the running local stack, or S3 on AWS.
+"""Where `stage-models`, `upload-images` and `fetch-results` read and write: the running local stack, or S3 on AWS.
 
 `make airflow` and `make demo` write `<workdir>/local-stack.json` once their stack answers (its endpoint URL,
 test credentials, bucket and prefix, the stack's process id) and delete it when the stack stops. The commands

@@ -88,10 +88,18 @@ def weight_components(model: Path) -> list[str]:
     if not index.is_file():
         raise ModelFilesError(f"{model} has no model_index.json: stage the whole diffusers folder of the model "
                               "(model_index.json and one folder per component)")
-    entries = json.loads(index.read_text())
-    return sorted(name for name, value in entries.items()
-                  if not name.startswith("_") and isinstance(value, list) and value[0] is not None
-                  and name not in _NO_WEIGHTS)
+    return weight_components_of(json.loads(index.read_text()))
+
+
+def components_of(index: dict) -> list[str]:
+    """Every component folder a parsed model_index.json names (those given as null are absent)."""
+    return sorted(name for name, value in index.items()
+                  if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None)
+
+
+def weight_components_of(index: dict) -> list[str]:
+    """The component folders of a parsed model_index.json that hold weights."""
+    return [name for name in components_of(index) if name not in _NO_WEIGHTS]
 
 
 def _wanted(folder: Path) -> str:

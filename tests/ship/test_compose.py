@@ -51,6 +51,12 @@ def test_aws_override_needs_the_settings_and_drops_the_local_stack():
     environment = services["airflow-worker"]["environment"]
     assert environment["SDXL_LORA_AWS_CONNECTION"] == '{"conn_type": "aws"}'
     assert environment["SDXL_LORA_NETWORK_ISOLATION"] == "true"
+    # what `sdxl-lora-ops stage-models` prints reaches the components; unset, they stay empty
+    assert environment["SDXL_LORA_CAPTIONER_URI"] == "" and environment["SDXL_LORA_BASE_MODEL_ID"] == ""
+    staged = {**AWS_ENV, "SDXL_LORA_CAPTIONER_URI": "s3://b/c/", "SDXL_LORA_BASE_MODEL_ID": "org/sdxl"}
+    environment = yaml.safe_load(compose("-f", "docker-compose.yaml", "-f", "docker-compose.aws.yaml", "config",
+                                         env=staged).stdout)["services"]["airflow-scheduler"]["environment"]
+    assert environment["SDXL_LORA_CAPTIONER_URI"] == "s3://b/c/" and environment["SDXL_LORA_BASE_MODEL_ID"] == "org/sdxl"
 
 
 @pytest.mark.skipif(not SCHEMA.exists(), reason="the Compose spec schema comes with Debian's docker-compose")
