@@ -28,12 +28,22 @@ from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import dag_arguments, job_kwargs, run_date, version_param
 from sdxl_lora.datasets import OPTIONS
 from sdxl_lora.operators.jobs import ResumableSageMakerProcessingOperator
+from sdxl_lora.presets import active
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_dataset_prepare"
 SETTINGS = Settings.from_environment()
 PROCESSED_DATASET = processed_dataset(SETTINGS)
+PRESET = active(SETTINGS)
+DEFAULTS = PRESET.prepare_options()
 log = logging.getLogger(__name__)
+
+
+def _option(name: str, description: str, **schema) -> Param:
+    """A prepare option's Param: the preset's default where it sets one (the description says so), else the
+    payload's."""
+    return Param(DEFAULTS[name], description=PRESET.describe(description) if name in PRESET.prepare else description,
+                 **schema)
 
 
 @dag(
@@ -43,25 +53,24 @@ log = logging.getLogger(__name__)
     params={
         "version": version_param("Dataset version (raw_dataset/<version>/); empty: the run's logical date."),
         "force": Param(False, type="boolean", description="Prepare again even when inputs and options are unchanged."),
-        "resolution": Param(OPTIONS["resolution"], type="integer", minimum=32, maximum=4096, multipleOf=8,
-                            description="Bucket scale: SDXL's 1024-pixel aspect-ratio buckets scaled to this. "
-                                        "Use the training resolution, so the latent cache matches."),
-        "min_size": Param(OPTIONS["min_size"], type="integer", minimum=0, maximum=4096,
-                          description="Reject images whose short side is smaller (pixels)."),
-        "min_images": Param(OPTIONS["min_images"], type="integer", minimum=1,
-                            description="Fail when fewer usable images remain."),
-        "recaption": Param(OPTIONS["recaption"], type="boolean",
-                           description="Caption every image with InstructBLIP, ignoring sidecar and metadata captions."),
-        "caption_prefix": Param(OPTIONS["caption_prefix"], type="string", maxLength=100,
-                                description="Prepended to every caption, e.g. a trigger word."),
-        "caption_prompt": Param(OPTIONS["caption_prompt"], type="string", maxLength=1000,
-                                description="InstructBLIP's instruction; empty: composition, style and narrative."),
-        "caption_batch_size": Param(OPTIONS["caption_batch_size"], type="integer", minimum=1, maximum=64,
-                                    description="Images per InstructBLIP generate() call."),
-        "latent_cache": Param(OPTIONS["latent_cache"], type="boolean",
-                              description="Store each image's VAE latents with the dataset (needs base_model_uri)."),
-        "instance_count": Param(OPTIONS["instance_count"], type="integer", minimum=1, maximum=20,
-                                description="Processing instances sharing the captioning."),
+        "resolution": _option("resolution", "Bucket scale: SDXL's 1024-pixel aspect-ratio buckets scaled to this. "
+                                            "Use the training resolution, so the latent cache matches.",
+                              type="integer", minimum=32, maximum=4096, multipleOf=8),
+        "min_size": _option("min_size", "Reject images whose short side is smaller (pixels).",
+                            type="integer", minimum=0, maximum=4096),
+        "min_images": _option("min_images", "Fail when fewer usable images remain.", type="integer", minimum=1),
+        "recaption": _option("recaption", "Caption every image with InstructBLIP, ignoring sidecar and metadata "
+                                          "captions.", type="boolean"),
+        "caption_prefix": _option("caption_prefix", "Prepended to every caption, e.g. a trigger word.",
+                                  type="string", maxLength=100),
+        "caption_prompt": _option("caption_prompt", "InstructBLIP's instruction; empty: composition, style and "
+                                                    "narrative.", type="string", maxLength=1000),
+        "caption_batch_size": _option("caption_batch_size", "Images per InstructBLIP generate() call.",
+                                      type="integer", minimum=1, maximum=64),
+        "latent_cache": _option("latent_cache", "Store each image's VAE latents with the dataset (needs "
+                                                "base_model_uri).", type="boolean"),
+        "instance_count": _option("instance_count", "Processing instances sharing the captioning.",
+                                  type="integer", minimum=1, maximum=20),
     },
 )
 def sdxl_dataset_prepare():

@@ -30,8 +30,11 @@ from airflow.sdk import Param, dag
 
 from sdxl_lora.dag_common import dag_arguments, endpoint_param, smoke_param, watch
 from sdxl_lora.deploy import deploy_group
+from sdxl_lora.presets import active
+from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_deploy"
+PRESET = active(Settings.from_environment())
 
 
 @dag(
@@ -42,7 +45,7 @@ DAG_ID = "sdxl_lora_deploy"
                                 pattern=r"^s3://[^/]+/.+\.tar\.gz$",
                                 description="The training job's model artifacts (ModelArtifacts.S3ModelArtifacts)."),
         "endpoint_name": endpoint_param(),
-        "smoke_request": smoke_param(),
+        "smoke_request": smoke_param(PRESET),
         "candidate_weight": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
                                   description="Share of the traffic the new variant gets after its smoke test: 1 "
                                               "replaces what serves now, less runs an A/B test beside it."),

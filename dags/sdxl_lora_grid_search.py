@@ -56,11 +56,13 @@ from sdxl_lora.dag_common import (
 )
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
+from sdxl_lora.presets import active
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_grid_search"
 JOB_PREFIX = "sdxl-lora-gridsearch"
 SETTINGS = Settings.from_environment()
+PRESET = active(SETTINGS)
 log = logging.getLogger(__name__)
 
 
@@ -70,16 +72,17 @@ log = logging.getLogger(__name__)
     params={
         "dataset_version": version_param("Processed dataset version (proc_dataset/<version>/); empty: the run's "
                                          "logical date."),
-        "learning_rates": grid_param("learning_rate", [1e-4, 2e-4],
-                                     "Learning rates to try (the original grid: 0.0001, 0.00015, 0.0002)."),
-        "max_train_steps": grid_param("max_train_steps", [500, 1000],
-                                      "Optimizer steps to try (the original grid: 500, 1000, 2000, 3000)."),
-        "ranks": grid_param("rank", [4], "LoRA ranks to try (the original grid: 4, 150, 256, 512, 1024)."),
-        "hyperparameters": hyperparameters_param("grid", "Hyperparameters every trial shares (the grid preset: "
-                                                         "production's, less the swept ones).", exclude=SWEPT),
+        "learning_rates": grid_param("learning_rate", PRESET.grid["learning_rates"], PRESET.describe(
+            "Learning rates to try (the original grid: 0.0001, 0.00015, 0.0002).")),
+        "max_train_steps": grid_param("max_train_steps", PRESET.grid["max_train_steps"], PRESET.describe(
+            "Optimizer steps to try (the original grid: 500, 1000, 2000, 3000).")),
+        "ranks": grid_param("rank", PRESET.grid["ranks"], PRESET.describe(
+            "LoRA ranks to try (the original grid: 4, 150, 256, 512, 1024).")),
+        "hyperparameters": hyperparameters_param(PRESET, "Hyperparameters every trial shares (the preset's, less "
+                                                         "the swept ones).", exclude=SWEPT),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
         "endpoint_name": endpoint_param(),
-        "smoke_request": smoke_param(),
+        "smoke_request": smoke_param(PRESET),
     },
 )
 def sdxl_lora_grid_search():

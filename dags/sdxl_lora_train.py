@@ -1,10 +1,11 @@
 """
-### SDXL LoRA training (production hyperparameters)
+### SDXL LoRA training
 
-Trains one LoRA on a processed dataset version with the production hyperparameters (the original
-system's: learning rate 2e-4, rank 4, text encoders trained, 8-bit Adam, fp16, ...), as a SageMaker
-training job on spot capacity with checkpoints, and deploys it when its validation loss beats the
-adapter the endpoint serves now.
+Trains one LoRA on a processed dataset version with the preset's hyperparameters (setting `preset`:
+on AWS `production`, the original system's: learning rate 2e-4, rank 4, text encoders trained, 8-bit
+Adam, fp16, ...; on the local stack `local`, full precision on a CPU), as a SageMaker training job on
+spot capacity with checkpoints, and deploys it when its validation loss beats the adapter the
+endpoint serves now.
 
 Runs on the retraining cron (settings: `retrain_schedule`) and whenever `sdxl_dataset_prepare`
 publishes a processed dataset (Asset). An Asset-triggered run trains nothing itself: `version_runs`
@@ -17,7 +18,7 @@ scheduled or backfill run whose date has no prepared version is skipped, saying 
 `dataset_version` task's log.
 
 A run no one gave hyperparameters to (cron, Asset, backfill without `--dag-run-conf`) uses the
-production preset updated with the Airflow Variable `sdxl_lora_retrain_hyperparameters` (a JSON
+preset's hyperparameters updated with the Airflow Variable `sdxl_lora_retrain_hyperparameters` (a JSON
 object) when it is set.
 
 The comparison is like with like: each version holds out its own validation images, so while the
@@ -50,11 +51,13 @@ from sdxl_lora.dag_common import (
 )
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
+from sdxl_lora.presets import active
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_train"
 JOB_PREFIX = "sdxl-lora-train"
 SETTINGS = Settings.from_environment()
+PRESET = active(SETTINGS)
 PROCESSED_DATASET = processed_dataset(SETTINGS)
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,11 @@ log = logging.getLogger(__name__)
     params={
         "dataset_version": version_param("Processed dataset version; empty: the triggering Asset event's, else "
                                          "the run's logical date."),
-        "hyperparameters": hyperparameters_param("production", "Training hyperparameters (the production preset)."),
+        "hyperparameters": hyperparameters_param(PRESET, "Training hyperparameters."),
         "deploy_if_better": Param(True, type="boolean",
                                   description="Deploy when the validation loss beats the adapter serving now."),
         "endpoint_name": endpoint_param(),
-        "smoke_request": smoke_param(),
+        "smoke_request": smoke_param(PRESET),
     },
 )
 def sdxl_lora_train():

@@ -47,18 +47,20 @@ from sdxl_lora.dag_common import (
 )
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators.tuning import ResumableSageMakerTuningOperator
+from sdxl_lora.presets import active
 from sdxl_lora.settings import Settings
 from sdxl_lora.tuning import MAX_CATEGORICAL_VALUES, STRATEGIES
 
 DAG_ID = "sdxl_lora_tune"
 JOB_PREFIX = "sdxl-lora-tune"
 SETTINGS = Settings.from_environment()
+PRESET = active(SETTINGS)
 log = logging.getLogger(__name__)
 
 
-def _bound_param(name: str, default, description: str) -> Param:
-    """One end of a tuning range, bounded as the job bounds the hyperparameter."""
-    return Param(default, description=description, **value_schema(name))
+def _bound_param(param: str, name: str, description: str) -> Param:
+    """One end of a tuning range, its default the preset's, bounded as the job bounds the hyperparameter."""
+    return Param(PRESET.tuning[param], description=PRESET.describe(description), **value_schema(name))
 
 
 @dag(
@@ -69,27 +71,32 @@ def _bound_param(name: str, default, description: str) -> Param:
                                          "logical date."),
         "strategy": Param("Bayesian", type="string", enum=list(STRATEGIES),
                           description="How SageMaker chooses each trial's values."),
-        "learning_rate_min": _bound_param("learning_rate", 1e-5,
+        "learning_rate_min": _bound_param("learning_rate_min", "learning_rate",
                                           "Lower end of the learning-rate range (searched logarithmically)."),
-        "learning_rate_max": _bound_param("learning_rate", 1e-3, "Upper end of the learning-rate range."),
-        "max_train_steps_min": _bound_param("max_train_steps", 500, "Fewest optimizer steps a trial trains."),
-        "max_train_steps_max": _bound_param("max_train_steps", 3000, "Most optimizer steps a trial trains."),
-        "ranks": list_param("rank", [4, 16, 64], "LoRA ranks to choose from.", MAX_CATEGORICAL_VALUES),
-        "max_jobs": Param(12, type="integer", minimum=1, maximum=500,
-                          description="Training jobs the tuning job launches in all."),
-        "max_parallel_jobs": Param(4, type="integer", minimum=1, maximum=100,
-                                   description="Training jobs at once; capped by the training pool size setting."),
+        "learning_rate_max": _bound_param("learning_rate_max", "learning_rate",
+                                          "Upper end of the learning-rate range."),
+        "max_train_steps_min": _bound_param("max_train_steps_min", "max_train_steps",
+                                            "Fewest optimizer steps a trial trains."),
+        "max_train_steps_max": _bound_param("max_train_steps_max", "max_train_steps",
+                                            "Most optimizer steps a trial trains."),
+        "ranks": list_param("rank", PRESET.tuning["ranks"], PRESET.describe("LoRA ranks to choose from."),
+                            MAX_CATEGORICAL_VALUES),
+        "max_jobs": Param(PRESET.tuning["max_jobs"], type="integer", minimum=1, maximum=500,
+                          description=PRESET.describe("Training jobs the tuning job launches in all.")),
+        "max_parallel_jobs": Param(PRESET.tuning["max_parallel_jobs"], type="integer", minimum=1, maximum=100,
+                                   description=PRESET.describe("Training jobs at once; capped by the training pool "
+                                                               "size setting.")),
         "early_stopping": Param(False, type="boolean",
                                 description="Let SageMaker stop trials that are unlikely to beat the best "
                                             "(not with Hyperband)."),
         "random_seed": Param(None, type=["null", "integer"], minimum=0,
                              description="Seed of the search, for a repeatable choice of trials; empty: any."),
-        "hyperparameters": hyperparameters_param("grid", "Hyperparameters every trial shares (the grid preset: "
-                                                         "production's, less the tuned ones); validation_split "
-                                                         "must be above 0.", exclude=SWEPT),
+        "hyperparameters": hyperparameters_param(PRESET, "Hyperparameters every trial shares (the preset's, less "
+                                                         "the tuned ones); validation_split must be above 0.",
+                                                 exclude=SWEPT),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
         "endpoint_name": endpoint_param(),
-        "smoke_request": smoke_param(),
+        "smoke_request": smoke_param(PRESET),
     },
 )
 def sdxl_lora_tune():

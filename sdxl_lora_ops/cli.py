@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset-uri", help="train on this s3:// prefix")
     command.add_argument("--job-name", help="default: sdxl-lora-submit-<UTC time>")
     command.add_argument("--hyperparameters", type=_json_object, default={},
-                         help="JSON object merged over the production hyperparameters")
+                         help="JSON object merged over the hyperparameters of the settings' preset "
+                              "(SDXL_LORA_PRESET: production, or local)")
     command.add_argument("--wait", action="store_true", help="wait for the job to end and print its outcome")
     command.add_argument("--timeout", type=int, default=None, help="seconds to wait with --wait")
     command.set_defaults(handler=_submit)

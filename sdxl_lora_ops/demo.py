@@ -3,10 +3,12 @@
 Starts `sdxl-lora-ops local-stack`, gives Airflow a home of its own (SQLite, the project's dags and
 plugins, the `sagemaker_training` pool, `aws_default` pointing at the stack), stages a tiny SDXL and
 synthetic storyboard frames in S3, starts a real Airflow (api-server, scheduler, dag-processor,
-triggerer: sdxl_lora_ops/airflow_services.py) and triggers sdxl_dataset_prepare -> sdxl_lora_grid_search
-(which deploys its winner) through its REST API, so the trials run side by side within the pool. It
-prints the leaderboard, invokes the endpoint with lora_scale 0.8 and saves the image. Everything lands
-under the work dir. `ui` (`make airflow`) starts the same Airflow and keeps it running for the browser.
+triggerer: sdxl_lora_ops/airflow_services.py) with the forms' local preset (SDXL_LORA_PRESET=local:
+plugins/sdxl_lora/presets.py, defaults that run on this machine's CPU) and triggers sdxl_dataset_prepare ->
+sdxl_lora_grid_search (which deploys its winner) through its REST API with little more than the dataset
+version, so the trials run side by side within the pool. It prints the leaderboard, invokes the endpoint
+with the preset's smoke request (lora_scale 0.8) and saves the image. Everything lands under the work dir.
+`ui` (`make airflow`) starts the same Airflow and keeps it running for the browser.
 
 Both start the stack with `--persist`: its S3 objects are saved under <workdir>/stack/s3/ when it stops and
 put back when it starts again on that work dir. So `make airflow` after `make demo` opens the demo's own
@@ -36,17 +38,14 @@ from sdxl_lora_ops.airflow_services import AirflowServices
 BUCKET, PREFIX, VERSION, ENDPOINT = "sdxl-lora-local", "sdxl-finetune-lora", "demo", "sdxl-lora-demo"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WORKDIR, UI_WORKDIR = Path("outputs/demo"), Path("outputs/airflow")  # relative to where make runs
-SMOKE = {"prompt": "storyboard frame, ink outline, a red circle on the left, flat colours, hard shadow",
-         "width": 64, "height": 64, "num_inference_steps": 8, "seed": 7, "lora_scale": 0.8}
-# Prepared at the training resolution, so the trials use the cached latents of the 16:9 bucket.
-PREPARE = {"version": VERSION, "resolution": 64, "min_size": 64, "latent_cache": True}
-GRID = {"dataset_version": VERSION, "learning_rates": [0.001, 0.003], "max_train_steps": [20, 40], "ranks": [4],
-        "hyperparameters": {"resolution": 64, "train_batch_size": 2, "validation_split": 0.25,
-                            "checkpointing_steps": 10, "random_flip": True,
-                            # one validation image per trial (fixed seed): the report's comparison sheets
-                            "validation_prompt": SMOKE["prompt"], "num_validation_images": 1,
-                            "num_validation_inference_steps": 4},
-        "deploy_winner": True, "endpoint_name": ENDPOINT, "smoke_request": SMOKE}
+# The demo's Airflow (and `make airflow`'s) parses the DAGs with the local preset (plugins/sdxl_lora/presets.py), whose
+# form defaults run on this machine's CPU, so the runs below name little more than the dataset version: prepared at
+# the preset's training resolution, its latents cached (the demo stages the base model), so the trials read the 16:9
+# bucket's latents; then the preset's grid, its shared hyperparameters (one validation image per trial: the
+# report's sheets) and its smoke request.
+PRESET = "local"
+PREPARE = {"version": VERSION, "latent_cache": True}
+GRID = {"dataset_version": VERSION, "deploy_winner": True, "endpoint_name": ENDPOINT}
 
 
 _STARTED = time.monotonic()
@@ -81,6 +80,7 @@ def _airflow_env(workdir: Path, endpoint_url: str, base_model_uri: str) -> dict[
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "2",
+            "SDXL_LORA_PRESET": PRESET,
             "SDXL_LORA_BASE_MODEL_URI": base_model_uri,
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": CREDENTIALS["AWS_ACCESS_KEY_ID"],
                                                     "password": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
@@ -153,12 +153,27 @@ def _run_dag(airflow: AirflowServices, dag_id: str, conf: dict) -> str:
     return run_id
 
 
+def _plugins() -> None:
+    """plugins/ on this process's import path too (it is Airflow's, not this process's): the DAGs' settings
+    and presets."""
+    if str(ROOT / "plugins") not in sys.path:
+        sys.path.insert(0, str(ROOT / "plugins"))
+
+
 def _training_pool_size() -> int:
-    """The pool size the DAGs' settings name (plugins/ is Airflow's import path, not this process's)."""
-    sys.path.insert(0, str(ROOT / "plugins"))
+    """The pool size the DAGs' settings name."""
+    _plugins()
     from sdxl_lora.settings import Settings
 
     return Settings.from_environment().training_pool_size
+
+
+def _preset():
+    """The forms' preset the demo's Airflow runs with (sdxl_lora.presets): its grid and smoke request."""
+    _plugins()
+    from sdxl_lora.presets import PRESETS
+
+    return PRESETS[PRESET]
 
 
 def _copy_results(s3, run_id: str, out: Path) -> None:
@@ -212,7 +227,9 @@ def ui(workdir: str | None, port: int = 8080) -> int:
         airflow = _start_airflow(root, endpoint_url, s3, port=port, paused_at_creation=False)
         targets.update_record(root, airflow_url=airflow.url)
         _step(f"Airflow UI on {airflow.url} (loopback only): user admin, password {airflow.password}\n"
-              f"   Try sdxl_dataset_prepare with version '{VERSION}'. Ctrl-C stops everything.")
+              f"   Try sdxl_dataset_prepare with version '{VERSION}', then sdxl_lora_train or sdxl_lora_grid_search "
+              f"with dataset_version '{VERSION}': every form's defaults are the {PRESET} preset's, which run on this "
+              "machine's CPU. Ctrl-C stops everything.")
         print("   Your own images: sdxl-lora-ops upload-images FOLDER --version V (finds this stack), then "
               "sdxl_dataset_prepare with version V; a grid run's files: sdxl-lora-ops fetch-results --run RUN_ID",
               flush=True)
@@ -262,15 +279,18 @@ def main(workdir: str) -> int:
         print(f"{counts['images_written']} images, captions from {counts['captions_from']}, "
               f"buckets {counts['buckets']}, {counts['latents_cached']} latents cached; first caption: "
               f"{_first_caption(clients['s3'])!r}")
-        _step("sdxl_lora_grid_search: 2 learning rates x 2 step counts x 1 rank, then deploy the winner")
+        grid = _preset().grid
+        _step(f"sdxl_lora_grid_search: {len(grid['learning_rates'])} learning rates x {len(grid['max_train_steps'])} "
+              f"step counts x {len(grid['ranks'])} rank(s) (the {PRESET} preset's grid), then deploy the winner")
         grid_run = _run_dag(airflow, "sdxl_lora_grid_search", GRID)
         s3 = clients["s3"]
         boards = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/grid_search/")["Contents"]]
         board_key = sorted(k for k in boards if k.endswith("leaderboard.md"))[-1]
         print(s3.get_object(Bucket=BUCKET, Key=board_key)["Body"].read().decode())
-        _step(f"invoking endpoint {ENDPOINT} with lora_scale 0.8")
+        smoke = _preset().smoke_request  # what the deployment's smoke test sent
+        _step(f"invoking endpoint {ENDPOINT} with lora_scale {smoke['lora_scale']}")
         response = clients["sagemaker-runtime"].invoke_endpoint(EndpointName=ENDPOINT, ContentType="application/json",
-                                                                Body=json.dumps(SMOKE))
+                                                                Body=json.dumps(smoke))
         body = json.loads(response["Body"].read())
         image = root / "generated.png"
         image.write_bytes(base64.b64decode(body["images"][0]))

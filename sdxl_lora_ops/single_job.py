@@ -13,13 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ml.contract.hyperparameters import preset
 from ml.fixtures import synthetic, tiny_model
 
-DEMO_HYPERPARAMETERS = {
-    "resolution": 64, "train_batch_size": 2, "learning_rate": 1e-3, "rank": 4, "checkpointing_steps": 20,
-    "validation_split": 0.2, "validation_prompt": "storyboard frame, ink outline, a red circle on the left",
-    "num_validation_images": 2, "num_validation_inference_steps": 10, "random_flip": True, "seed": 7,
-}
+# The local preset (the tiny SDXL on a CPU, as the DAGs' local forms train), with two sharper samples to look at.
+DEMO_HYPERPARAMETERS = {**preset("local"), "num_validation_images": 2, "num_validation_inference_steps": 10}
 
 
 def lay_out_job(job_dir: Path, base_model: Path, dataset: Path, hyperparameters: dict) -> None:

@@ -50,7 +50,7 @@ def build_request(dataset_uri: str, job_name: str, hyperparameters: dict) -> dic
     settings = settings_module.Settings.from_environment()
     if not dataset_uri.startswith("s3://"):
         raise ValueError(f"dataset URI must be an s3:// prefix, got {dataset_uri!r}")
-    values = {**preset("production"), **hyperparameters}
+    values = {**preset(settings.preset), **hyperparameters}  # what the train DAG's form would default to
     return sagemaker_requests.training_request(settings, job_name, dataset_uri, values,
                                      sagemaker_requests.tags(dag="submit", run=job_name))
 

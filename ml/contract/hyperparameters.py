@@ -10,7 +10,8 @@ The same table gives the JSON schema of the DAGs' ``hyperparameters`` Params
 as the grid's (``list_item_schema``: a number, or its text as the trigger form's one-value-per-line
 box sends it; ``coerce`` reads it), so the trigger form refuses what the job would refuse, before
 any job starts. ``PRESETS`` holds the
-production settings and the grid's fixed set derived from them.
+production settings (GPU instances on AWS) and the local ones (the tiny SDXL on a CPU); ``preset(name,
+exclude=SWEPT)`` is what every grid or tuning trial of that preset shares.
 
 Pure Python: the DAGs build training requests and Params from this module without torch.
 """
@@ -351,16 +352,29 @@ PRODUCTION = {
     "validation_split": 0.1,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "production": PRODUCTION,
-    # What every grid or tuning trial shares: production minus the swept keys, so a winner is a
-    # recipe for the configuration production trains.
-    "grid": {key: value for key, value in PRODUCTION.items() if key not in SWEPT},
+# The local stack's settings: the tiny SDXL on a CPU (`make airflow`, `make demo`, the Compose stack). Full precision,
+# AdamW and PyTorch attention (fp16, 8-bit Adam and xformers need CUDA), 64 pixels (the staged frames are 128x72),
+# a few steps at a learning rate the tiny model moves with, a held-out quarter so that every run reports val_loss,
+# and one validation image per run (fixed seed) for the model card and the grid report's sheets.
+LOCAL = {
+    "resolution": 64, "train_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "constant",
+    "max_train_steps": 20, "checkpointing_steps": 10, "rank": 4, "train_text_encoder": False,
+    "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+    "enable_xformers_memory_efficient_attention": False, "use_8bit_adam": False, "mixed_precision": "no",
+    "validation_split": 0.25, "random_flip": True,
+    "validation_prompt": "storyboard frame, ink outline, a red circle on the left, flat colours, hard shadow",
+    "num_validation_images": 1, "num_validation_inference_steps": 4,
 }
 
+PRESETS: dict[str, dict[str, Any]] = {"production": PRODUCTION, "local": LOCAL}
 
-def preset(name: str) -> dict[str, Any]:
-    """A copy of a preset (callers may change it)."""
+
+def preset(name: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of a preset (callers may change it) without the excluded keys. A grid or tuning trial takes
+    preset(name, exclude=SWEPT), so a winner is a recipe for the configuration the preset trains."""
     if name not in PRESETS:
         raise HyperparameterError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    unknown = sorted(set(exclude) - set(SPEC_BY_NAME))
+    if unknown:
+        raise HyperparameterError(f"unknown hyperparameters: {', '.join(unknown)}")
+    return {key: value for key, value in PRESETS[name].items() if key not in exclude}

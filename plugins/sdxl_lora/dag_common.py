@@ -12,17 +12,16 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, TriggerRule, task
 
-from ml.contract.hyperparameters import SPEC_BY_NAME, hyperparameters_schema, list_item_schema, preset
+from ml.contract.hyperparameters import SPEC_BY_NAME, hyperparameters_schema, list_item_schema
 from sdxl_lora.assets import VERSION_PATTERN
 from sdxl_lora.grid import MAX_GRID_VALUES
+from sdxl_lora.presets import Preset
 from sdxl_lora.settings import Settings
 
 NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
 WATCHER = "watcher"
 FAILED_STATES = ("failed", "upstream_failed")
 log = logging.getLogger(__name__)
-SMOKE_REQUEST = {"prompt": "storyboard frame, ink outline, a red circle on the left", "width": 512, "height": 512,
-                 "num_inference_steps": 4, "seed": 0, "lora_scale": 0.8}
 
 
 def dag_arguments(dag_id: str, doc_md: str, *tags: str, retries: int = 2) -> dict:
@@ -54,10 +53,17 @@ def version_param(description: str) -> Param:
     return Param(None, type=["null", "string"], pattern=VERSION_PATTERN, description=description)
 
 
-def hyperparameters_param(preset_name: str, description: str, exclude: tuple[str, ...] = ()) -> Param:
-    """A hyperparameters object Param: the preset as its default, every key typed and bounded by
-    ml.contract.hyperparameters, unknown keys refused, so the trigger form refuses what the job would."""
-    return Param(preset(preset_name), description=description + " Keys, types and bounds: docs/training-job.md.",
+def hyperparameters_param(preset: Preset, description: str, exclude: tuple[str, ...] = ()) -> Param:
+    """A hyperparameters object Param: the preset's hyperparameters (less the excluded keys) as its default,
+    every key typed and bounded by ml.contract.hyperparameters, unknown keys refused, so the trigger form
+    refuses what the job would.
+
+    :param preset: the forms' preset (sdxl_lora.presets.active), named in the description.
+    :param description: what the Param holds.
+    :param exclude: hyperparameters the DAG takes from other Params (a trial's swept ones).
+    """
+    return Param(preset.hyperparameters(exclude),
+                 description=f"{preset.describe(description)} Keys, types and bounds: docs/training-job.md.",
                  **hyperparameters_schema(exclude=exclude))
 
 
@@ -82,9 +88,9 @@ def endpoint_param() -> Param:
                  description="Endpoint to create or update; empty: the configured endpoint name.")
 
 
-def smoke_param() -> Param:
-    return Param(SMOKE_REQUEST, type="object",
-                 description="The deployment's smoke-test invocation (a JSON request of sdxl-lora serve).")
+def smoke_param(preset: Preset) -> Param:
+    return Param(dict(preset.smoke_request), type="object", description=preset.describe(
+        "The deployment's smoke-test invocation (a JSON request of sdxl-lora serve)."))
 
 
 def run_date(context) -> str:

@@ -7,8 +7,9 @@ variables `SDXL_LORA_<FIELD>`. DAG files read settings at parse time only from t
 with Variables too (`Settings.resolve()`).
 
 The fields in PARSE_TIME shape what the DAG files build when they are parsed (Asset URIs, the
-schedule, operator arguments): a Variable cannot reach those, so `resolve()` refuses a Variable
-that contradicts one of them instead of letting it split a run between two values.
+schedule, operator arguments, the trigger forms' defaults): a Variable cannot reach those, so
+`resolve()` refuses a Variable that contradicts one of them instead of letting it split a run
+between two values.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import dataclasses
 import os
 from typing import Callable
 
+from ml.contract.hyperparameters import PRESETS
+
 Getter = Callable[[str], "str | None"]
 
 # Read when the DAG files are parsed: the processed-dataset Asset (bucket, prefix), the retraining
-# schedule, and the operators' connection, polling and status-check limits.
+# schedule, the operators' connection, polling and status-check limits, and the preset behind every
+# trigger form's defaults.
 PARSE_TIME = ("bucket", "prefix", "aws_conn_id", "check_interval_seconds", "deferrable", "retrain_schedule",
-              "max_runtime_seconds", "max_wait_seconds", "retry_delay_seconds")
+              "max_runtime_seconds", "max_wait_seconds", "retry_delay_seconds", "preset")
 
 
 class SettingsError(ValueError):
@@ -53,6 +57,9 @@ class Settings:
     check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status
     deferrable: bool = False  # wait in the triggerer instead of a worker slot
     retry_delay_seconds: int = 60  # between a failed task's tries (the DAGs' default_args)
+    # The forms' defaults (sdxl_lora.presets): production (GPU instances on AWS), or local (the local stack's CPU
+    # jobs on the tiny SDXL: `make airflow`, `make demo` and the Compose stack set it).
+    preset: str = "production"
     # Security on AWS (docs/aws.md). Empty or false by default: the local stack has no VPC or KMS.
     subnet_ids: str = ""  # comma-separated private subnets: jobs and endpoints run in your VPC
     security_group_ids: str = ""  # comma-separated; required together with subnet_ids
@@ -61,6 +68,11 @@ class Settings:
     volume_kms_key_id: str = ""  # storage volumes of training and processing (not for local-NVMe instances)
     output_kms_key_id: str = ""  # model artifacts, processed datasets and checkpoints written to S3
     endpoint_kms_key_id: str = ""  # the endpoint's storage volume (not for local-NVMe instances)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise SettingsError(f"setting preset (SDXL_LORA_PRESET): expected one of {', '.join(PRESETS)}, "
+                                f"got {self.preset!r}")
 
     @classmethod
     def from_environment(cls) -> "Settings":

@@ -108,12 +108,12 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
 def test_hyperparameter_params_take_their_presets_and_bounds_from_the_payload(dagbag):
     from airflow.sdk.definitions.param import ParamValidationError
 
-    from ml.contract.hyperparameters import PRESETS, SWEPT
+    from ml.contract.hyperparameters import PRESETS, SWEPT, preset
 
     defaults = {dag_id: dagbag.dags[dag_id].params["hyperparameters"] for dag_id in
                 ("sdxl_lora_train", "sdxl_lora_grid_search", "sdxl_lora_tune")}
-    assert defaults["sdxl_lora_train"] == PRESETS["production"]
-    assert defaults["sdxl_lora_grid_search"] == defaults["sdxl_lora_tune"] == PRESETS["grid"]
+    assert defaults["sdxl_lora_train"] == PRESETS["production"]  # no SDXL_LORA_PRESET: the production preset
+    assert defaults["sdxl_lora_grid_search"] == defaults["sdxl_lora_tune"] == preset("production", exclude=SWEPT)
     assert {**defaults["sdxl_lora_grid_search"], "learning_rate": 2e-4, "rank": 4} == PRESETS["production"]
     train = dagbag.dags["sdxl_lora_train"]
     assert _validated(train, {"hyperparameters": {"resolution": 64, "max_train_steps": 4}})
@@ -129,6 +129,74 @@ def test_hyperparameter_params_take_their_presets_and_bounds_from_the_payload(da
         _validated(dagbag.dags["sdxl_lora_grid_search"], {"learning_rates": [0.5]})
     with pytest.raises(ParamValidationError):
         _validated(dagbag.dags["sdxl_lora_tune"], {"learning_rate_max": 0.5})
+
+
+# Per DAG: its Params whose defaults the preset chooses, and where in sdxl_lora.presets.Preset each comes from.
+PRESET_PARAMS = {
+    "sdxl_lora_train": {"hyperparameters": lambda p: p.hyperparameters(), "smoke_request": lambda p: p.smoke_request},
+    "sdxl_lora_grid_search": {**{name: (lambda p, n=name: p.grid[n]) for name in ("learning_rates", "max_train_steps",
+                                                                                 "ranks")},
+                              "hyperparameters": lambda p: p.hyperparameters(exclude=SWEPT_KEYS),
+                              "smoke_request": lambda p: p.smoke_request},
+    "sdxl_lora_tune": {**{name: (lambda p, n=name: p.tuning[n]) for name in (
+        "learning_rate_min", "learning_rate_max", "max_train_steps_min", "max_train_steps_max", "ranks", "max_jobs",
+        "max_parallel_jobs")}, "hyperparameters": lambda p: p.hyperparameters(exclude=SWEPT_KEYS),
+        "smoke_request": lambda p: p.smoke_request},
+    "sdxl_dataset_prepare": {name: (lambda p, n=name: p.prepare[n]) for name in ("resolution", "min_size")},
+    "sdxl_lora_deploy": {"smoke_request": lambda p: p.smoke_request},
+}
+SWEPT_KEYS = ("learning_rate", "max_train_steps", "rank")
+
+
+@pytest.fixture(scope="module")
+def local_dagbag(dagbag):
+    """The DAGs parsed with SDXL_LORA_PRESET=local, as `make airflow` and the Compose stack parse them (after the
+    session's own bag, which stays the production preset's)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDXL_LORA_PRESET", "local")
+        bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {}
+    return bag
+
+
+@pytest.mark.parametrize("name", ["production", "local"])
+def test_the_preset_setting_chooses_every_forms_defaults_and_the_descriptions_name_it(dagbag, local_dagbag, name):
+    from sdxl_lora.presets import PRESETS
+
+    bag, chosen = {"production": dagbag, "local": local_dagbag}[name], PRESETS[name]
+    for dag_id, params in PRESET_PARAMS.items():
+        dag = bag.dags[dag_id]
+        for param, default in params.items():
+            assert dag.params[param] == default(chosen), (dag_id, param)
+            assert f"Defaults: the {name} preset (SDXL_LORA_PRESET={name})." in \
+                dag.params.get_param(param).description, (dag_id, param)
+        assert _validated(dag, {})  # the defaults pass the form
+    prepare = bag.dags["sdxl_dataset_prepare"]
+    assert "SDXL_LORA_PRESET" not in prepare.params.get_param("caption_batch_size").description  # the payload's
+
+
+def test_the_local_forms_train_the_local_preset_in_every_request(local_dagbag, monkeypatch):
+    """A run triggered with only its dataset version: every trial's and the tuning job's hyperparameters are the
+    local preset's (a CPU can run them), the grid and tuning as small as the preset's lists."""
+    from ml.contract.hyperparameters import parse, preset
+
+    local = preset("local")
+    grid = local_dagbag.dags["sdxl_lora_grid_search"]
+    params = {**{name: grid.params[name] for name in grid.params}, "dataset_version": "v1"}
+    configs = grid.get_task("build_trials").python_callable(**_callable_context(monkeypatch, params))
+    assert len(configs) == 4
+    for config in configs:
+        values = parse(config["HyperParameters"]).as_dict()
+        assert {key: values[key] for key in local if key not in SWEPT_KEYS} == \
+            {key: value for key, value in local.items() if key not in SWEPT_KEYS}
+    tune = local_dagbag.dags["sdxl_lora_tune"]
+    params = {**{name: tune.params[name] for name in tune.params}, "dataset_version": "v1"}
+    request = tune.get_task("plan_tuning").python_callable(**_callable_context(monkeypatch, params))
+    assert request["HyperParameterTuningJobConfig"]["ResourceLimits"]["MaxNumberOfTrainingJobs"] == 2
+    static = parse(request["TrainingJobDefinition"]["StaticHyperParameters"]).as_dict()
+    assert static["mixed_precision"] == "no" and static["resolution"] == local["resolution"]
 
 
 def test_prepare_emits_the_asset_that_schedules_training(dagbag):

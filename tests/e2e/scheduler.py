@@ -2,7 +2,8 @@
 
 Each deployment gets a database of its own on 127.0.0.1:5432 (dropped afterwards), a local stack of its
 own (a quota of 16 training jobs, so only Airflow's pool limits concurrency) and the project's dags and
-plugins. Runs are triggered through the REST API (sdxl_lora_ops/airflow_services.py). A cluster policy
+plugins, parsed with the forms' local preset (SDXL_LORA_PRESET=local) as `make airflow` parses them.
+Runs are triggered through the REST API (sdxl_lora_ops/airflow_services.py). A cluster policy
 (airflow_local_settings.py in AIRFLOW_HOME/config) shortens retry_delay to 2 s, so a retry happens
 within the test, through Airflow's own retry machinery.
 """
@@ -95,7 +96,7 @@ def deployment(tmp: Path, executor: str = "LocalExecutor", instance_quotas: dict
                    "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX,
                    "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1", "SDXL_LORA_TRAINING_POOL_SIZE": str(POOL_SIZE),
                    "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
-                   "SDXL_LORA_BASE_MODEL_URI": staged["base_model_uri"],
+                   "SDXL_LORA_BASE_MODEL_URI": staged["base_model_uri"], "SDXL_LORA_PRESET": "local",
                    **{f"SDXL_LORA_{k.upper()}": v for k, v in settings.items()},
                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({

@@ -1,7 +1,8 @@
-"""The grid's list Params through the real REST API and scheduler (tests/e2e/scheduler.py, the shared `scheduled`
-Airflow): a bad value is refused with HTTP 400 naming the Param and the value, before any run exists; a grid typed
-as the trigger form sends it (text, one value per line, a blank line at the end) runs, and a trial that fails beside
-a winner (its jobs stopped) leaves the run green with the failure counted on the leaderboard; in Airflow's own
+"""The DAGs' Params through the real REST API and scheduler (tests/e2e/scheduler.py, the shared `scheduled`
+Airflow, whose forms are the local preset's): every DAG triggered with only its dataset version runs green on the
+local stack; a bad list value is refused with HTTP 400 naming the Param and the value, before any run exists; a grid
+typed as the trigger form sends it (text, one value per line, a blank line at the end) runs, and a trial that fails
+beside a winner (its jobs stopped) leaves the run green with the failure counted on the leaderboard; in Airflow's own
 trigger form (headless Chromium) the lists are text boxes of lines and a refusal reads as the 400 says."""
 
 from __future__ import annotations
@@ -14,16 +15,85 @@ import time
 
 import pytest
 from botocore.exceptions import ClientError
+from ml.contract.hyperparameters import parse
+from ml.fixtures import synthetic
 from scheduler import BUCKET, GRID, PREFIX, grid_conf, training_jobs, trials, wait_until
-from sdxl_lora.naming import run_token
+from sdxl_lora import serving
+from sdxl_lora.naming import job_name, run_token, slug
+from sdxl_lora.presets import PRESETS
+from sdxl_lora.settings import Settings
+from sdxl_lora.tuning import tuning_job_name
 
 pytestmark = pytest.mark.scheduler
-TUNE = "sdxl_lora_tune"
+TUNE, TRAIN, PREPARE = "sdxl_lora_tune", "sdxl_lora_train", "sdxl_dataset_prepare"
+LOCAL = PRESETS["local"]  # the shared Airflow's SDXL_LORA_PRESET
 
 
 @pytest.fixture
 def airflow(scheduled):
     return scheduled
+
+
+def test_every_dag_runs_green_with_only_its_dataset_version(airflow, tmp_path):
+    """Issue 21: the forms' defaults run where they are deployed. Raw frames as `make airflow` stages them (the
+    synthetic frames' default size; captioned, as the shared Airflow stages no captioner) are prepared with only their
+    version; then train, grid and tune each run on that version with only it in their conf, side by side. Every run
+    is green and every job ran the local preset: the train run deploys its adapter (nothing serves on the default
+    endpoint) with the preset's smoke request, which this test then takes down again."""
+    s3, sagemaker = airflow.stack.client("s3"), airflow.stack.client("sagemaker")
+    version = f"defaults-{secrets.token_hex(3)}"
+    raw = synthetic.write_dataset(tmp_path / "raw", count=8)
+    for path in sorted(raw.iterdir()):
+        s3.upload_file(str(path), BUCKET, f"{PREFIX}/raw_dataset/{version}/{path.name}")
+    settings = Settings(bucket=BUCKET, prefix=PREFIX)
+    record_bucket, _, record_key = serving.record_uri(settings, settings.endpoint_name).removeprefix(
+        "s3://").partition("/")
+    started = time.monotonic()
+    runs: dict[str, str] = {}
+
+    def run_green(dag_id: str, conf: dict) -> dict:
+        run = airflow.wait_for_run(dag_id, runs[dag_id], timeout=900)
+        states = {(t["task_id"], t["map_index"]): t["state"] for t in airflow.task_instances(dag_id, runs[dag_id])}
+        assert run["state"] == "success" and run["conf"] == conf, (dag_id, run["state"], run["conf"], states)
+        return states
+
+    # Paused until the prepare run has published: its Asset event queues no run of sdxl_lora_train.
+    paused = (PREPARE, TRAIN, TUNE)
+    try:
+        airflow.wait_for_dags(*paused)
+        airflow.unpause(PREPARE)
+        runs[PREPARE] = airflow.trigger(PREPARE, {"version": version})
+        run_green(PREPARE, {"version": version})
+        prepared = time.monotonic()
+        manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/{version}/manifest.json")
+                              ["Body"].read())
+        assert manifest["counts"]["images_written"] == 8 and manifest["rejected"] == [], manifest  # none too_small
+        for dag_id in (TRAIN, TUNE):
+            airflow.unpause(dag_id)
+        for dag_id in (TRAIN, GRID, TUNE):
+            runs[dag_id] = airflow.trigger(dag_id, {"dataset_version": version})
+        states = {dag_id: run_green(dag_id, {"dataset_version": version}) for dag_id in (TRAIN, GRID, TUNE)}
+    finally:
+        for dag_id in paused:  # the shared Airflow as it was
+            airflow.request("PATCH", f"/dags/{dag_id}", json={"is_paused": True})
+        with contextlib.suppress(ClientError):  # the train run's deployment, where it got that far
+            sagemaker.delete_endpoint(EndpointName=settings.endpoint_name)
+        s3.delete_object(Bucket=record_bucket, Key=record_key)
+
+    local = LOCAL.hyperparameters()
+    job = sagemaker.describe_training_job(TrainingJobName=job_name("sdxl-lora-train", runs[TRAIN], slug(version)))
+    values = parse(job["HyperParameters"]).as_dict()
+    assert {key: values[key] for key in local} == local  # a CPU's: full precision, 64 px, no 8-bit Adam or xformers
+    assert states[TRAIN][("deploy.smoke_test", -1)] == "success", states[TRAIN]
+    grid_trials = [key for key, state in states[GRID].items() if key[0] == "train_trial" and state == "success"]
+    assert len(grid_trials) == len(LOCAL.grid["learning_rates"]) * len(LOCAL.grid["max_train_steps"]) * len(
+        LOCAL.grid["ranks"]), states[GRID]
+    tuned = sagemaker.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=tuning_job_name(
+        "sdxl-lora-tune", runs[TUNE]))
+    assert tuned["TrainingJobStatusCounters"]["Completed"] == LOCAL.tuning["max_jobs"], tuned
+    print(f"\n[defaults: the local preset] prepare {prepared - started:.0f} s, then train (deployed), grid "
+          f"({len(grid_trials)} trials) and tune ({LOCAL.tuning['max_jobs']} trials) side by side "
+          f"{time.monotonic() - prepared:.0f} s: all green with only the dataset version in their conf")
 
 
 @pytest.mark.parametrize("dag_id, conf, words", [
@@ -131,7 +201,8 @@ def test_the_trigger_form_shows_list_params_as_boxes_of_lines_and_its_refusals(a
         browser.call("Network.setCookie", name="_token", value=token, url=airflow.url, path="/")
         browser.call("Page.enable")
         fields = open_form(GRID)
-        for name, lines in (("learning_rates", "0.0001\n0.0002"), ("max_train_steps", "500\n1000"), ("ranks", "4")):
+        for name, values in LOCAL.grid.items():  # the shared Airflow's forms: the local preset's defaults
+            lines = "\n".join(map(str, values))
             assert fields[name]["tag"] == "TEXTAREA" and fields[name]["value"] == lines, fields[name]
             assert fields[name]["placeholder"] == "Enter each string on a new line"
         assert fields["hyperparameters"]["tag"] != "TEXTAREA"  # an object: Airflow's JSON editor
@@ -149,7 +220,8 @@ def test_the_trigger_form_shows_list_params_as_boxes_of_lines_and_its_refusals(a
 
         tune_runs = {r["dag_run_id"] for r in airflow.runs(TUNE)}
         fields = open_form(TUNE)
-        assert fields["ranks"]["tag"] == "TEXTAREA" and fields["ranks"]["value"] == "4\n16\n64"
+        assert fields["ranks"]["tag"] == "TEXTAREA" and fields["ranks"]["value"] == "\n".join(
+            map(str, LOCAL.tuning["ranks"]))
         browser.evaluate("[...document.querySelectorAll('[role=dialog] label')]"
                          ".find(l => l.innerText.includes('Unpause'))?.click()")  # stays paused: no job
         type_lines("ranks", "4\n16\n")

@@ -32,11 +32,14 @@ CHECKPOINT_INTERVAL = 2
 # Steps of the spot test's job: enough that the stack's SIGTERM (sent once it sees `step=3 `) lands mid-training;
 # a warm-started tiny step takes about 15 ms, and the stack looks at the log every 0.2 s.
 SPOT_STEPS = 60
-# The production preset made tiny: a CPU, resolution 32, a step per log line (the stack's spot pattern is `step=3 `).
+# Over the shared Airflow's local preset (tests/e2e/scheduler.py), everything these tests rely on, whatever that preset
+# holds: a CPU, resolution 32, a step per log line (the stack's spot pattern is `step=3 `), a learning rate at which
+# a retrain of a few steps keeps the serving adapter (no deployment), and no validation images (nothing looks at them).
 RECIPE = {"resolution": 32, "train_batch_size": 2, "validation_split": 0.25, "checkpointing_steps": CHECKPOINT_INTERVAL,
           "logging_steps": 1, "gradient_accumulation_steps": 1, "mixed_precision": "no", "use_8bit_adam": False,
           "enable_xformers_memory_efficient_attention": False, "gradient_checkpointing": False,
-          "train_text_encoder": False}
+          "train_text_encoder": False, "learning_rate": 2e-4, "rank": 4, "random_flip": False,
+          "validation_prompt": None}
 PREPARE_CONF = {"resolution": 32, "min_size": 0}  # the synthetic frames are 64x36
 SETTINGS = Settings(bucket=BUCKET, prefix=PREFIX, base_model_uri=f"s3://{BUCKET}/{PREFIX}/base_model/", use_spot=False)
 TIMEOUT = 1800  # seconds; on a loaded 2-core machine a run with a deployment takes many minutes

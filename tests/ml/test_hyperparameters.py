@@ -134,16 +134,29 @@ def test_every_preset_passes_the_form_and_the_job(name):
     assert {key: values[key] for key in PRESETS[name]} == PRESETS[name]
 
 
-def test_the_grid_trains_productions_configuration_minus_the_swept_keys():
+def test_a_trial_trains_its_presets_configuration_minus_the_swept_keys():
     assert {"learning_rate", "rank"} <= set(PRODUCTION) and "max_train_steps" not in PRODUCTION  # epochs instead
-    assert PRESETS["grid"] == {key: value for key, value in PRODUCTION.items() if key not in SWEPT}
-    assert {"train_text_encoder", "use_8bit_adam", "enable_xformers_memory_efficient_attention"} <= set(PRESETS["grid"])
+    for name in PRESETS:
+        assert preset(name, exclude=SWEPT) == {key: value for key, value in PRESETS[name].items() if key not in SWEPT}
+    assert {"train_text_encoder", "use_8bit_adam", "enable_xformers_memory_efficient_attention"} <= \
+        set(preset("production", exclude=SWEPT))
+    with pytest.raises(HyperparameterError, match="unknown hyperparameters: learning_rat"):
+        preset("production", exclude=("learning_rat",))
+
+
+def test_the_local_preset_runs_on_a_cpu_and_reports_val_loss():
+    """What the local stack's CPU jobs refuse or cannot afford is off: mixed precision, 8-bit Adam (CUDA only),
+    xformers, 1024 pixels, epochs of steps; a held-out share makes every run report val_loss."""
+    local = parse(to_sagemaker(preset("local"))).as_dict()
+    assert local["mixed_precision"] == "no" and not local["use_8bit_adam"]
+    assert not local["enable_xformers_memory_efficient_attention"] and not local["gradient_checkpointing"]
+    assert local["resolution"] <= 64 and local["max_train_steps"] <= 50 and local["validation_split"] > 0
 
 
 def test_preset_returns_a_copy_and_names_unknown_presets():
     preset("production")["rank"] = 64
     assert PRESETS["production"]["rank"] == 4
-    with pytest.raises(HyperparameterError, match="unknown preset 'prod'; presets: production, grid"):
+    with pytest.raises(HyperparameterError, match="unknown preset 'prod'; presets: production, local"):
         preset("prod")
 
 

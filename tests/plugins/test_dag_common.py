@@ -167,3 +167,19 @@ def test_the_retry_delay_is_a_parse_time_setting(monkeypatch):
     monkeypatch.setenv("SDXL_LORA_RETRY_DELAY_SECONDS", "5")
     assert dag_arguments("d", "doc")["default_args"]["retry_delay"] == timedelta(seconds=5)
     assert "retry_delay_seconds" in PARSE_TIME  # the DAGs read it when parsed: a Variable may not contradict it
+
+
+def test_preset_params_take_their_defaults_from_the_preset_and_name_it():
+    from ml.contract.hyperparameters import SWEPT, preset
+    from sdxl_lora.dag_common import hyperparameters_param, smoke_param
+    from sdxl_lora.presets import PRESETS
+
+    local = PRESETS["local"]
+    trials = hyperparameters_param(local, "Shared.", exclude=SWEPT)
+    assert trials.value == preset("local", exclude=SWEPT) and not set(SWEPT) & set(trials.schema["properties"])
+    assert trials.description == ("Shared. Defaults: the local preset (SDXL_LORA_PRESET=local). Keys, types and "
+                                  "bounds: docs/training-job.md.")
+    smoke = smoke_param(local)
+    assert smoke.value == local.smoke_request and smoke.value is not local.smoke_request  # a form cannot change it
+    assert smoke.description.endswith("Defaults: the local preset (SDXL_LORA_PRESET=local).")
+    assert hyperparameters_param(PRESETS["production"], "Training.").value == preset("production")

@@ -63,3 +63,21 @@ def test_variables_still_set_what_tasks_alone_read(monkeypatch):
 
 def test_parse_time_fields_are_settings():
     assert set(PARSE_TIME) <= {field.name for field in dataclasses.fields(Settings)}
+
+
+def test_the_preset_is_production_unless_the_environment_names_another(monkeypatch):
+    monkeypatch.delenv("SDXL_LORA_PRESET", raising=False)
+    assert Settings.from_environment().preset == "production"
+    monkeypatch.setenv("SDXL_LORA_PRESET", "local")
+    assert Settings.from_environment().preset == "local"
+    monkeypatch.setenv("SDXL_LORA_PRESET", "prod")
+    with pytest.raises(SettingsError, match="setting preset \\(SDXL_LORA_PRESET\\): expected one of production, "
+                                            "local, got 'prod'"):
+        Settings.from_environment()
+
+
+def test_a_preset_variable_cannot_contradict_the_forms_the_dags_were_parsed_with(monkeypatch):
+    monkeypatch.setenv("SDXL_LORA_PRESET", "local")
+    _variables(monkeypatch, {"sdxl_lora_preset": "production"})
+    with pytest.raises(SettingsError, match="sdxl_lora_preset='production' but the DAGs were parsed with 'local'"):
+        Settings.resolve()

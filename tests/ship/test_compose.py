@@ -38,6 +38,8 @@ def test_compose_config_accepts_the_local_stack_file():
     assert connection["extra"]["endpoint_url"] == "http://local-stack:4566"
     mounts = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in services["airflow-scheduler"]["volumes"]}
     assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/airflow.cfg"} <= mounts
+    for name in ("airflow-scheduler", "airflow-dag-processor", "airflow-worker", "airflow-apiserver"):
+        assert services[name]["environment"]["SDXL_LORA_PRESET"] == "local"  # forms the stack's CPU jobs run
 
 
 @needs_compose
@@ -51,6 +53,8 @@ def test_aws_override_needs_the_settings_and_drops_the_local_stack():
     environment = services["airflow-worker"]["environment"]
     assert environment["SDXL_LORA_AWS_CONNECTION"] == '{"conn_type": "aws"}'
     assert environment["SDXL_LORA_NETWORK_ISOLATION"] == "true"
+    for name in ("airflow-scheduler", "airflow-dag-processor", "airflow-worker", "airflow-apiserver"):
+        assert services[name]["environment"]["SDXL_LORA_PRESET"] == "production"
     # what `sdxl-lora-ops stage-models` prints reaches the components; unset, they stay empty
     assert environment["SDXL_LORA_CAPTIONER_URI"] == "" and environment["SDXL_LORA_BASE_MODEL_ID"] == ""
     staged = {**AWS_ENV, "SDXL_LORA_CAPTIONER_URI": "s3://b/c/", "SDXL_LORA_BASE_MODEL_ID": "org/sdxl"}

@@ -39,3 +39,12 @@ def test_the_sdk_rejects_a_malformed_request_before_sending_it(monkeypatch):
     with pytest.raises(Exception, match="(?i)instance_count|validation"):
         submit.create(request)
     assert not hasattr(client, "request")
+
+
+def test_the_request_starts_from_the_settings_preset_as_the_train_dags_form(monkeypatch):
+    from ml.contract.hyperparameters import parse, preset
+
+    monkeypatch.setenv("SDXL_LORA_PRESET", "local")
+    request = submit.build_request("s3://b/data/", "sdxl-lora-submit-3", {"max_train_steps": 5})
+    values = parse(request["HyperParameters"]).as_dict()
+    assert {key: values[key] for key in preset("local")} == {**preset("local"), "max_train_steps": 5}
