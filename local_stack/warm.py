@@ -91,11 +91,13 @@ def _child(request: dict, fds: list[int], inherited: list[socket.socket], starte
             moved = None
         except OSError as error:
             moved = error
+        # The default handlers before its pid is reported: a StopTrainingJob right after the start SIGTERMs it
+        # at once, and the warm starter's own handler (inherited through fork) would swallow that signal.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
         os.write(started, b"s")  # its pid is reported only now: a signal to its process group finds it
         os.close(started)
         _set_name(" ".join([request.get("module", "ml.cli"), *request["args"][:1]]))
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
         (out,) = fds
         os.dup2(out, 1)
         os.dup2(out, 2)

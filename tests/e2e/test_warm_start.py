@@ -58,6 +58,17 @@ def test_signals_reach_the_container_and_its_status_says_so(starter, tmp_path):
     process.stdout.read()  # the pipe ends with the process
 
 
+def test_a_sigterm_sent_as_soon_as_the_pid_is_known_ends_the_container(starter, tmp_path):
+    """StopTrainingJob right after CreateTrainingJob: the stack SIGTERMs the pid it was just given. The container
+    has its default handlers by then (not the warm starter's, which would swallow the signal and leave the job
+    running until the stop grace's SIGKILL)."""
+    for _ in range(5):
+        process = starter.launch(CLI + ["tiny-model", "model"], _env(), tmp_path)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        process.stdout.read()
+
+
 @pytest.mark.parametrize("command, extra", [
     (["/bin/echo", "hello"], {}),  # not the payload's CLI
     (CLI + ["tiny-model", "m"], {"HF_HOME": "/elsewhere"}),  # read by huggingface_hub when it is imported
