@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from xdist_units import work_unit
+from xdist_units import FIRST, OWN_AIRFLOW, unit_order, work_unit
 
 TESTS = Path(__file__).parent
 
@@ -15,10 +15,24 @@ def test_a_module_is_one_unit_and_the_real_scheduler_modules_are_one_together():
         "tests/e2e/test_scheduler_params.py::test_x") == "scheduler"
 
 
-def test_every_module_marked_scheduler_is_in_the_scheduler_unit():
-    """The unit is read from the file name, in the controller, which does not collect: the marker and the name
-    must agree."""
+def test_the_modules_with_an_airflow_of_their_own_are_units_of_their_own_and_the_longest_go_first():
+    for name in OWN_AIRFLOW:
+        assert work_unit(f"tests/e2e/{name}::test_x") == f"tests/e2e/{name}"
+    assert [unit_order(unit) for unit in FIRST] == list(range(len(FIRST)))
+    assert unit_order("tests/plugins/test_grid.py") == len(FIRST)
+    units = {work_unit(f"{path.relative_to(TESTS.parent).as_posix()}::test") for path in TESTS.rglob("test_*.py")}
+    assert set(FIRST) <= units  # no stale name
+
+
+def test_every_module_marked_scheduler_is_in_the_scheduler_unit_or_starts_its_own_airflow():
+    """The unit is read from the file name, in the controller, which does not collect: the marker, the name and
+    the fixture a module uses must agree."""
     for path in sorted(TESTS.rglob("test_*.py")):
-        marked = re.search(r"^pytestmark = pytest\.mark\.scheduler$", path.read_text(), re.MULTILINE) is not None
+        text = path.read_text()
+        marked = re.search(r"^pytestmark = pytest\.mark\.scheduler$", text, re.MULTILINE) is not None
+        shared = re.search(r"\bdef \w+\([^)]*\bscheduled\b", text) is not None  # takes the shared Airflow
         nodeid = f"{path.relative_to(TESTS.parent).as_posix()}::test"
-        assert (work_unit(nodeid) == "scheduler") == marked, path
+        if path.name in OWN_AIRFLOW:
+            assert marked and not shared, path
+        else:
+            assert (work_unit(nodeid) == "scheduler") == marked == shared, path

@@ -41,7 +41,8 @@ def sdk_python() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (home / "installed").exists():
             venv.create(home / "venv", with_pip=True, clear=True)
-            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", SDK],
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+                            SDK],
                            check=True, timeout=900, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
             (home / "installed").write_text(SDK)
     (home / "config.yaml").write_text(SDK_CONFIG)
