@@ -156,6 +156,10 @@ class AirflowServices:
                 raise RuntimeError(f"Airflow's {', '.join(dead)} exited at start; see {self.log_dir}/{dead[0]}.log")
             try:
                 if httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).status_code == 200:
+                    # The api-server builds its Task Execution API on the first request there (seconds of CPU,
+                    # its one worker busy): paid now, not by the first task, whose supervisor would time out
+                    # and retry meanwhile.
+                    httpx.get(f"{self.url}/execution/health", timeout=max(5.0, deadline - time.monotonic()))
                     return
             except httpx.HTTPError:
                 pass

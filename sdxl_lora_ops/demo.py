@@ -88,6 +88,11 @@ def _airflow_env(workdir: Path, endpoint_url: str, base_model_uri: str) -> dict[
                                                               "region_name": REGION}})}
 
 
+def _model_uris() -> tuple[str, str]:
+    """Where the demo stages the base model and the captioner."""
+    return f"s3://{BUCKET}/{PREFIX}/base_model/", f"s3://{BUCKET}/{PREFIX}/captioner/"
+
+
 def _stage(s3, workdir: Path) -> tuple[str, str]:
     """A tiny SDXL, a tiny InstructBLIP and 16 uncaptioned 16:9 frames in S3; returns the models' URIs. A model
     that `sdxl-lora-ops stage-models` put there (into `make airflow`'s persisted S3) is kept instead."""
@@ -110,7 +115,27 @@ def _stage(s3, workdir: Path) -> tuple[str, str]:
         for path in folder.rglob("*"):
             if path.is_file():
                 s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
-    return f"s3://{BUCKET}/{PREFIX}/base_model/", f"s3://{BUCKET}/{PREFIX}/captioner/"
+    return _model_uris()
+
+
+class _Background(threading.Thread):
+    """A call on a thread of its own; `result()` after `join()` re-raises what it raised."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self._call, self._error = (function, args), None
+        self.start()
+
+    def run(self) -> None:
+        function, args = self._call
+        try:
+            function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller by result()
+            self._error = error
+
+    def result(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _first_caption(s3) -> str:
@@ -118,10 +143,11 @@ def _first_caption(s3) -> str:
     return json.loads(rows.decode().splitlines()[0])["text"]
 
 
-def _start_airflow(root: Path, endpoint_url: str, s3, port: int | None = None,
+def _start_airflow(root: Path, endpoint_url: str, s3, staged: str, port: int | None = None,
                    paused_at_creation: bool = True) -> AirflowServices:
-    """Stage the models and frames, migrate Airflow's database, start its components, set the pool."""
-    base_model_uri, captioner_uri = _stage(s3, root)
+    """Stage the models and frames while Airflow's database migrates and its components start (the one imports
+    torch and builds the tiny models, the others import Airflow: each keeps a core busy), then set the pool."""
+    base_model_uri, captioner_uri = _model_uris()
     env = _airflow_env(root, endpoint_url, base_model_uri)
     env["SDXL_LORA_CAPTIONER_URI"] = captioner_uri
     # The demo unpauses only the DAGs it runs; `make airflow` leaves every DAG on, as a deployment would.
@@ -129,10 +155,15 @@ def _start_airflow(root: Path, endpoint_url: str, s3, port: int | None = None,
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     airflow = AirflowServices(env, port=port, log_dir=logs, parallelism=8)
-    _step(f"starting Airflow in {root / 'airflow'} (component logs: {logs})")
-    airflow.migrate()
-    airflow.start()
+    staging = _Background(_stage, s3, root)
+    _step(f"staging {staged} in S3 while Airflow starts in {root / 'airflow'} (component logs: {logs})")
     try:
+        airflow.migrate()
+        airflow.start()
+    finally:
+        staging.join()  # a failed start still waits for the uploads it raced with
+    try:
+        staging.result()
         # include_deferred: a deferred wait keeps its slot, so the pool caps running jobs in both modes.
         airflow.set_pool("sagemaker_training", _training_pool_size(), "SageMaker training jobs running at once")
     except BaseException:  # the caller never gets this Airflow to stop: stop it here (a failed start left it running)
@@ -223,8 +254,8 @@ def ui(workdir: str | None, port: int = 8080) -> int:
         s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=REGION,
                           aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
-        _step(f"staging a tiny SDXL and raw_dataset/{VERSION}/ in S3")
-        airflow = _start_airflow(root, endpoint_url, s3, port=port, paused_at_creation=False)
+        airflow = _start_airflow(root, endpoint_url, s3, f"a tiny SDXL and raw_dataset/{VERSION}/", port=port,
+                                 paused_at_creation=False)
         targets.update_record(root, airflow_url=airflow.url)
         _step(f"Airflow UI on {airflow.url} (loopback only): user admin, password {airflow.password}\n"
               f"   Try sdxl_dataset_prepare with version '{VERSION}', then sdxl_lora_train or sdxl_lora_grid_search "
@@ -269,8 +300,8 @@ def main(workdir: str) -> int:
                                       aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                                       aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
                    for name in ("s3", "sagemaker-runtime")}
-        _step("staging a tiny SDXL, a tiny InstructBLIP and 16 uncaptioned storyboard frames in S3")
-        airflow = _start_airflow(root, endpoint_url, clients["s3"])
+        airflow = _start_airflow(root, endpoint_url, clients["s3"],
+                                 "a tiny SDXL, a tiny InstructBLIP and 16 uncaptioned storyboard frames")
         _step("sdxl_dataset_prepare: a SageMaker Processing job checks, captions and buckets raw_dataset/demo")
         _run_dag(airflow, "sdxl_dataset_prepare", PREPARE)
         manifest = json.loads(clients["s3"].get_object(
