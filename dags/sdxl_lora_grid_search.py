@@ -31,7 +31,9 @@ limit of 1024), plus the fixed hyperparameters of every trial. In the trigger fo
 text box with one value per line (`0.0001`, `2e-4`; blank lines are ignored); through the API, a
 JSON list of numbers. Numbers out of bounds and text that is not a number are refused when the run
 is triggered; `build_trials`, the first task, reads the text and refuses, without retrying, a
-value out of bounds or listed twice, naming the Param and the value.
+value out of bounds or listed twice, naming the Param and the value. It also logs the trials' estimated cost and,
+when `max_cost_usd` is set and the estimate is above it (or unknown), fails without retrying, so no trial starts
+(docs/dags.md#cost).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from airflow.sdk import Param, TriggerRule, chain, dag, task
 
 from ml.contract.hyperparameters import SWEPT
 from sdxl_lora.dag_common import (
+    cost_cap_param,
     dag_arguments,
     deploy_requested,
     endpoint_param,
@@ -80,6 +83,7 @@ log = logging.getLogger(__name__)
             "LoRA ranks to try (the original grid: 4, 150, 256, 512, 1024).")),
         "hyperparameters": hyperparameters_param(PRESET, "Hyperparameters every trial shares (the preset's, less "
                                                          "the swept ones).", exclude=SWEPT),
+        "max_cost_usd": cost_cap_param(),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(PRESET),
@@ -88,7 +92,7 @@ log = logging.getLogger(__name__)
 def sdxl_lora_grid_search():
     @task
     def build_trials(**context) -> list[dict]:
-        from sdxl_lora import grid, naming, sagemaker_requests
+        from sdxl_lora import estimate, grid, naming, sagemaker_requests
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
@@ -104,6 +108,8 @@ def sdxl_lora_grid_search():
             configs.append(sagemaker_requests.training_request(
                 settings, name, settings.processed_dataset(version), hyperparameters,
                 sagemaker_requests.tags(dag=DAG_ID, run=run_id, trial=trial.label)))
+        with no_retry(estimate.CostCapError):  # over the cap: no trial starts, and a retry would refuse again
+            estimate.enforce(estimate.of_training_requests(configs, settings), params["max_cost_usd"], log)
         return configs
 
     @task(trigger_rule=TriggerRule.ALL_DONE)

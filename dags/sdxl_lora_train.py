@@ -27,6 +27,10 @@ images (a scoring job: ml/train/evaluate.py, the same split, fixed noise and tim
 new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log
 (the rule: `sdxl_lora.selection.compare_with_serving`).
 
+Before any job starts, `build_request` logs the job's estimated cost (the image count from the dataset's
+manifest) and, when `max_cost_usd` is set and the estimate is above it (or unknown), fails without retrying
+(docs/dags.md#cost); the scoring job's start-up is not counted.
+
 A failed training (or scoring, or deployment) fails the run: the `watcher` task (trigger rule ONE_FAILED,
 downstream of every task) fails it then, though `rollback` after a failed deployment succeeds.
 """
@@ -40,10 +44,12 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, Trigge
 
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import (
+    cost_cap_param,
     dag_arguments,
     endpoint_param,
     hyperparameters_param,
     job_kwargs,
+    no_retry,
     run_date,
     smoke_param,
     version_param,
@@ -71,6 +77,7 @@ log = logging.getLogger(__name__)
         "dataset_version": version_param("Processed dataset version; empty: the triggering Asset event's, else "
                                          "the run's logical date."),
         "hyperparameters": hyperparameters_param(PRESET, "Training hyperparameters."),
+        "max_cost_usd": cost_cap_param(),
         "deploy_if_better": Param(True, type="boolean",
                                   description="Deploy when the validation loss beats the adapter serving now."),
         "endpoint_name": endpoint_param(),
@@ -119,9 +126,14 @@ def sdxl_lora_train():
 
     @task
     def build_request(version: str, params: dict, run_id: str, dag_run=None) -> dict:
+        """The training request, after its estimated cost is logged and checked against max_cost_usd."""
+        import json
+
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.sdk import Variable
 
-        from sdxl_lora import assets, naming, sagemaker_requests
+        from ml.contract.manifest import MANIFEST
+        from sdxl_lora import assets, estimate, naming, sagemaker_requests
 
         settings = Settings.resolve()
         hyperparameters = params["hyperparameters"]
@@ -129,8 +141,15 @@ def sdxl_lora_train():
             hyperparameters = assets.retrain_hyperparameters(hyperparameters,
                                                              Variable.get(assets.RETRAIN_VARIABLE, default=None))
         name = naming.job_name(JOB_PREFIX, run_id, naming.slug(version))
-        return sagemaker_requests.training_request(settings, name, settings.processed_dataset(version), hyperparameters,
-                                         sagemaker_requests.tags(dag=DAG_ID, run=run_id, version=version))
+        request = sagemaker_requests.training_request(settings, name, settings.processed_dataset(version),
+                                                      hyperparameters,
+                                                      sagemaker_requests.tags(dag=DAG_ID, run=run_id, version=version))
+        # The image count: num_train_epochs counts the steps (the production preset's way).
+        manifest = S3Hook(aws_conn_id=settings.aws_conn_id).read_key(settings.processed_dataset(version) + MANIFEST)
+        found = estimate.of_training_requests([request], settings, estimate.manifest_images(json.loads(manifest)))
+        with no_retry(estimate.CostCapError):  # over the cap: neither the training nor the scoring job starts
+            estimate.enforce(found, params["max_cost_usd"], log)
+        return request
 
     @task
     def candidate(training: dict) -> dict:

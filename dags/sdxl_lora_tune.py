@@ -22,7 +22,9 @@ failed or was stopped (the `tune` task fails), or when planning or a deploy task
 `watcher` task (trigger rule ONE_FAILED, downstream of every task) fails it then.
 
 `ranks` is a text box in the trigger form, one rank per line (a JSON list of integers through the
-API); `plan_tuning` reads it and refuses, without retrying, a bad rank or range, naming the Param.
+API); `plan_tuning` reads it and refuses, without retrying, a bad rank or range, naming the Param. It also logs
+the estimated cost of `max_jobs` trials at `max_train_steps_max` and, when `max_cost_usd` is set and the estimate
+is above it (or unknown), fails without retrying, so no tuning job starts (docs/dags.md#cost).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from airflow.sdk import Param, TriggerRule, chain, dag, task
 
 from ml.contract.hyperparameters import SWEPT, value_schema
 from sdxl_lora.dag_common import (
+    cost_cap_param,
     dag_arguments,
     deploy_requested,
     endpoint_param,
@@ -94,6 +97,7 @@ def _bound_param(param: str, name: str, description: str) -> Param:
         "hyperparameters": hyperparameters_param(PRESET, "Hyperparameters every trial shares (the preset's, less "
                                                          "the tuned ones); validation_split must be above 0.",
                                                  exclude=SWEPT),
+        "max_cost_usd": cost_cap_param(),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(PRESET),
@@ -102,7 +106,7 @@ def _bound_param(param: str, name: str, description: str) -> Param:
 def sdxl_lora_tune():
     @task
     def plan_tuning(**context) -> dict:
-        from sdxl_lora import grid, sagemaker_requests, tuning
+        from sdxl_lora import estimate, grid, sagemaker_requests, tuning
 
         settings = Settings.resolve()
         params, run_id = context["params"], context["run_id"]
@@ -116,10 +120,13 @@ def sdxl_lora_tune():
             ranges = tuning.parameter_ranges(params["learning_rate_min"], params["learning_rate_max"],
                                              params["max_train_steps_min"], params["max_train_steps_max"], ranks)
         name = tuning.tuning_job_name(JOB_PREFIX, run_id)
-        return tuning.tuning_request(
+        request = tuning.tuning_request(
             settings, name, settings.processed_dataset(version), params["hyperparameters"], ranges,
             params["strategy"], params["max_jobs"], parallel, params["early_stopping"], params["random_seed"],
             sagemaker_requests.tags(dag=DAG_ID, run=run_id, strategy=params["strategy"]))
+        with no_retry(estimate.CostCapError):  # over the cap: the tuning job is not created
+            estimate.enforce(estimate.of_tuning_request(request, settings), params["max_cost_usd"], log)
+        return request
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def select_winner(config: dict, run_id: str) -> dict:

@@ -88,6 +88,13 @@ def endpoint_param() -> Param:
                  description="Endpoint to create or update; empty: the configured endpoint name.")
 
 
+def cost_cap_param() -> Param:
+    """max_cost_usd: the run's cap on its training jobs' estimated cost (sdxl_lora.estimate), None for none."""
+    return Param(None, type=["null", "number"], minimum=0, description=(
+        "Refuse the run, before any job starts, when its training jobs' estimated on-demand cost is above this "
+        "(USD); empty: no cap. The estimate is in the first task's log either way (docs/dags.md#cost)."))
+
+
 def smoke_param(preset: Preset) -> Param:
     return Param(dict(preset.smoke_request), type="object", description=preset.describe(
         "The deployment's smoke-test invocation (a JSON request of sdxl-lora serve)."))

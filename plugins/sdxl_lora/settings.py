@@ -15,6 +15,7 @@ between two values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Callable
 
@@ -48,6 +49,9 @@ class Settings:
     max_runtime_seconds: int = 4 * 3600
     max_wait_seconds: int = 8 * 3600  # spot: waiting for capacity plus running
     training_pool_size: int = 4
+    # Seconds per optimizer step of your training jobs, for the cost estimate (sdxl_lora.estimate); 0: its table's
+    # figure for the instance type, where it has one.
+    seconds_per_step: float = 0.0
     retrain_schedule: str = "0 3 * * 1"  # Mondays 03:00
     base_model_uri: str = ""  # s3:// prefix of a diffusers SDXL pipeline; empty: the training default
     base_model_id: str = ""  # the Hub id base_model_uri was staged from: the model card's base_model
@@ -145,7 +149,7 @@ def _split(values: str) -> list[str]:
 
 
 def _convert(name: str, kind, raw: str):
-    kind = kind if isinstance(kind, type) else {"bool": bool, "int": int, "str": str}[kind]
+    kind = kind if isinstance(kind, type) else {"bool": bool, "int": int, "float": float, "str": str}[kind]
     if kind is bool:
         lowered = str(raw).strip().lower()
         if lowered not in ("true", "false", "1", "0", "yes", "no"):
@@ -156,4 +160,12 @@ def _convert(name: str, kind, raw: str):
             return int(raw)
         except ValueError:
             raise SettingsError(f"setting {name}: expected an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise SettingsError(f"setting {name}: expected a number of at least 0, got {raw!r}")
+        return value
     return str(raw)

@@ -345,3 +345,84 @@ def test_a_watcher_fails_the_run_when_a_task_failed(dagbag, dag_id):
         assert select.trigger_rule == TriggerRule.ALL_DONE and select.task_id in watcher.upstream_task_ids
     for task_id in judged:  # a failed trial reaches the watcher only as select_winner's verdict
         assert "select_winner" in dag.get_task(task_id).downstream_task_ids
+
+
+COSTED = {"sdxl_lora_grid_search": ("build_trials", "train_trial"), "sdxl_lora_tune": ("plan_tuning", "tune"),
+          "sdxl_lora_train": ("build_request", "train")}
+
+
+@pytest.mark.parametrize("dag_id", sorted(COSTED))
+def test_the_forms_that_launch_training_take_an_optional_cost_cap_checked_before_any_job(dagbag, dag_id):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = dagbag.dags[dag_id]
+    assert dag.params["max_cost_usd"] is None  # no cap unless asked
+    assert _validated(dag, {"max_cost_usd": 12.5})["max_cost_usd"] == 12.5
+    for bad in (-1, "ten"):
+        with pytest.raises(ParamValidationError):
+            _validated(dag, {"max_cost_usd": bad})
+    checks, launches = COSTED[dag_id]
+    # The job's task runs on the checking task's output: a refusal there leaves it upstream_failed, never started.
+    assert checks in dag.get_task(launches).upstream_task_ids
+    if dag_id == "sdxl_lora_train":
+        assert checks in dag.get_task("score_serving").get_flat_relative_ids(upstream=True)
+
+
+def test_a_grid_over_its_cost_cap_is_refused_by_its_first_task_without_retrying(dagbag, monkeypatch, caplog):
+    import logging
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["sdxl_lora_grid_search"]
+    build = dag.get_task("build_trials").python_callable
+    params = {**{name: dag.params[name] for name in dag.params}, "dataset_version": "v1", "max_cost_usd": 0.01}
+    with pytest.raises(AirflowFailException, match="cannot be estimated: no measured seconds per optimizer step for "
+                                                   "ml.g5.2xlarge .* give seconds_per_step"):
+        build(**_callable_context(monkeypatch, params))  # the production default instance: no measurement
+    monkeypatch.setenv("SDXL_LORA_SECONDS_PER_STEP", "8")
+    with caplog.at_level(logging.INFO), pytest.raises(AirflowFailException) as refused:
+        build(**_callable_context(monkeypatch, params))
+    words = str(refused.value)
+    assert "(4 training job(s), 3000 optimizer steps" in words and "above max_cost_usd 0.0100 USD" in words
+    assert "Nothing was launched" in words and "raise max_cost_usd" in words
+    assert "cost estimate: 4 training job(s)" in caplog.text  # logged before the refusal
+    assert len(build(**_callable_context(monkeypatch, {**params, "max_cost_usd": 100.0}))) == 4  # within the cap
+    assert len(build(**_callable_context(monkeypatch, {**params, "max_cost_usd": None}))) == 4  # no cap
+
+
+def test_a_tuning_run_over_its_cost_cap_creates_no_tuning_job(dagbag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["sdxl_lora_tune"]
+    plan = dag.get_task("plan_tuning").python_callable
+    monkeypatch.setenv("SDXL_LORA_SECONDS_PER_STEP", "8")
+    params = {**{name: dag.params[name] for name in dag.params}, "dataset_version": "v1", "max_cost_usd": 1.0}
+    with pytest.raises(AirflowFailException, match=re.escape("(12 training job(s), 36000 optimizer steps")):
+        plan(**_callable_context(monkeypatch, params))  # the preset's 12 trials at max_train_steps_max 3000
+
+
+def test_a_training_run_over_its_cost_cap_counts_the_manifests_images_and_refuses(dagbag, monkeypatch):
+    from types import SimpleNamespace
+
+    import boto3
+    from airflow.sdk.exceptions import AirflowFailException
+    from moto import mock_aws
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", '{"conn_type": "aws", "extra": {"region_name": "us-east-1"}}')
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("SDXL_LORA_SECONDS_PER_STEP", "8")):
+        monkeypatch.setenv(name, value)
+    dag = dagbag.dags["sdxl_lora_train"]
+    build = dag.get_task("build_request").python_callable
+    params = {**{name: dag.params[name] for name in dag.params}, "max_cost_usd": 1.0}
+    run = SimpleNamespace(conf={"hyperparameters": params["hyperparameters"]})  # chosen: no retraining Variable
+    context = _callable_context(monkeypatch, params)
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="sdxl-lora-local")
+        s3.put_object(Bucket="sdxl-lora-local", Key="sdxl-finetune-lora/proc_dataset/v1/manifest.json",
+                      Body=json.dumps({"counts": {"images_written": 200}}).encode())
+        with pytest.raises(AirflowFailException, match=re.escape("(1 training job(s), 2610 optimizer steps")):
+            build("v1", params, context["run_id"], dag_run=run)  # 58 epochs of 180 images, 4 micro-batches a step
+        request = build("v1", {**params, "max_cost_usd": None}, context["run_id"], dag_run=run)
+    assert request["TrainingJobName"].startswith("sdxl-lora-train-")

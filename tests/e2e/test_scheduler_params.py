@@ -232,3 +232,21 @@ def test_the_trigger_form_shows_list_params_as_boxes_of_lines_and_its_refusals(a
         browser.close()
     assert airflow.api.delete(f"/dags/{TUNE}/dagRuns/{run['dag_run_id']}").status_code == 204  # else queued for good
     assert run["conf"]["ranks"] == ["4", "16", ""], run["conf"]  # one string per line, the Enter's blank too
+
+
+def test_a_grid_over_its_cost_cap_fails_its_first_task_once_and_starts_no_job(airflow):
+    """Issue 20, cost before spend: the local preset's estimate of two tiny trials on the default ml.g5.2xlarge is a
+    fraction of a cent, above a cap of 0.0001 USD. build_trials logs the estimate and fails on its first try, not
+    retried; no trial runs and no training job of the run exists."""
+    run_id = airflow.trigger(GRID, grid_conf("tiny", [0.001, 0.002], [2], max_cost_usd=0.0001))
+    run = airflow.wait_for_run(GRID, run_id, timeout=300)
+    instances = airflow.task_instances(GRID, run_id)
+    states = {(t["task_id"], t["map_index"]): t["state"] for t in instances}
+    (build,) = [t for t in instances if t["task_id"] == "build_trials"]
+    assert run["state"] == "failed" and build["state"] == "failed" and build["try_number"] == 1, states
+    assert all(t["state"] == "upstream_failed" for t in trials(airflow, run_id)), states
+    assert training_jobs(airflow.stack.client("sagemaker"), run_token(run_id)) == []
+    log = json.dumps(airflow.request("GET", f"/dags/{GRID}/dagRuns/{run_id}/taskInstances/build_trials/logs/1",
+                                     params={"full_content": True}))
+    assert "cost estimate: 2 training job(s), 4 optimizer steps in all, on 1 x ml.g5.2xlarge" in log, log[-3000:]
+    assert "above max_cost_usd 0.0001 USD. Nothing was launched." in log, log[-3000:]
