@@ -4,7 +4,8 @@
 through the DAGs), `submit` (one training job without Airflow, through the SageMaker Python SDK),
 `stage-models` (SDXL and InstructBLIP into S3, checked first, where the jobs read them), `upload-images` (a
 folder of one's own images into raw_dataset/<version>/), `fetch-results` (a grid run's
-LoRA, card, leaderboard, sheets and curves as files) and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
+LoRA, card, leaderboard, sheets and curves as files), `iam-policies` (docs/iam/'s policies filled in for one account,
+or applied) and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
 `sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
 this package runs ml/ entrypoints as local processes. Each verb imports what it needs when it runs.
 """
@@ -89,6 +90,12 @@ def _fetch_results(args: argparse.Namespace) -> int:
     from sdxl_lora_ops import results
 
     return results.main(args)
+
+
+def _iam_policies(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import iam_policies
+
+    return iam_policies.main(args)
 
 
 def _where(command: argparse.ArgumentParser) -> None:
@@ -228,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--out", default=None, help="default: outputs/results/<run token>")
     _where(command)
     command.set_defaults(handler=_fetch_results)
+
+    command = commands.add_parser(
+        "iam-policies", help="docs/iam/'s role and policies filled in for your account; --apply creates them",
+        description="Fills every placeholder of docs/iam/'s three policies (the SageMaker trust and execution "
+                    "policies, Airflow's policy) from these flags and prints them as one JSON object keyed by file "
+                    "name, or writes them with --out. The KMS statements are there only with --kms-key-arn. "
+                    "--apply creates the execution role with its inline policy and Airflow's managed policy through "
+                    "boto3 (again: updated, not duplicated) and prints their ARNs and the settings to use.")
+    from sdxl_lora_ops import iam_policies  # its flags; it imports no more than the standard library
+
+    iam_policies.add_arguments(command)
+    command.set_defaults(handler=_iam_policies)
 
     command = commands.add_parser("base-images",
                                   help="the Hugging Face Deep Learning Container URIs of a region (image_uris)",

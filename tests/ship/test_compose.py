@@ -19,9 +19,25 @@ AWS_ENV = {"SDXL_LORA_AWS_CONNECTION": '{"conn_type": "aws"}', "AWS_DEFAULT_REGI
 needs_compose = pytest.mark.skipif(not COMPOSE, reason="docker-compose not installed (apt-get install docker-compose)")
 
 
+CREDENTIALS = {"AWS_PROFILE": "sdxl", "AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+               "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"}
+AWS_FILES = "/home/airflow/.aws"
+
+
 def compose(*args, env=None):
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SDXL_LORA_", "AWS_", "COMPOSE_"))}
     return subprocess.run([COMPOSE, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("SDXL_LORA_")}, **(env or {})})
+                          env={**inherited, **(env or {})})
+
+
+def aws_services(env: dict) -> dict:
+    done = compose("-f", "docker-compose.yaml", "-f", "docker-compose.aws.yaml", "config", env=env)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    airflow = {name: service for name, service in services.items() if service.get("image") == "sdxl-lora-airflow:latest"}
+    assert {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
+            "airflow-init"} <= set(airflow)
+    return airflow
 
 
 @needs_compose
@@ -61,6 +77,38 @@ def test_aws_override_needs_the_settings_and_drops_the_local_stack():
     environment = yaml.safe_load(compose("-f", "docker-compose.yaml", "-f", "docker-compose.aws.yaml", "config",
                                          env=staged).stdout)["services"]["airflow-scheduler"]["environment"]
     assert environment["SDXL_LORA_CAPTIONER_URI"] == "s3://b/c/" and environment["SDXL_LORA_BASE_MODEL_ID"] == "org/sdxl"
+
+
+@needs_compose
+def test_aws_credentials_of_the_shell_reach_every_airflow_container():
+    for name, service in aws_services({**AWS_ENV, **CREDENTIALS}).items():
+        environment = service["environment"]
+        assert {key: environment[key] for key in CREDENTIALS} == CREDENTIALS, name
+        assert environment["AWS_DEFAULT_REGION"] == "eu-west-1", name
+        assert environment["AWS_CONFIG_FILE"] == f"{AWS_FILES}/config", name
+        assert environment["AWS_SHARED_CREDENTIALS_FILE"] == f"{AWS_FILES}/credentials", name
+        mounts = [volume.split(":") for volume in service["volumes"] if isinstance(volume, str)]
+        aws = [(source, mode) for source, target, *mode in mounts if target == AWS_FILES]
+        assert aws == [(str(Path.home() / ".aws"), ["ro"])], name  # profiles and SSO caches, read-only
+
+
+@needs_compose
+def test_credentials_the_shell_lacks_stay_unset_in_the_containers():
+    for name, service in aws_services(AWS_ENV).items():
+        environment = service["environment"]
+        # no value (null): Compose passes the variable only when the shell has it; an empty AWS_PROFILE or
+        # AWS_ACCESS_KEY_ID would make boto3 look for a profile named "" or refuse half a key pair
+        assert all(environment[key] is None for key in CREDENTIALS), name
+
+
+@needs_compose
+def test_every_parse_time_setting_can_reach_every_airflow_container():
+    from sdxl_lora.settings import PARSE_TIME
+
+    # aws_conn_id aside: the init service imports the connection as aws_default, the name the settings default to
+    parse_time = {f"SDXL_LORA_{name.upper()}": "1" for name in PARSE_TIME if name != "aws_conn_id"}
+    for name, service in aws_services({**AWS_ENV, **parse_time}).items():
+        assert {key: service["environment"].get(key) for key in parse_time} == parse_time, name
 
 
 @pytest.mark.skipif(not SCHEMA.exists(), reason="the Compose spec schema comes with Debian's docker-compose")

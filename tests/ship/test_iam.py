@@ -1,4 +1,5 @@
-"""docs/iam/: the Airflow role's policy allows every API call the DAGs and the provider's operators make."""
+"""docs/iam/: the Airflow role's policy allows every API call the DAGs and the provider's operators make, as a
+template and as `sdxl-lora-ops iam-policies` fills it in (with and without a KMS key)."""
 
 import fnmatch
 import json
@@ -6,6 +7,7 @@ import re
 from pathlib import Path
 
 import airflow.providers.amazon.aws as provider
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 IAM = ROOT / "docs" / "iam"
@@ -66,8 +68,19 @@ def allowed(policy: dict, wanted: str) -> bool:
     return False
 
 
-def load(name: str) -> dict:
-    return json.loads((IAM / name).read_text())
+def load(name: str, version: str = "template") -> dict:
+    """docs/iam/<name> as written, or filled in by `sdxl-lora-ops iam-policies` (version "filled" or "filled-kms")."""
+    if version == "template":
+        return json.loads((IAM / name).read_text())
+    from sdxl_lora_ops import cli, iam_policies
+
+    key = ["--kms-key-arn", "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"]
+    args = cli.build_parser().parse_args(["iam-policies", "--account", "111122223333", "--region", "eu-west-1",
+                                          "--bucket", "my-bucket", *(key if version == "filled-kms" else [])])
+    return iam_policies.policies(args)[name]
+
+
+VERSIONS = ("template", "filled", "filled-kms")
 
 
 def test_the_dags_use_no_provider_feature_the_policy_leaves_out():
@@ -76,13 +89,14 @@ def test_the_dags_use_no_provider_feature_the_policy_leaves_out():
         assert f"SageMaker{name}" not in text
 
 
-def test_airflow_policy_allows_every_call_of_the_dags_and_the_operators():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_airflow_policy_allows_every_call_of_the_dags_and_the_operators(version):
     actions = required_actions()
     assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:CreateEndpoint",
             "sagemaker:InvokeEndpoint", "s3:PutObject", "iam:PassRole"} <= actions  # the scan found them
-    policy = load("airflow-policy.json")
+    policy = load("airflow-policy.json", version)
     missing = sorted(a for a in actions if not allowed(policy, a))
-    assert not missing, f"docs/iam/airflow-policy.json does not allow {missing}"
+    assert not missing, f"docs/iam/airflow-policy.json ({version}) does not allow {missing}"
 
 
 def test_the_check_fails_for_an_action_the_policy_lacks():
@@ -91,20 +105,23 @@ def test_the_check_fails_for_an_action_the_policy_lacks():
     assert not allowed(policy, "s3:DeleteBucket")
 
 
-def test_policies_are_least_privilege():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_policies_are_least_privilege(version):
     for path in IAM.glob("*.json"):
-        for statement in json.loads(path.read_text())["Statement"]:
+        for statement in load(path.name, version)["Statement"]:
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
             assert not any(a == "*" or a.endswith(":*") for a in actions), f"{path.name}: a service wildcard"
-    passrole = [s for s in load("airflow-policy.json")["Statement"] if s["Action"] == "iam:PassRole"]
+    passrole = [s for s in load("airflow-policy.json", version)["Statement"] if s["Action"] == "iam:PassRole"]
     assert passrole[0]["Condition"]["StringEquals"]["iam:PassedToService"] == "sagemaker.amazonaws.com"
     assert "*" not in passrole[0]["Resource"]
 
 
-def test_execution_role_can_run_the_jobs():
-    policy = load("sagemaker-execution-policy.json")
+@pytest.mark.parametrize("version", VERSIONS)
+def test_execution_role_can_run_the_jobs(version):
+    policy = load("sagemaker-execution-policy.json", version)
     for wanted in ("s3:GetObject", "s3:PutObject", "s3:ListBucket", "ecr:BatchGetImage", "ecr:GetAuthorizationToken",
-                   "logs:PutLogEvents", "cloudwatch:PutMetricData", "ec2:CreateNetworkInterface", "kms:Decrypt"):
+                   "logs:PutLogEvents", "cloudwatch:PutMetricData", "ec2:CreateNetworkInterface"):
         assert allowed(policy, wanted), wanted
-    trust = load("sagemaker-trust-policy.json")["Statement"][0]
+    assert allowed(policy, "kms:Decrypt") == (version != "filled"), "the key's statement: only with a key"
+    trust = load("sagemaker-trust-policy.json", version)["Statement"][0]
     assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
