@@ -191,6 +191,15 @@ def test_the_first_run_prepares_then_runs_a_grid_sized_to_finish(guide):
     assert 1 < len(trials) <= settings.training_pool_size
     longest = max(trial.max_train_steps for trial in trials)
     assert longest * SECONDS_PER_STEP + START_UP_SECONDS <= settings.max_runtime_seconds / 2  # a factor 2 to spare
+    # The cost check gets the guide's seconds per step, and the grid it sizes stays under the guide's cap.
+    assert ["variables", "set", "sdxl_lora_seconds_per_step", str(int(SECONDS_PER_STEP))] in airflow
+    from sdxl_lora.costs import ON_DEMAND_USD_PER_HOUR
+    from sdxl_lora.estimate import SAGEMAKER_STARTUP_SECONDS
+
+    hours = sum(trial.max_train_steps * SECONDS_PER_STEP + SAGEMAKER_STARTUP_SECONDS for trial in trials) / 3600
+    usd = hours * ON_DEMAND_USD_PER_HOUR[settings.training_instance_type]
+    assert usd <= conf["max_cost_usd"]
+    assert f"{hours:g} instance-hours, about {usd:.2f} USD" in (ROOT / "docs" / "aws.md").read_text()
 
 
 def test_with_an_airflow_role_the_guide_attaches_its_policy_and_opens_the_metadata_service(tmp_path):
