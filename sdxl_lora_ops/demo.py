@@ -294,7 +294,7 @@ def main(workdir: str) -> int:
     started = time.monotonic()
     _step(f"starting the local stack on {endpoint_url}")
     stack = _start_stack(root, port)
-    airflow = None
+    airflow, finished = None, False
     try:
         clients = {name: boto3.client(name, endpoint_url=endpoint_url, region_name=REGION,
                                       aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -329,12 +329,15 @@ def main(workdir: str) -> int:
         print(f"leaderboard: s3://{BUCKET}/{board_key} (local stack files under {root / 'stack'})")
         _step(f"copying the results into {root / 'results'}")
         _copy_results(s3, grid_run, root / "results")
-        print(f"demo finished in {time.monotonic() - started:.0f} s")
-        print("`make airflow` now shows this demo's runs: sdxl_lora_grid_search -> its run -> Grid report")
+        _step("stopping Airflow and the local stack (its S3 is saved for `make airflow`)")
+        finished = True
         return 0
     finally:
+        stack.send_signal(signal.SIGTERM)  # the two stop side by side: the stack ends its jobs and saves its S3
         if airflow is not None:
             airflow.stop(grace=10)
-        stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=300)
         targets.remove_record(root)
+        if finished:
+            print(f"demo finished in {time.monotonic() - started:.0f} s, nothing left running; `make airflow` now "
+                  "shows its runs: sdxl_lora_grid_search -> its run -> Grid report", flush=True)
