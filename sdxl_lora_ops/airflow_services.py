@@ -117,14 +117,17 @@ class AirflowServices:
             _terminate_tree(process, grace)
 
     def stop(self, grace: float = 20) -> None:
-        """SIGTERM every component, then SIGKILL whatever of theirs is still alive after `grace` seconds."""
+        """SIGTERM every component, then SIGKILL whatever of theirs is still alive when it has exited or after
+        `grace` seconds. The signal goes to each component's own process, which stops its children in its own
+        order (the triggerer its trigger runner, the scheduler its executor's workers): signalled too, a child
+        can die under a parent that then waits for it until the grace is out."""
         trees = []
         for name in list(self.processes):
             process = self.processes.pop(name)
             trees.append((process, _descendants(process.pid)))
             if process.poll() is None:
                 try:
-                    os.killpg(process.pid, signal.SIGTERM)
+                    os.kill(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace

@@ -275,9 +275,9 @@ def ui(workdir: str | None, port: int = 8080) -> int:
         return 0
     finally:
         print("stopping Airflow and the local stack ...", flush=True)
+        stack.send_signal(signal.SIGTERM)  # side by side
         if airflow is not None:
             airflow.stop(grace=10)
-        stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=300)
         targets.remove_record(root)
         print("stopped", flush=True)

@@ -16,6 +16,7 @@ from conftest import free_port
 
 pytestmark = pytest.mark.scheduler
 STOP_SECONDS = 30  # generous on a loaded 2-core machine; the figure measured is in the README
+PARALLELISM = 8  # sdxl_lora_ops.demo's Airflow
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -24,6 +25,17 @@ def _tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def _executor_workers(pid: int) -> list[psutil.Process]:
+    """The scheduler's LocalExecutor workers: forked at its start, `parallelism` of them."""
+    for process in _tree(pid):
+        try:
+            if "scheduler" in process.cmdline():
+                return process.children()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return []
 
 
 def _listening(processes: list[psutil.Process]) -> set[str]:
@@ -51,7 +63,9 @@ def test_make_airflow_binds_loopback_and_stops_everything_quietly(tmp_path, stop
         while "Airflow UI on" not in output.read_text():
             assert launcher.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
             time.sleep(1)
-        time.sleep(15)  # the scheduler has started its LocalExecutor workers by now
+        while len(_executor_workers(launcher.pid)) < PARALLELISM:  # all of the processes there will be
+            assert launcher.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+            time.sleep(0.5)
         processes = _tree(launcher.pid)
         seen.update((p.pid, p) for p in processes)
         addresses = _listening(processes)
