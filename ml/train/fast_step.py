@@ -24,6 +24,15 @@ loss scaling, so the same weights are learned) in a form that avoids that overhe
   is captured the second time, replayed after. No compile step: capture costs one step per shape.
   When capture fails the job logs a warning and runs the same step eagerly from then on.
 
+On a CPU the step is just as launch-bound (a tiny UNet's operations are microseconds each), and a thread
+pool can cost more than it gives: every operation waits for all its threads, and on a machine whose other
+cores are busy one descheduled thread stalls each of them. So unless OMP_NUM_THREADS names a count (the
+local stack sets 1), the first micro-batch's forward and backward is timed with torch's default pool and
+with one thread, twice each after a warm-up pass, and the job trains with the pool only when it is clearly
+faster (POOL_ADVANTAGE), else with one thread (logged). The passes
+read no random numbers and leave the gradients and the loss as they found them; only the thread count may
+differ between two runs, which changes the weights in their last bits at most.
+
 Compiling the UNet's repeated blocks was the alternative: it fuses element-wise work but still
 launches every kernel from the CPU each step, and compiling SDXL costs minutes; replaying a graph
 removes the launches, which is where the step's time goes.
@@ -32,6 +41,8 @@ removes the launches, which is where the step's time goes.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +51,8 @@ from ml.train.loss import diffusion_loss
 
 log = logging.getLogger(__name__)
 
+# A CPU job keeps torch's thread pool only when a forward and backward is this much faster with it than with one thread.
+POOL_ADVANTAGE = 1.25
 # Capture a shape the second time it is seen (the first, eager, run warms up lazy initialisation).
 _RUNS_BEFORE_CAPTURE = 1
 
@@ -133,6 +146,10 @@ class FastStep:
                 scaler._lazy_init_scale_growth_tracker(device)
             self.found_inf = torch.zeros((), device=device)  # 0-d, as GradScaler's: AdamW subtracts it from steps
 
+        # None: not chosen (yet); a thread count is chosen once, on a CPU with torch's default pool.
+        self.cpu_threads = None
+        self._choose_threads = (device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS")
+                                and torch.get_num_threads() > 1)
         self._runs: dict[tuple, int] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StepInputs]] = {}
         self._update_runs = 0
@@ -191,8 +208,35 @@ class FastStep:
 
     # -- public ---------------------------------------------------------------------------------
 
+    def choose_cpu_threads(self, inputs: StepInputs) -> int:
+        """The faster of torch's default thread pool and one thread for this micro-batch's forward and backward,
+        set for the rest of the job (the module docstring); the gradients and the loss are left as they were."""
+        pool = torch.get_num_threads()
+        on_device = inputs.on(self.device, self.weight_dtype)
+        best: dict[int, float] = {}
+        before = [m.grad.clone() for m in self.masters], self.loss_sum.clone()
+        self._forward_backward(on_device)  # warms up lazily initialised kernels; not timed
+        for threads in (pool, 1, pool, 1):
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            self._forward_backward(on_device)
+            best[threads] = min(best.get(threads, float("inf")), time.perf_counter() - started)
+        with torch.no_grad():
+            torch._foreach_copy_([m.grad for m in self.masters], before[0])
+            self.loss_sum.copy_(before[1])
+        # The pool only when clearly faster: on a shared machine its stalls cost more than a small gain.
+        chosen = pool if best[pool] * POOL_ADVANTAGE < best[1] else 1
+        torch.set_num_threads(chosen)
+        self.cpu_threads = chosen
+        log.info("CPU threads: %d (a forward and backward took %.1f ms with torch's pool of %d, %.1f ms with 1; "
+                 "OMP_NUM_THREADS sets a count instead)", chosen, best[pool] * 1e3, pool, best[1] * 1e3)
+        return chosen
+
     def micro_step(self, inputs: StepInputs) -> None:
         """Forward and backward of one micro-batch; gradients add up until update()."""
+        if self._choose_threads:
+            self._choose_threads = False
+            self.choose_cpu_threads(inputs)
         key = inputs.shape_key()
         if key in self._graphs:
             graph, static = self._graphs[key]
