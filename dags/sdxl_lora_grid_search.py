@@ -4,8 +4,8 @@
 Trains one LoRA per combination of **learning rate x max train steps x rank** on a processed
 dataset version, each as its own SageMaker training job, then ranks the trials by validation
 loss (held-out images, fixed noise and timesteps, so trials compare fairly) and writes a
-leaderboard (JSON and markdown) next to the trials in S3. `publish_report` adds the report the
-run's "Grid report" tab shows: costs, links, one XY sheet of validation images per steps value
+leaderboard (JSON and markdown) next to the trials in S3. `publish_report` adds the report its
+"Grid report" button opens: costs, links, one XY sheet of validation images per steps value
 (rows learning rate, columns rank) and every trial's loss curve.
 
 - The trial list is built by one task and expanded with dynamic task mapping; each mapped
@@ -60,6 +60,7 @@ from sdxl_lora.dag_common import (
 from sdxl_lora.deploy import deploy_group
 from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
 from sdxl_lora.presets import active
+from sdxl_lora.report.links import report_task
 from sdxl_lora.settings import Settings
 
 DAG_ID = "sdxl_lora_grid_search"
@@ -129,10 +130,10 @@ def sdxl_lora_grid_search():
                                            settings.uri("grid_search", naming.run_token(run_id)),
                                            selection.s3_writer(S3Hook(aws_conn_id=settings.aws_conn_id)), logger=log)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @report_task(trigger_rule=TriggerRule.ALL_DONE)
     def publish_report(configs: list[dict], run_id: str) -> str:
         """Leaderboard with costs and links, one XY sheet per steps value and every trial's loss curve in
-        grid_search/<run>/report/: the run's "Grid report" tab in the UI (plugins/sdxl_lora_ui.py)."""
+        grid_search/<run>/report/: the page this task's "Grid report" button opens (plugins/sdxl_lora_ui.py)."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 

@@ -5,7 +5,8 @@ through the DAGs), `submit` (one training job without Airflow, through the SageM
 `stage-models` (SDXL and InstructBLIP into S3, checked first, where the jobs read them), `upload-images` (a
 folder of one's own images into raw_dataset/<version>/), `fetch-results` (a grid run's
 LoRA, card, leaderboard, sheets and curves as files), `iam-policies` (docs/iam/'s policies filled in for one account,
-or applied) and `base-images` (the Deep Learning Container URIs the Dockerfiles build on). The container's
+or applied), `base-images` (the Deep Learning Container URIs the Dockerfiles build on) and `install-dags` (the DAG
+files into an Airflow that has this package). The container's
 `sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
 this package runs ml/ entrypoints as local processes. Each verb imports what it needs when it runs.
 """
@@ -96,6 +97,12 @@ def _iam_policies(args: argparse.Namespace) -> int:
     from sdxl_lora_ops import iam_policies
 
     return iam_policies.main(args)
+
+
+def _install_dags(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import install_dags
+
+    return install_dags.main(args)
 
 
 def _where(command: argparse.ArgumentParser) -> None:
@@ -254,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--region", required=True)
     command.add_argument("--format", choices=("env", "json"), default="env")
     command.set_defaults(handler=_base_images)
+
+    command = commands.add_parser(
+        "install-dags", help="copy the DAG files into an Airflow's DAGs folder",
+        description="Copies this package's DAG files into DIR, replacing earlier copies of them, and prints their "
+                    "paths. The Airflow needs this package installed ('sdxl-lora-sagemaker[airflow]': its plugin "
+                    "comes by entry point), the sagemaker_training pool, the aws_default connection and the "
+                    "settings: docs/airflow-deployment.md.")
+    command.add_argument("--dags-folder", required=True, metavar="DIR",
+                         help="the Airflow's [core] dags_folder; for MWAA, a folder to copy to the environment's "
+                              "dags/ in S3")
+    command.set_defaults(handler=_install_dags)
     return parser
 
 

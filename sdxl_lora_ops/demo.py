@@ -13,7 +13,7 @@ with the preset's smoke request (lora_scale 0.8) and saves the image. Everything
 Both start the stack with `--persist`: its S3 objects are saved under <workdir>/stack/s3/ when it stops and
 put back when it starts again on that work dir. So `make airflow` after `make demo` opens the demo's own
 Airflow home (its runs, notes and task logs) over the demo's S3 (its leaderboard, sheets and curves): the
-Grid report tab shows the demo's grid. SageMaker jobs and endpoints are not kept (they end with the stack).
+grid report shows the demo's grid. SageMaker jobs and endpoints are not kept (they end with the stack).
 Each demo starts afresh: it drops the previous demo's Airflow database and S3 snapshot first.
 """
 
@@ -265,7 +265,7 @@ def ui(workdir: str | None, port: int = 8080) -> int:
               "sdxl_dataset_prepare with version V; a grid run's files: sdxl-lora-ops fetch-results --run RUN_ID",
               flush=True)
         if reused:
-            print(f"   Earlier runs from {root}: their reports and S3 objects are back (DAG run -> Grid report); "
+            print(f"   Earlier runs from {root}: their reports and S3 objects are back (a grid run's note links to its report); "
                   "their SageMaker jobs and endpoints are not (they ended with that stack).", flush=True)
         while not stopping.wait(1):
             dead = [name for name, process in airflow.processes.items() if process.poll() is not None]
@@ -340,4 +340,4 @@ def main(workdir: str) -> int:
         targets.remove_record(root)
         if finished:
             print(f"demo finished in {time.monotonic() - started:.0f} s, nothing left running; `make airflow` now "
-                  "shows its runs: sdxl_lora_grid_search -> its run -> Grid report", flush=True)
+                  "shows its runs: sdxl_lora_grid_search -> its run's note -> the grid report", flush=True)

@@ -2,7 +2,7 @@
 
 A grid run leaves `grid_search/<run token>/` in S3 (the tuning DAG `tuning/<run token>/`):
 `leaderboard.json` / `.md` (selection: the winner and every trial's model artifacts) and `report/`
-(the Grid report tab's: leaderboard with costs, one comparison sheet per steps value, each trial's
+(the grid report's: leaderboard with costs, one comparison sheet per steps value, each trial's
 loss curve and validation images). This copies both and extracts the winner's `model.tar.gz` into
 `winner/`: the LoRA (`pytorch_lora_weights.safetensors`), its model card (`README.md`), samples and
 loss curve. Members with absolute paths or `..`, links and devices are skipped, never written.

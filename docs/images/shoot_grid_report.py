@@ -5,7 +5,7 @@
     .venv/bin/python docs/images/shoot_grid_report.py  # headless Debian chromium, logged in as admin
 
 Logs in with the password `make airflow` wrote to outputs/demo/airflow/passwords.json, follows the link in the
-demo's grid run's note to its Grid report tab, waits until the leaderboard's rows and every image (sheets,
+demo's grid run's note to its report page, waits until the leaderboard's rows and every image (sheets,
 curves) have loaded, and saves the screenshot.
 """
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from test_report_view import IFRAME_ROWS, Chromium, _http  # noqa: E402  (the e2e test's DevTools driver)
+from test_report_view import REPORT_ROWS, Chromium, _http  # noqa: E402  (the e2e test's DevTools driver)
 
 BASE = "http://127.0.0.1:8080"
 OUT = ROOT / "docs" / "images" / "grid-report.png"
@@ -55,9 +55,8 @@ def main() -> int:
             browser.call("Page.navigate", url=BASE + link.group(1))
             deadline, shown = time.monotonic() + 120, None
             while time.monotonic() < deadline:
-                shown = browser.evaluate(IFRAME_ROWS)
-                pending = browser.evaluate("""[...document.querySelectorAll('iframe')].map(f => f.contentDocument)
-                    .filter(d => d).flatMap(d => [...d.images]).filter(i => !i.complete).length""")
+                shown = browser.evaluate(REPORT_ROWS)
+                pending = browser.evaluate("[...document.images].filter(i => !i.complete).length")
                 if shown and shown["images"] and pending == 0:
                     break
                 time.sleep(1)

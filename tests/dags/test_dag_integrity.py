@@ -40,6 +40,14 @@ def test_training_tasks_run_in_the_pool(dagbag):
     assert dagbag.dags["sdxl_lora_tune"].get_task("tune").pool == "sagemaker_training"
 
 
+def test_only_the_grid_runs_report_task_has_the_grid_report_button(dagbag):
+    from sdxl_lora.report.links import GridReportLink
+
+    carriers = {(dag_id, task.task_id) for dag_id, dag in dagbag.dags.items() for task in dag.tasks
+                if isinstance(task, tuple(GridReportLink.operators))}
+    assert carriers == {("sdxl_lora_grid_search", "publish_report")}
+
+
 def test_tune_params_offer_the_strategies_and_reject_bad_input(dagbag):
     dag = dagbag.dags["sdxl_lora_tune"]
     good = _validated(dag, {"strategy": "Random", "ranks": [4, 150, 256, 512, 1024], "max_jobs": 20,

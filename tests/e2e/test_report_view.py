@@ -1,5 +1,6 @@
-"""The grid report tab rendered by a real headless Chromium in a real Airflow (standalone), as `make airflow`
-serves it: the run's page in the UI, the plugin's iframe, its leaderboard rows, a screenshot saved and checked.
+"""The grid report in a real headless Chromium and a real Airflow (standalone), as `make airflow` serves it: the
+Grid report button of the run's publish_report task in the UI (its Details tab), the report page it opens, its
+leaderboard rows, a screenshot saved and checked; no Grid report tab on the run's page.
 
 Needs Debian's chromium (`apt-get install -y chromium`); skipped, saying so, without it.
 """
@@ -160,19 +161,30 @@ class Chromium:
         self.process.wait(timeout=30)
 
 
-IFRAME_ROWS = """(() => {
-  for (const frame of document.querySelectorAll('iframe')) {
-    const doc = frame.contentDocument;
-    if (!doc) continue;
-    const rows = [...doc.querySelectorAll('#leaderboard tr.trial')].map(r => r.dataset.job);
-    const images = [...doc.images].filter(i => i.complete && i.naturalWidth > 0).length;
-    if (rows.length) return {rows, images, text: doc.body.innerText};
-  }
-  return null;
+REPORT_ROWS = """(() => {
+  const rows = [...document.querySelectorAll('#leaderboard tr.trial')].map(r => r.dataset.job);
+  const images = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  return rows.length ? {rows, images, text: document.body.innerText} : null;
 })()"""
+# The href of the UI's button named NAME (Airflow renders an operator extra link as an <a> with the link's name).
+BUTTON = """(() => {{
+  const link = [...document.querySelectorAll('a')].find(a => a.textContent.trim() === {name!r});
+  return link ? link.getAttribute('href') : null;
+}})()"""
 
 
-def test_the_run_tab_shows_the_leaderboard_sheets_and_curves(airflow, stack, tmp_path):
+def _until(browser: "Chromium", expression: str, timeout: float = 300):
+    """The expression's value once it is truthy (a loaded machine renders slowly; nothing here is timed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = browser.evaluate(expression)
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"nothing after {timeout} s; page text: {browser.evaluate('document.body.innerText')}")
+
+
+def test_the_report_tasks_button_opens_the_leaderboard_sheets_and_curves(airflow, stack, tmp_path):
     from PIL import Image
 
     from sdxl_lora import naming
@@ -189,30 +201,46 @@ def test_the_run_tab_shows_the_leaderboard_sheets_and_curves(airflow, stack, tmp
                            f"{naming.run_token(run_id)}", "sdxl_lora_grid_search", run_id)
     expected = [row["job_name"] for row in board["trials"]]
 
+    status, body = _http("GET", f"{airflow['base']}/api/v2/plugins", token=airflow["token"])
+    plugin = next((p for p in body["plugins"] if p["name"] == "sdxl_lora_report"), None)
+    assert plugin, ("no sdxl_lora_report plugin: Airflow loads it by the package's airflow.plugins entry point, "
+                    "which a venv installed before the entry point existed lacks (pip install -e . again; make does)")
+    assert plugin["external_views"] == [] and plugin["react_apps"] == []  # a run tab would be on every DAG's runs
+
     # Without Airflow's login the plugin answers nothing.
     status, body = _http("GET", f"{airflow['base']}/sdxl-lora/api/runs/sdxl_lora_grid_search/{run_id}")
     assert status == 401 and "g-lr" not in json.dumps(body)
+
+    # The button is on the report task only.
+    run_path = f"{airflow['base']}/api/v2/dags/sdxl_lora_grid_search/dagRuns/{urllib.request.quote(run_id, safe='')}"
+    page = f"/sdxl-lora/runs/sdxl_lora_grid_search/{urllib.request.quote(run_id, safe='')}"
+    status, body = _http("GET", f"{run_path}/taskInstances/publish_report/links", token=airflow["token"])
+    assert status == 200 and body["extra_links"] == {"Grid report": page}, body
+    status, body = _http("GET", f"{run_path}/taskInstances/build_trials/links", token=airflow["token"])
+    assert status == 200 and body["extra_links"] == {}, body
 
     browser = Chromium(tmp_path / "profile")
     try:
         browser.call("Network.enable")
         browser.call("Network.setCookie", name="_token", value=airflow["token"], url=airflow["base"], path="/")
-        page = (f"{airflow['base']}/dags/sdxl_lora_grid_search/runs/{urllib.request.quote(run_id, safe='')}"
-                f"/plugin/sdxl-lora-report")
+        ui_run = f"{airflow['base']}/dags/sdxl_lora_grid_search/runs/{urllib.request.quote(run_id, safe='')}"
         browser.call("Page.enable")
-        browser.call("Page.navigate", url=page)
+        browser.call("Page.navigate", url=ui_run)
+        # The run's tabs, drawn once the UI has the plugins (a plugin's dag_run view would be one of them).
+        tabs = _until(browser, "performance.getEntriesByType('resource').some(e => e.name.includes('/api/v2/plugins'))"
+                               " && document.body.innerText.includes('Task Instances') && document.body.innerText")
+        assert "Grid report" not in tabs, "a Grid report tab on the run's page"
+        browser.call("Page.navigate", url=f"{ui_run}/tasks/publish_report/details")  # where the UI lists extra links
+        assert _until(browser, BUTTON.format(name="Grid report")) == page
+        browser.evaluate("[...document.querySelectorAll('a')].find(a => a.textContent.trim() === 'Grid report')"
+                         ".click()")
         images = len(board["sheets"]) + 3  # the sheets and the finished trials' curves
-        deadline = time.monotonic() + 300  # generous: a loaded machine renders slowly; nothing here is timed
-        shown = None
-        while time.monotonic() < deadline:
-            shown = browser.evaluate(IFRAME_ROWS)
-            if shown and shown["images"] >= images:
-                break
-            time.sleep(1)
-        assert shown is not None, f"no leaderboard in the run's tab; page text: {browser.evaluate('document.body.innerText')}"
+        shown = _until(browser, f"(() => {{ const shown = {REPORT_ROWS}; return shown && shown.images >= {images} "
+                                f"&& shown; }})()")
         assert shown["rows"] == expected
-        assert shown["images"] >= images, f"{shown['images']} of {images} images loaded in the run's tab"
-        assert "Grid report" in browser.evaluate("document.body.innerText")  # the tab, inside Airflow's own UI
+        assert browser.evaluate("location.pathname") == page  # the button opened the report in the same browser tab
+        assert browser.evaluate("document.getElementById('run').getAttribute('href')") == page.replace(
+            "/sdxl-lora/runs/sdxl_lora_grid_search/", "/dags/sdxl_lora_grid_search/runs/")  # and links back
         # The winner's row is drawn in its highlight colour, and both sheets' first cells (lr 0.001: the red
         # sample of steps 20, the blue one of steps 40) are on screen: screenshots until they are painted (an
         # image loaded is not yet an image drawn), rather than one after a fixed pause.

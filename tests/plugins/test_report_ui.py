@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -67,7 +68,7 @@ def _paths(run_id=RUN_ID):
 
 def test_an_authenticated_user_gets_the_runs_leaderboard_page_and_images(client, airflow_auth):
     for how in ({"headers": {"Authorization": f"Bearer {airflow_auth['admin']}"}},
-                {"cookies": {"_token": airflow_auth["admin"]}}):  # the UI's cookie, as the iframe sends it
+                {"cookies": {"_token": airflow_auth["admin"]}}):  # the UI's cookie, as the browser sends it
         client.cookies.clear()
         for name, value in how.get("cookies", {}).items():
             client.cookies.set(name, value)
@@ -80,6 +81,7 @@ def test_an_authenticated_user_gets_the_runs_leaderboard_page_and_images(client,
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert page.text.count("<tr class='trial") == 4 and "class='trial winner'" in page.text
         assert "sheet-steps-40.png" in page.text and "loss_curve.png" in page.text
+        assert f"<a id='run' href='/dags/sdxl_lora_grid_search/runs/{quote(RUN_ID, safe='')}'>" in page.text
         sheet = client.get(paths["sheet"], headers=how.get("headers"))
         assert sheet.status_code == 200 and sheet.content.startswith(b"\x89PNG")
 

@@ -73,13 +73,23 @@ def test_tooling_images_have_pinned_bases(name):
     assert pinned(base_of(CONTAINERS / name / "Dockerfile"))
 
 
-def test_airflow_image_carries_no_payload():
+def test_airflow_image_installs_the_project_as_into_any_airflow_and_carries_no_payload():
+    """docs/airflow-deployment.md's way (tests/ship/test_airflow_image.py runs it): the `airflow` extra with all its
+    dependencies, the image's own Airflow version held, no constraints of this repository over the image's."""
     run = dict(instructions(CONTAINERS / "airflow" / "Dockerfile"))["RUN"]
-    requirements = [l for l in (CONTAINERS / "airflow" / "requirements.txt").read_text().splitlines()
-                    if l.strip() and not l.startswith("#")]
-    assert "[payload]" not in run and "[dev]" not in run and "--no-deps /opt/sdxl-lora" in run
-    assert all("==" in line for line in requirements)
-    assert not any(line.startswith(("torch", "diffusers", "transformers", "apache-airflow==")) for line in requirements)
+    assert 'pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "/opt/sdxl-lora[airflow]"' in run
+    assert "--no-deps" not in run and "constraints" not in run and "[payload]" not in run and "[dev]" not in run
+    assert "sdxl-lora-ops install-dags --dags-folder /opt/airflow/dags" in run
+
+
+@pytest.mark.parametrize("name", ["airflow", "inference", "processing", "training", "local-stack"])
+def test_every_image_that_installs_the_project_copies_every_folder_it_is_built_from(name):
+    import tomllib
+
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    sources = {src.rstrip("/") for kind, args in instructions(CONTAINERS / name / "Dockerfile") if kind == "COPY"
+               for src in args.split()[:-1] if not src.startswith("--")}
+    assert {"pyproject.toml", "README.md", *package_dir.values()} <= sources
 
 
 @pytest.fixture

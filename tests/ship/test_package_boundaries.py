@@ -81,3 +81,28 @@ def test_the_three_images_each_have_one_package():
 
     for verb in IMAGE_VERBS.values():
         assert (ROOT / "ml" / verb / "__init__.py").is_file(), f"the {verb} image's code lives in ml/{verb}/"
+
+
+def _folder(package: str, package_dir: dict[str, str]) -> Path:
+    """Where setuptools takes a package from: its nearest mapped parent's folder, then its own name's parts."""
+    parts = package.split(".")
+    for cut in range(len(parts), -1, -1):
+        parent = ".".join(parts[:cut])
+        if parent in package_dir:
+            return ROOT / package_dir[parent] / Path(*parts[cut:])
+    return ROOT / Path(*parts)
+
+
+def test_the_distribution_lists_every_package_of_the_tree_and_nothing_else():
+    """pyproject.toml names its packages (dags/ goes in as sdxl_lora_ops.dags, and is no package in the tree): a
+    package added to the tree is listed there too, or it would be missing from every install."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, package_dir = set(setuptools["packages"]), setuptools["package-dir"]
+    tree = {".".join(p.parent.relative_to(root).parts) for top, root in (("ml", ROOT), ("local_stack", ROOT),
+            ("sdxl_lora_ops", ROOT), ("sdxl_lora", ROOT / "plugins")) for p in (root / top).rglob("__init__.py")}
+    assert listed == tree | {"ml.train.configs", "sdxl_lora_ops.dags"}
+    assert all(_folder(package, package_dir).is_dir() for package in listed)
+    assert _folder("sdxl_lora_ops.dags", package_dir) == ROOT / "dags"
+    assert [(ROOT / package_dir[""] / f"{module}.py").is_file() for module in setuptools["py-modules"]] == [True]

@@ -1,1 +1,1 @@
-"""The grid report: the leaderboard and its XY sheets, the Grid report tab, and the run notes that link to it."""
+"""The grid report: the leaderboard and its XY sheets, the report page, the link to it and the run notes."""

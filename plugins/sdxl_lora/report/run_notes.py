@@ -1,4 +1,4 @@
-"""Airflow listener: a grid-search run's note links to its report tab in the UI.
+"""Airflow listener: a grid-search run's note links to its report page.
 
 Runs where the run's state changes (the scheduler, or `airflow dags test`), which hold the
 metadata database session; the note is set when the run starts and checked again when it ends
@@ -7,36 +7,24 @@ metadata database session; the note is set when the run starts and checked again
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit
-
 from airflow.listeners import hookimpl
 
-from sdxl_lora.report import view as ui
+from sdxl_lora.report import links
 
 LINK_TEXT = "Leaderboard, comparison sheets and loss curves"
 
 
-def report_path(dag_id: str, run_id: str) -> str:
-    """The run's report tab, relative to the UI's base URL."""
-    return f"dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}/plugin/{ui.VIEW_ROUTE}"
-
-
 def note_with_link(note: str | None, dag_id: str, run_id: str, base_url: str = "") -> str:
-    link = f"[{LINK_TEXT}]({base_url.rstrip('/')}/{report_path(dag_id, run_id)})"
+    link = f"[{LINK_TEXT}]({base_url.rstrip('/')}/{links.report_path(dag_id, run_id)})"
     if note and link in note:
         return note
     return f"{note.rstrip()}\n\n{link}" if note else link
 
 
 def _link(dag_run) -> None:
-    if dag_run.dag_id not in ui.REPORTED_DAGS:
+    if dag_run.dag_id not in links.REPORTED_DAGS:
         return
-    from airflow.configuration import conf
-
-    # Only base_url's path: the link then holds wherever the UI is served from (the demo's Airflow on a
-    # free port, the same database later behind `make airflow` on 8080, a proxy's host).
-    base_url = urlsplit(conf.get("api", "base_url", fallback="") or "").path
-    updated = note_with_link(dag_run.note, dag_run.dag_id, dag_run.run_id, base_url)
+    updated = note_with_link(dag_run.note, dag_run.dag_id, dag_run.run_id, links.base_path())
     if updated != dag_run.note:
         dag_run.note = updated  # committed with the state change by the caller's session
 

@@ -5,7 +5,8 @@ connection (`aws_conn_id` setting). Every route needs an Airflow user allowed to
 runs (Airflow's own JWT, from the `_token` cookie the UI holds or an Authorization: Bearer header):
 a request without one gets 401 and no data, a user without access 403.
 
-- GET /runs/{dag_id}/{run_id}            HTML: leaderboard, sheets, curves (the run's tab in the UI)
+- GET /runs/{dag_id}/{run_id}            HTML: leaderboard, sheets, curves (the Grid report button of the run's
+                                         publish_report task opens it: sdxl_lora.report.links)
 - GET /api/runs/{dag_id}/{run_id}        the report's leaderboard.json
 - GET /runs/{dag_id}/{run_id}/files/...  an image of that report (sheets, trials' curves and samples)
 """
@@ -21,10 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
 
 from ml.contract.container import split_s3_uri
-
-URL_PREFIX = "/sdxl-lora"
-VIEW_ROUTE = "sdxl-lora-report"  # the run's tab: <ui>/dags/<dag>/runs/<run>/plugin/sdxl-lora-report
-REPORTED_DAGS = ("sdxl_lora_grid_search",)
+from sdxl_lora.report.links import REPORTED_DAGS, base_path
 _FILE = re.compile(r"^(sheet-steps-\d+\.png|trials/[A-Za-z0-9-]{1,63}/(loss_curve\.png|samples/sample-\d{1,3}\.png))$")
 
 
@@ -113,14 +111,15 @@ def run_file(run_id: str, name: str, dag_id: str = Depends(reader)) -> Response:
 
 @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
 def run_page(run_id: str, dag_id: str = Depends(reader)) -> HTMLResponse:
+    run = f"{base_path()}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"  # the run in Airflow's UI
     try:
         board = load_leaderboard(run_id)
     except HTTPException as missing:
         if missing.status_code != 404:
             raise
-        return HTMLResponse(page(f"{dag_id} {run_id}", f"<p class='empty'>{html.escape(missing.detail)}</p>"),
+        return HTMLResponse(page(f"{dag_id} {run_id}", f"<p class='empty'>{html.escape(missing.detail)}</p>", run),
                             status_code=404)
-    return HTMLResponse(page(f"{dag_id} {run_id}", body(board, f"{quote(run_id, safe='')}/files/")))
+    return HTMLResponse(page(f"{dag_id} {run_id}", body(board, f"{quote(run_id, safe='')}/files/"), run))
 
 
 def _num(value, spec: str) -> str:
@@ -170,7 +169,8 @@ def body(board: dict, files: str) -> str:
 """
 
 
-def page(title: str, content: str) -> str:
+def page(title: str, content: str, run_url: str = "") -> str:
+    back = f"<p><a id='run' href='{html.escape(run_url)}'>The run in Airflow</a></p>" if run_url else ""
     return f"""<!doctype html>
 <html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>
 body {{ font-family: system-ui, sans-serif; margin: 16px; color: #1a1a1a; }}
@@ -180,4 +180,4 @@ th {{ background: #f2f4f7; }} td:nth-child(2), td:nth-child(12), td:nth-child(13
 tr.winner td {{ background: #e8f5e9; font-weight: 600; }}
 figure {{ display: inline-block; margin: 0 16px 16px 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 img.curve {{ width: 480px; }} figcaption {{ font-size: 12px; color: #555; }} .empty {{ color: #a33; }}
-</style></head><body><h1>{html.escape(title)}</h1>{content}</body></html>"""
+</style></head><body>{back}<h1>{html.escape(title)}</h1>{content}</body></html>"""
