@@ -1,21 +1,27 @@
 """Many LoRA adapters on one SDXL pipeline: where they come from, an LRU cache, and fusing.
 
 Sources of an adapter, by the name a request gives:
-- `default`: `pytorch_lora_weights.safetensors` at the top of the model directory (what
-  `sdxl-lora train` writes);
-- `<name>`: `adapters/<name>/pytorch_lora_weights.safetensors` in the model directory;
+- `default`: the model directory's LoRA file at its top: `pytorch_lora_weights.safetensors` (what
+  `sdxl-lora train` writes), else its one `.safetensors` file (a downloaded one);
+- `<name>`: `adapters/<name>/` (its pytorch_lora_weights.safetensors, else its one .safetensors file) or
+  `adapters/<name>.safetensors` in the model directory;
 - `s3://bucket/key.safetensors`, `s3://bucket/prefix/` (holding pytorch_lora_weights.safetensors)
   or `s3://bucket/.../model.tar.gz` (a training job's output; only the LoRA member is read).
+
+Formats (ml.contract.lora_files.detect_format): the diffusers/PEFT LoRA training writes, and the kohya-named
+files users download (Civitai, ...): kohya LoRA and LoCon, LyCORIS LoHa and LoKr. Anything else, a file for
+another model (SD 1.x, Flux, ...) or with tensors of other kinds, is refused with a message naming them.
 
 Only safetensors are read. A pickle file (.bin, .pt, .ckpt, ...) is refused by its name,
 without being opened, and a file called .safetensors must start with a safetensors header.
 
-Speed: diffusers parses an adapter once (on first use), its LoRA matrices are copied out and
-the PEFT layers removed again, so the pipeline's modules stay the base model's plain
-Linear layers and a generation costs exactly what the base model costs. The active
-(adapters, scales) combination is fused into the base weights; a change restores the
-touched weights from a copy of the originals and adds the new products B @ A, from the
-cached matrices, never from disk. Restoring from the copy (not subtracting) makes scale 0,
+Speed: an adapter is parsed once (on first use) into per-module factors. diffusers parses diffusers files
+into PEFT layers, whose LoRA matrices are copied out and the layers removed again; kohya-named files are
+read by ml.serve.kohya_lora straight onto the pipeline's modules. Either way the pipeline's modules stay
+the base model's plain Linear and Conv2d layers and a generation costs exactly what the base model costs.
+The active (adapters, scales) combination is fused into the base weights; a change restores the
+touched weights from a copy of the originals and adds the new deltas (B @ A, the LoHa and LoKr products),
+from the cached factors, never from disk. Restoring from the copy (not subtracting) makes scale 0,
 or any later fusion, bit-exact: nothing drifts however often adapters change.
 """
 
@@ -40,6 +46,7 @@ DEFAULT_ADAPTER = "default"
 ADAPTERS_DIR = "adapters"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SAFETENSORS = ".safetensors"
 
 
 class AdapterError(Exception):
@@ -72,6 +79,10 @@ def check_safetensors_header(path: Path, where: str) -> None:
         raise AdapterError(str(error)) from None
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(f"*{SAFETENSORS}") if p.is_file() and not p.name.startswith("."))
+
+
 class AdapterLocator:
     """Adapter name or s3:// URI -> a local safetensors file, downloading S3 ones once."""
 
@@ -81,15 +92,38 @@ class AdapterLocator:
         self._locks_guard = threading.Lock()
 
     def has_default(self) -> bool:
-        return (self.model_dir / LORA_WEIGHTS).is_file()
+        try:
+            return self.find(DEFAULT_ADAPTER) is not None
+        except AdapterError:
+            return True  # there is one, and locate says why it cannot be used
 
     def names(self) -> list[str]:
         """Adapters the model directory holds."""
-        found = [DEFAULT_ADAPTER] if self.has_default() else []
+        found = {DEFAULT_ADAPTER} if self.has_default() else set()
         folder = self.model_dir / ADAPTERS_DIR
         if folder.is_dir():
-            found += sorted(p.parent.name for p in folder.glob(f"*/{LORA_WEIGHTS}") if NAME_PATTERN.fullmatch(p.parent.name))
-        return found
+            for entry in folder.iterdir():
+                name = entry.name.removesuffix(SAFETENSORS) if entry.is_file() else entry.name
+                if NAME_PATTERN.fullmatch(name) and name != DEFAULT_ADAPTER and (
+                        entry.name.endswith(SAFETENSORS) if entry.is_file() else _safetensors_files(entry)):
+                    found.add(name)
+        return sorted(found, key=lambda name: (name != DEFAULT_ADAPTER, name))
+
+    def find(self, name: str) -> Path | None:
+        """The adapter's file: its folder's LORA_WEIGHTS, else the folder's one .safetensors file, else (named
+        adapters) adapters/<name>.safetensors; None when there is none."""
+        folder = self.model_dir if name == DEFAULT_ADAPTER else self.model_dir / ADAPTERS_DIR / name
+        if (folder / LORA_WEIGHTS).is_file():
+            return folder / LORA_WEIGHTS
+        files = _safetensors_files(folder) if folder.is_dir() else []
+        if len(files) > 1:
+            raise AdapterError(f"adapter {name}: {folder} holds {len(files)} .safetensors files "
+                               f"({', '.join(p.name for p in files)}) and no {LORA_WEIGHTS}, so which one is the "
+                               "adapter is not clear; keep one, or name it " + LORA_WEIGHTS)
+        if files:
+            return files[0]
+        single = self.model_dir / ADAPTERS_DIR / f"{name}{SAFETENSORS}"
+        return single if name != DEFAULT_ADAPTER and single.is_file() else None
 
     def check_name(self, name: str) -> None:
         """Cheap checks a request can fail on before anything is read."""
@@ -110,11 +144,14 @@ class AdapterLocator:
         self.check_name(name)
         if is_s3(name):
             return self._download(name)
-        folder = self.model_dir if name == DEFAULT_ADAPTER else self.model_dir / ADAPTERS_DIR / name
-        path = folder / LORA_WEIGHTS
-        if not path.is_file():
+        path = self.find(name)
+        if path is None:
+            folder = self.model_dir if name == DEFAULT_ADAPTER else self.model_dir / ADAPTERS_DIR / name
             pickles = sorted(p.name for p in folder.glob("*") if lora_files.is_pickle(p.name)) \
                 if folder.is_dir() else []
+            if name != DEFAULT_ADAPTER:  # adapters/<name>.ckpt and the like
+                pickles += sorted(p.name for p in (self.model_dir / ADAPTERS_DIR).glob(f"{name}.*")
+                                  if lora_files.is_pickle(p.name))
             if pickles:
                 refuse_pickle(pickles[0], name)
             known = ", ".join(self.names()) or "none"
@@ -178,44 +215,47 @@ def _lora_from_archive(body, uri: str) -> bytes:
 
 
 @dataclass
-class LoraLayer:
-    module: object  # the base torch.nn.Linear (or Conv2d) whose weight the LoRA changes
-    down: object  # lora_A weight: rank x in (x kh x kw)
-    up: object  # lora_B weight: out x rank (x 1 x 1)
-    scaling: float  # lora_alpha / rank
-
-    def delta(self, scale: float):
-        """scale * scaling * B @ A, shaped like the module's weight, in fp32."""
-        import torch
-
-        down, up = self.down.float(), self.up.float()
-        if down.dim() == 2:
-            product = up @ down
-        elif down.shape[2:] == (1, 1):
-            product = (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-        else:  # a k x k convolution: B applied to A's output channels
-            product = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-        return product * (self.scaling * scale)
-
-
-@dataclass
 class Adapter:
     name: str
-    layers: list[LoraLayer]
+    layers: list  # ml.serve.kohya_lora.AdapterLayer, one per adapted module
     nbytes: int
     load_seconds: float
+    layout: str = ""  # what the file is, as lora_files.LoraFormat.describe() tells it
 
 
 def extract_adapter(pipeline, path: Path, name: str) -> Adapter:
+    """The adapter's layers on the pipeline's modules, from a file of any accepted format."""
+    label = f"adapter {name}"
+    started = time.perf_counter()
+    try:
+        header = lora_files.read_header(path, label)
+        layout = lora_files.detect_format(header, label)
+        if layout.kind == lora_files.KOHYA:
+            from ml.serve.kohya_lora import load_layers
+
+            parts = {component: getattr(pipeline, component, None) for component in LORA_COMPONENTS}
+            layers = load_layers(path, parts, label, header.get("__metadata__"), pipeline.device)
+        else:
+            layers = _diffusers_layers(pipeline, path, name, layout)
+    except lora_files.LoraFileError as error:
+        raise AdapterError(str(error)) from None
+    if not layers:
+        raise AdapterError(f"adapter {name} holds no LoRA layers this pipeline has")
+    nbytes = sum(layer.nbytes for layer in layers)
+    return Adapter(name, layers, nbytes, time.perf_counter() - started, layout.describe())
+
+
+def _diffusers_layers(pipeline, path: Path, name: str, layout: lora_files.LoraFormat) -> list:
     """Let diffusers parse the file into PEFT layers, copy the matrices out, remove the layers."""
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
-    started = time.perf_counter()
+    from ml.serve.kohya_lora import AdapterLayer
+
     loading = "loading"
     try:
         pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=loading,
                                    use_safetensors=True)
-        layers, nbytes = [], 0
+        layers = []
         for component in LORA_COMPONENTS:
             model = getattr(pipeline, component, None)
             if model is None:
@@ -225,13 +265,12 @@ def extract_adapter(pipeline, path: Path, name: str) -> Adapter:
                     continue
                 if module.use_dora.get(loading):
                     raise AdapterError(f"adapter {name} uses DoRA, which this server does not fuse")
-                base = module.get_base_layer()
-                down = module.lora_A[loading].weight.detach().clone()
-                up = module.lora_B[loading].weight.detach().clone()
                 if getattr(module, "fan_in_fan_out", False):
                     raise AdapterError(f"adapter {name} has fan_in_fan_out layers, which this server does not fuse")
-                layers.append(LoraLayer(base, down, up, float(module.scaling[loading])))
-                nbytes += down.numel() * down.element_size() + up.numel() * up.element_size()
+                factors = {"lora_down.weight": module.lora_A[loading].weight.detach().clone(),
+                           "lora_up.weight": module.lora_B[loading].weight.detach().clone()}
+                layers.append(AdapterLayer(module.get_base_layer(), lora_files.LORA, factors,
+                                           float(module.scaling[loading])))
     except AdapterError:
         raise
     except Exception as error:  # diffusers and peft raise ValueError, KeyError, safetensors errors...
@@ -240,9 +279,11 @@ def extract_adapter(pipeline, path: Path, name: str) -> Adapter:
     finally:
         # Back to plain modules: no PEFT wrapper stays in the forward pass.
         pipeline.unload_lora_weights()
-    if not layers:
-        raise AdapterError(f"adapter {name} holds no LoRA layers this pipeline has")
-    return Adapter(name, layers, nbytes, time.perf_counter() - started)
+    if layers and len(layers) < layout.modules:
+        # diffusers loads what matches and only warns about the rest: a file for another model would half-apply.
+        raise AdapterError(f"adapter {name} is not a LoRA for this SDXL model: {layout.modules - len(layers)} of "
+                           f"its {layout.modules} LoRA modules name nothing in the pipeline")
+    return layers
 
 
 Combination = tuple[tuple[str, float], ...]  # ((adapter name, effective scale), ...), sorted
@@ -282,8 +323,8 @@ class AdapterBank:
             evicted, _ = self.cache.popitem(last=False)
             self.evictions += 1
             log.info("adapter %s evicted from the cache (size %d)", evicted, self.cache_size)
-        log.info("adapter %s loaded in %.3f s: %d layers, %.1f MB", name, adapter.load_seconds, len(adapter.layers),
-                 adapter.nbytes / 1e6)
+        log.info("adapter %s loaded in %.3f s (%s): %d layers, %.1f MB", name, adapter.load_seconds, adapter.layout,
+                 len(adapter.layers), adapter.nbytes / 1e6)
         return adapter, True
 
     def activate(self, combination: Combination, paths: dict[str, Path] | None = None) -> FusionStats:

@@ -9,7 +9,8 @@ where they are used, so importing this module is instant and request validation 
 Request (application/json):
     prompt (required), negative_prompt, width, height, num_inference_steps, guidance_scale,
     num_images_per_prompt, seed, adapter, lora_scale
-    adapter: a name (`default`, a folder under adapters/, or an s3:// URI) or an object of
+    adapter: a name (`default`, a folder or .safetensors file under adapters/, or an s3:// URI) of a
+    diffusers, kohya or LyCORIS LoRA file (ml.serve.adapters), or an object of
     names to weights ({"ink": 0.7, "s3://b/style.safetensors": 0.5}); left out: `default`
     when the model directory has one, else the base model. lora_scale multiplies every weight.
 Response, by Accept:
@@ -493,12 +494,15 @@ def model_fn(model_dir, context=None) -> Engine:
                              os.environ.get("SDXL_SERVE_ADAPTER_S3_PREFIX", ""))
     engine = Engine(pipeline, locator, limits)
     if engine.default_adapter:
+        where = f"the default adapter of {model_dir}"
         try:
+            where = str(locator.find(DEFAULT_ADAPTER))
             engine.bank.get(DEFAULT_ADAPTER, locator.locate(DEFAULT_ADAPTER))
         except AdapterError as error:
-            raise ModelLoadError(f"{Path(model_dir) / LORA_WEIGHTS} could not be loaded: {error}") from error
+            raise ModelLoadError(f"{where} could not be loaded: {error}") from error
     else:
-        log.warning("no %s in %s: requests without an adapter get the base model", LORA_WEIGHTS, model_dir)
+        log.warning("no %s (nor another .safetensors file) in %s: requests without an adapter get the base model",
+                    LORA_WEIGHTS, model_dir)
     warm = engine.warm_up()
     log.info("model ready: base %s on %s, adapters %s, warm-up %.2f s", base, pipeline.device,
              ", ".join(locator.names()) or "none", warm)
