@@ -17,7 +17,7 @@ without being opened, and a file called .safetensors must start with a safetenso
 
 Speed: an adapter is parsed once (on first use) into per-module factors. diffusers parses diffusers files
 into PEFT layers, whose LoRA matrices are copied out and the layers removed again; kohya-named files are
-read by ml.serve.kohya_lora straight onto the pipeline's modules. Either way the pipeline's modules stay
+read by ml.lora.deltas straight onto the pipeline's modules. Either way the pipeline's modules stay
 the base model's plain Linear and Conv2d layers and a generation costs exactly what the base model costs.
 The active (adapters, scales) combination is fused into the base weights; a change restores the
 touched weights from a copy of the originals and adds the new deltas (B @ A, the LoHa and LoKr products),
@@ -217,7 +217,7 @@ def _lora_from_archive(body, uri: str) -> bytes:
 @dataclass
 class Adapter:
     name: str
-    layers: list  # ml.serve.kohya_lora.AdapterLayer, one per adapted module
+    layers: list  # ml.lora.deltas.AdapterLayer, one per adapted module
     nbytes: int
     load_seconds: float
     layout: str = ""  # what the file is, as lora_files.LoraFormat.describe() tells it
@@ -231,7 +231,7 @@ def extract_adapter(pipeline, path: Path, name: str) -> Adapter:
         header = lora_files.read_header(path, label)
         layout = lora_files.detect_format(header, label)
         if layout.kind == lora_files.KOHYA:
-            from ml.serve.kohya_lora import load_layers
+            from ml.lora.deltas import load_layers
 
             parts = {component: getattr(pipeline, component, None) for component in LORA_COMPONENTS}
             layers = load_layers(path, parts, label, header.get("__metadata__"), pipeline.device)
@@ -249,7 +249,7 @@ def _diffusers_layers(pipeline, path: Path, name: str, layout: lora_files.LoraFo
     """Let diffusers parse the file into PEFT layers, copy the matrices out, remove the layers."""
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
-    from ml.serve.kohya_lora import AdapterLayer
+    from ml.lora.deltas import AdapterLayer
 
     loading = "loading"
     try:

@@ -12,7 +12,7 @@ job's MetricDefinitions report it, and writes `model/score.json`.
 LoRA files, diffusers' and kohya's, load as training keeps its LoRA: PEFT layers in fp32 beside the frozen
 weights (diffusers converts kohya's names), so the project's own kohya file scores what its diffusers file
 does. LyCORIS LoHa and LoKr files (and LoCon's Tucker cores) are fused into the base weights in fp32 before
-these are cast to the compute dtype, as the endpoint serves them (ml.serve.kohya_lora).
+these are cast to the compute dtype, as the endpoint serves them (ml.lora.deltas).
 
 The retraining DAG uses it to compare like with like: the adapter serving now was scored on its own
 version's held-out images when it was trained; scoring it again here puts it on the new version's,
@@ -103,7 +103,7 @@ def _layout(lora: Path) -> lora_files.LoraFormat:
 def _kohya_layers(state: dict, parts: dict, prefixes: tuple[str, ...], lora: Path) -> list:
     """The layers of the kohya file's modules under prefixes on parts (the models loaded so far), checked:
     another model's modules, or modules of other shapes, fail the job here, before anything is scored."""
-    from ml.serve.kohya_lora import kohya_layers, module_table
+    from ml.lora.deltas import kohya_layers, module_table
 
     try:
         return kohya_layers({key: tensor for key, tensor in state.items() if key.startswith(prefixes)},
@@ -124,7 +124,7 @@ def score(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
     from accelerate import Accelerator
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from ml.serve.kohya_lora import fuse
+    from ml.lora.deltas import fuse
     from ml.train.frozen import cache_frozen, latent_source
     from ml.train.loss import validation_loss
 

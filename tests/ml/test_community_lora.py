@@ -28,7 +28,7 @@ from ml.contract import kohya_names
 from ml.contract.container import KOHYA_LORA_WEIGHTS, LORA_WEIGHTS
 from ml.contract.hyperparameters import parse
 from ml.serve import adapters, inference
-from ml.serve.kohya_lora import AdapterLayer
+from ml.lora.deltas import AdapterLayer
 from ml.train import kohya_format
 from ml.train.models import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, save_lora
 
@@ -436,7 +436,7 @@ def test_every_sgm_name_is_mapped_back_to_its_module_by_diffusers_converter(conf
 def test_a_module_is_found_under_its_sgm_and_its_diffusers_name(base_model):
     from diffusers import UNet2DConditionModel
 
-    from ml.serve.kohya_lora import module_table
+    from ml.lora.deltas import module_table
 
     unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
     table = module_table({"unet": unet})
