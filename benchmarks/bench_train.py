@@ -353,9 +353,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="keep the base model, data and runs here (reused next time); default: a temporary directory")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--threads", type=int,
-                        help="OMP_NUM_THREADS for both jobs (default: torch's own choice); 1 keeps a shared, "
-                             "loaded machine from stalling both jobs' thread pools")
+    parser.add_argument("--threads", type=_thread_settings,
+                        help="comma-separated thread settings, each a benchmark of its own: `default` (OMP_NUM_THREADS "
+                             "unset: torch's pool; ours then picks its own count) or N (OMP_NUM_THREADS=N for both "
+                             "jobs). Default: default,1 on a CPU (side by side), default on a GPU")
     parser.add_argument("--accelerate-loop", action="store_true",
                         help="a third job in the rotation: ours with fast_path=false (the accelerate loop)")
     args = parser.parse_args(argv)
@@ -364,11 +365,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.resolution = args.resolution or preset["resolution"]
     args.batch_size = args.batch_size or preset["batch_size"]
     args.mixed_precision = args.mixed_precision or preset["mixed_precision"] or _default_precision()
+    if args.threads is None:
+        args.threads = [None] if _cuda() else [None, 1]
     args.reference = (REPO / args.reference).resolve()
     if not args.reference.is_file():
         parser.error(f"no reference script at {args.reference}: pass --reference PATH "
                      "(diffusers' train_text_to_image_lora_sdxl.py with its REFLOOP line)")
     return args
+
+
+def _thread_settings(text: str) -> list[int | None]:
+    settings = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "default":
+            settings.append(None)
+        elif item.isdigit() and int(item) > 0:
+            settings.append(int(item))
+        else:
+            raise argparse.ArgumentTypeError(f"a thread setting is `default` or a positive count, got {item!r}")
+    return settings
 
 
 def _cuda() -> bool:
@@ -396,14 +412,15 @@ def hyperparameters_for(args: argparse.Namespace) -> dict:
     return values
 
 
-def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
+def benchmark(args: argparse.Namespace, workdir: Path, threads: int | None) -> dict:
     base_model = ensure_model(args.model, workdir / f"base-{args.model}")
     dataset = ensure_dataset(workdir / f"dataset-{args.resolution}", args.resolution)
     hyperparameters = hyperparameters_for(args)
     # One environment for both (so the same thread settings), with the Hub out of reach.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env_reference = reference_env(args.reference, env)
     jobs = [
         ("ours", lambda run_dir: run_ours(run_dir, base_model, dataset, hyperparameters, env)),
@@ -418,7 +435,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
           flush=True)
     for repeat in range(args.repeats):
         for name, run_job in jobs:  # alternate, so slow drift of the machine hits both
-            run = run_job(workdir / "runs" / f"{name}-{repeat}")
+            run = run_job(workdir / "runs" / f"{name}-threads-{threads or 'default'}-{repeat}")
             runs[name].append(run)
             gpu = f", {run.peak_gpu_mb:7.0f} MB peak GPU" if run.peak_gpu_mb else ""
             print(f"run {repeat + 1}/{args.repeats} {name:20}: {run.wall_seconds:7.2f} s whole job, "
@@ -430,7 +447,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     goals = GOALS[args.model] if args.config == "default" else []
     return {
         "model": args.model, "config": args.config, "repeats": args.repeats, "reference": str(args.reference),
-        "threads": args.threads,
+        "threads": threads,
         "hyperparameters": hyperparameters, "load_average_after": os.getloadavg(),
         "runs": {name: [asdict(run) for run in found] for name, found in runs.items()},
         "median": median,
@@ -445,15 +462,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         workdir = (args.workdir or Path(scratch)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            result = benchmark(args, workdir)
-        except JobFailed as failure:
-            print(f"\njob failed: {failure}", file=sys.stderr)
-            return 1
+        results = []
+        for threads in args.threads:
+            print(f"\n== threads {threads or 'default'}", flush=True)
+            try:
+                result = benchmark(args, workdir, threads)
+            except JobFailed as failure:
+                print(f"\njob failed: {failure}", file=sys.stderr)
+                return 1
+            results.append(result)
+            _report(args, result)
+    if len(results) > 1:
+        print_settings(results)
+    if args.json:
+        args.json.write_text(json.dumps(results[0] if len(results) == 1 else {"settings": results}, indent=2))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _report(args: argparse.Namespace, result: dict) -> None:
     hp = result["hyperparameters"]
     print_report(f"model {args.model}, config {args.config}: {hp['max_train_steps']} steps, resolution "
                  f"{hp['resolution']}, batch {hp['train_batch_size']}, mixed precision {hp['mixed_precision']}, "
-                 f"threads {args.threads or 'default'}; "
+                 f"threads {result['threads'] or 'default'}; "
                  f"median of {args.repeats} run(s) each, alternating",
                  result["median"]["ours"], result["median"]["reference"], result, result["goals"])
     if "accelerate_loop" in result:
@@ -463,10 +494,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratios['whole_job_speedup']:.2f}x whole job, {ratios['loop_speedup']:.2f}x loop")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in result['load_average_after'])} "
           f"(1, 5, 15 min) on {os.cpu_count()} CPUs")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"figures written to {args.json}")
-    return 0
+
+
+def print_settings(results: list[dict]) -> None:
+    """The thread settings side by side: medians and ratios of each."""
+    print("\nthread settings side by side (medians):\n")
+    print(f"{'threads':10}{'ours job s':>12}{'ref job s':>12}{'ours steps/s':>14}{'ref steps/s':>13}"
+          f"{'whole job':>11}{'loop':>8}{'RSS':>7}")
+    for result in results:
+        ours, reference, ratios = result["median"]["ours"], result["median"]["reference"], result["ratios"]
+        print(f"{str(result['threads'] or 'default'):10}{ours['wall_seconds']:>12.2f}{reference['wall_seconds']:>12.2f}"
+              f"{ours['steps_per_second']:>14.2f}{reference['steps_per_second']:>13.2f}"
+              f"{ratios['whole_job_speedup']:>10.2f}x{ratios['loop_speedup']:>7.2f}x{ratios['rss_ratio']:>6.2f}x")
 
 
 if __name__ == "__main__":
