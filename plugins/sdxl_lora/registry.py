@@ -33,6 +33,9 @@ NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 METRICS_FILE = "model_metrics.json"
 MAX_ENTRIES, MAX_KEY, MAX_VALUE, MAX_DESCRIPTION = 50, 128, 256, 1024  # SageMaker's limits
 METADATA_PUNCTUATION = set("_.:/=+-@")
+# What a model package container keeps of the deployment's PrimaryContainer (the base model's channel with
+# network isolation included).
+PACKAGED = ("Image", "ModelDataUrl", "Environment", "AdditionalModelDataSources")
 ALREADY_EXISTS = "Model Package Group already exists"  # the Amazon provider's hook tests for it the same way
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ def package_request(group: str, container: dict, statistics_uri: str, metadata: 
     return {
         "ModelPackageGroupName": group, "ModelPackageDescription": text, "ModelApprovalStatus": status,
         "InferenceSpecification": {
-            "Containers": [{key: container[key] for key in ("Image", "ModelDataUrl", "Environment") if key in container}],
+            "Containers": [{key: container[key] for key in PACKAGED if key in container}],
             "SupportedContentTypes": ["application/json"],
             "SupportedResponseMIMETypes": ["application/json", "image/png", "image/jpeg"],
         },

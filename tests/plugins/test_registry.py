@@ -141,7 +141,43 @@ def test_the_group_setting_names_the_group_or_turns_registration_off():
     assert Settings().model_package_group == "sdxl-lora"
 
 
+def test_with_network_isolation_the_version_keeps_the_base_models_channel():
+    client = Client()
+    settings = Settings(network_isolation=True, base_model_uri="s3://bucket/prefix/base_model/")
+    version = client.describe_model_package(ModelPackageName=register(client, {}, settings)["package_arn"])
+    (container,) = version["InferenceSpecification"]["Containers"]
+    assert container["AdditionalModelDataSources"][0]["S3DataSource"]["S3Uri"] == "s3://bucket/prefix/base_model/"
+    assert container["Environment"]["BASE_MODEL"].startswith("/opt/ml/additional-model-data-sources/")
+
+
 def test_a_description_is_one_line_within_1024_characters():
     record = registry.lineage(training_job(), Settings(), "dag", "run")
     text = registry.description(record, None, "a reason\nover two lines " + "x" * 2000)
     assert "\n" not in text and len(text) == 1024 and "no val_loss" in text
+
+
+@pytest.mark.parametrize(("deploy_winner", "approval", "status", "deploys"), [
+    (True, "auto", "Approved", True), (False, "auto", "PendingManualApproval", False),
+    (True, "manual", "PendingManualApproval", False)])
+def test_the_task_registers_the_grids_winner_as_deploy_winner_and_approval_decide(deploy_winner, approval, status,
+                                                                                   deploys):
+    from unittest import mock
+
+    from sdxl_lora import deploy
+
+    client, written = Client(), {}
+    client.describe_training_job = lambda TrainingJobName: {**training_job(), "TrainingJobName": TrainingJobName}
+    with mock.patch("airflow.providers.amazon.aws.hooks.sagemaker.SageMakerHook") as hook, \
+            mock.patch("airflow.providers.amazon.aws.hooks.s3.S3Hook") as s3, \
+            mock.patch.object(Settings, "resolve", return_value=Settings()):
+        hook.return_value.conn = client
+        s3.return_value.load_string.side_effect = lambda text, uri, replace: written.__setitem__(uri, text)
+        registered = deploy.register_model.function(
+            ARTIFACTS, {"training_job": "sdxl-lora-gridsearch-run-lr-0-001", "val_loss": 0.3}, None,
+            params={"deploy_winner": deploy_winner, "approval": approval}, run_id=RUN,
+            dag=mock.Mock(dag_id="sdxl_lora_grid_search"))
+    assert (registered["approval_status"], registered["deploy"]) == (status, deploys)
+    assert registered["reason"] == f"deploy_winner is {'on' if deploy_winner else 'off'}"
+    version = client.describe_model_package(ModelPackageName=registered["package_arn"])
+    assert version["CustomerMetadataProperties"]["training_job"] == "sdxl-lora-gridsearch-run-lr-0-001"
+    assert json.loads(written[version["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]])["val_loss"] == 0.3
