@@ -15,6 +15,7 @@ from ml.fixtures import synthetic, tiny_captioner
 
 ROOT = Path(__file__).parents[2]
 BUCKET, PREFIX = "sdxl-lora-local", "sdxl-finetune-lora"
+GROUP = "e2e-pipeline"
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1",
            "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
+           "SDXL_LORA_MODEL_PACKAGE_GROUP": GROUP,  # a group of its own: other modules' DAG runs share the stack
            "SDXL_LORA_BASE_MODEL_URI": staged["base"] + "/",
            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
                                                    "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}})}
@@ -96,9 +98,9 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
 
     winner = board["trials"][0]["model_artifacts"]
     sagemaker = stack.client("sagemaker")
-    # The winner is registered (setting model_package_group, default sdxl-lora), waiting for approval: the run
-    # was not asked to deploy it.
-    (registered,) = sagemaker.list_model_packages(ModelPackageGroupName="sdxl-lora")["ModelPackageSummaryList"]
+    # The winner is registered (setting model_package_group), waiting for approval: the run was not asked to
+    # deploy it.
+    (registered,) = sagemaker.list_model_packages(ModelPackageGroupName=GROUP)["ModelPackageSummaryList"]
     version = sagemaker.describe_model_package(ModelPackageName=registered["ModelPackageArn"])
     assert version["ModelApprovalStatus"] == "PendingManualApproval"
     assert version["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == winner
@@ -144,7 +146,7 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     assert after["EndpointStatus"] == "InService"
     assert (after["EndpointConfigName"] != before) == (verdict == "deploying")
     # The retrained adapter is version 2, Approved exactly when it was deployed, with both scores in its metrics.
-    retrained = sagemaker.list_model_packages(ModelPackageGroupName="sdxl-lora", SortOrder="Descending",
+    retrained = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, SortOrder="Descending",
                                               MaxResults=1)["ModelPackageSummaryList"][0]
     assert retrained["ModelPackageVersion"] == 2
     assert retrained["ModelApprovalStatus"] == ("Approved" if verdict == "deploying" else "PendingManualApproval")
