@@ -14,6 +14,9 @@ leaderboard (JSON and markdown) next to the trials in S3. `publish_report` adds 
 - Job names are deterministic per run and trial: a retried task waits for or reuses the job its
   first try started instead of paying for a second one.
 - Failed trials are listed on the leaderboard and never chosen; the others are still compared.
+- `register_model` registers the winner as a version in the model package group (setting
+  `model_package_group`): Approved when `deploy_winner` deploys it, else waiting for approval; with
+  `approval` `manual` it waits and nothing is deployed (docs/dags.md#model-registry).
 
 **When the run fails.** A run that selected a winner (and deployed it, when asked) ends green
 even if some trials failed: a sweep explores, and a trial that fails (a diverging learning rate, a
@@ -44,6 +47,7 @@ from airflow.sdk import Param, TriggerRule, chain, dag, task
 
 from ml.contract.hyperparameters import SWEPT
 from sdxl_lora.dag_common import (
+    approval_param,
     cost_cap_param,
     dag_arguments,
     deploy_requested,
@@ -57,7 +61,7 @@ from sdxl_lora.dag_common import (
     version_param,
     watch,
 )
-from sdxl_lora.deploy import deploy_group
+from sdxl_lora.deploy import deploy_group, register_model
 from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
 from sdxl_lora.presets import active
 from sdxl_lora.report.links import report_task
@@ -86,6 +90,7 @@ log = logging.getLogger(__name__)
                                                          "the swept ones).", exclude=SWEPT),
         "max_cost_usd": cost_cap_param(),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
+        "approval": approval_param(),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(PRESET),
     },
@@ -154,10 +159,11 @@ def sdxl_lora_grid_search():
         **job_kwargs(SETTINGS),
     ).expand(config=configs)
     winner = select_winner(configs)
+    registered = register_model(winner["model_artifacts"], winner["training"])
     deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
                               "{{ params.smoke_request }}", training=winner["training"])
 
-    chain(trials, winner, deploy_requested(), deployment)
+    chain(trials, winner, registered, deploy_requested(registered), deployment)
     trials >> publish_report(configs)
     watch(judged_downstream=[trials])  # a failed trial alone leaves the run green: select_winner judges the trials
 

@@ -27,6 +27,11 @@ images (a scoring job: ml/train/evaluate.py, the same split, fixed noise and tim
 new job's val_loss uses), and `better_than_serving` compares the two numbers, both in its log
 (the rule: `sdxl_lora.selection.compare_with_serving`).
 
+Whatever the comparison says, `register_model` registers the new adapter as a version in the model
+package group (setting `model_package_group`) with its val_loss, the serving adapter's score and its
+lineage: Approved when it is deployed, else waiting for approval; with the Param `approval` `manual`,
+it waits for approval and nothing is deployed (docs/dags.md#model-registry).
+
 Before any job starts, `build_request` logs the job's estimated cost (the image count from the dataset's
 manifest) and, when `max_cost_usd` is set and the estimate is above it (or unknown), fails without retrying
 (docs/dags.md#cost); the scoring job's start-up is not counted.
@@ -44,8 +49,10 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, Trigge
 
 from sdxl_lora.assets import processed_dataset
 from sdxl_lora.dag_common import (
+    approval_param,
     cost_cap_param,
     dag_arguments,
+    deploy_requested,
     endpoint_param,
     hyperparameters_param,
     job_kwargs,
@@ -55,7 +62,7 @@ from sdxl_lora.dag_common import (
     version_param,
     watch,
 )
-from sdxl_lora.deploy import deploy_group
+from sdxl_lora.deploy import deploy_group, register_model
 from sdxl_lora.operators.jobs import ResumableSageMakerTrainingOperator
 from sdxl_lora.presets import active
 from sdxl_lora.settings import Settings
@@ -80,6 +87,7 @@ log = logging.getLogger(__name__)
         "max_cost_usd": cost_cap_param(),
         "deploy_if_better": Param(True, type="boolean",
                                   description="Deploy when the validation loss beats the adapter serving now."),
+        "approval": approval_param(),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(PRESET),
     },
@@ -180,11 +188,10 @@ def sdxl_lora_train():
         return selection.scoring_request(request, name, serving["model_data_url"], sagemaker_requests.tags(
             dag=DAG_ID, run=run_id, version=version, scores=serving.get("training_job") or "serving"))
 
-    # ignore_downstream_trigger_rules=False: not deploying skips the deployment, not the watcher after it.
-    @task.short_circuit(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, ignore_downstream_trigger_rules=False)
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)  # score_serving is skipped when nothing serves
     def better_than_serving(trained: dict, serving: dict | None, scoring: dict | None, version: str,
-                            params: dict) -> bool:
-        """Deploy? selection.deploy_decision, its reason in the log."""
+                            params: dict) -> dict:
+        """Deploy? selection.deploy_decision, its reason in the log; register_model files both with the version."""
         from sdxl_lora import selection
 
         wanted = params["deploy_if_better"]
@@ -193,7 +200,8 @@ def sdxl_lora_train():
             trained["training"], scoring and scoring["Training"], serving, now,
             params["endpoint_name"] or Settings.resolve().endpoint_name, version, wanted)
         log.info("%s", reason)
-        return deploy
+        rescored = selection.trained(scoring["Training"]) if scoring else {}
+        return {"deploy": deploy, "reason": reason, "serving_val_loss": rescored.get("val_loss")}
 
     version = dataset_version()
     TriggerDagRunOperator.partial(  # a run already queued for an event (its id) is left as it is
@@ -209,10 +217,11 @@ def sdxl_lora_train():
     score = ResumableSageMakerTrainingOperator(task_id="score_serving", config=scoring, pool="sagemaker_training",
                                                **job_kwargs(SETTINGS))
     compared = better_than_serving(trained, serving, score.output, version)
+    registered = register_model(trained["model_artifacts"], trained["training"], compared)
     deployment = deploy_group(trained["model_artifacts"], "{{ params.endpoint_name or '' }}",
                               "{{ params.smoke_request }}", training=trained["training"])
 
-    chain(version, config, train, trained, compared, deployment)
+    chain(version, config, train, trained, compared, registered, deploy_requested(registered), deployment)
     chain(scoring, score, compared)
     watch()  # a failed train, score or deployment fails the run
 

@@ -12,7 +12,8 @@ timesteps) that every trial logs. Its trials are the same training job as a grid
   `sagemaker_training` pool, so tuning never runs more jobs at once than the grid may.
 - The tuning job's name is deterministic per run: a retried task waits for or reuses it.
 - `select_winner` ranks every trial into the same leaderboard as the grid
-  (`tuning/<run>/leaderboard.{json,md}`); the winner can go to the same deploy tasks.
+  (`tuning/<run>/leaderboard.{json,md}`); the winner is registered
+  in the model package group (`register_model`, docs/dags.md#model-registry) and can go to the same deploy tasks.
 
 **When the run fails.** As with the grid, failed trials alone do not fail a run that found a
 winner: SageMaker completes a tuning job with some failed trials (it counts them), and the
@@ -35,6 +36,7 @@ from airflow.sdk import Param, TriggerRule, chain, dag, task
 
 from ml.contract.hyperparameters import SWEPT, value_schema
 from sdxl_lora.dag_common import (
+    approval_param,
     cost_cap_param,
     dag_arguments,
     deploy_requested,
@@ -48,7 +50,7 @@ from sdxl_lora.dag_common import (
     waiting_kwargs,
     watch,
 )
-from sdxl_lora.deploy import deploy_group
+from sdxl_lora.deploy import deploy_group, register_model
 from sdxl_lora.operators.tuning import ResumableSageMakerTuningOperator
 from sdxl_lora.presets import active
 from sdxl_lora.settings import Settings
@@ -99,6 +101,7 @@ def _bound_param(param: str, name: str, description: str) -> Param:
                                                  exclude=SWEPT),
         "max_cost_usd": cost_cap_param(),
         "deploy_winner": Param(False, type="boolean", description="Deploy the best trial to the endpoint."),
+        "approval": approval_param(),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(PRESET),
     },
@@ -150,10 +153,11 @@ def sdxl_lora_tune():
     tuned = ResumableSageMakerTuningOperator(task_id="tune", config=config, pool="sagemaker_training",
                                              **waiting_kwargs(SETTINGS))
     winner = select_winner(config)
+    registered = register_model(winner["model_artifacts"], winner["training"])
     deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
                               "{{ params.smoke_request }}", training=winner["training"])
 
-    chain(tuned, winner, deploy_requested(), deployment)
+    chain(tuned, winner, registered, deploy_requested(registered), deployment)
     watch()  # the tuning job's own status judges its trials: Completed with some failed is green
 
 

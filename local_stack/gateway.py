@@ -19,6 +19,7 @@ from local_stack.aws import SNAPSHOT_DIR, Clients, restore_s3, save_s3
 from local_stack.errors import ApiError
 from local_stack.hosting import HostingService
 from local_stack.jobs import JobService, Options
+from local_stack.registry import RegistryService
 from local_stack.tuning import TuningService
 
 INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/invocations$")
@@ -31,9 +32,10 @@ class SageMaker:
     def __init__(self, workdir: Path, endpoint_url: str, options: Options):
         clients = Clients(endpoint_url)
         self.jobs = JobService(workdir, clients, endpoint_url, options)
-        self.hosting = HostingService(workdir, clients, endpoint_url)
+        self.registry = RegistryService()
+        self.hosting = HostingService(workdir, clients, endpoint_url, self.registry)
         self.tuning = TuningService(self.jobs)
-        jobs, hosting, tuning = self.jobs, self.hosting, self.tuning
+        jobs, hosting, tuning, registry = self.jobs, self.hosting, self.tuning, self.registry
         self.operations = {
             "CreateTrainingJob": jobs.create_training_job,
             "DescribeTrainingJob": lambda r: jobs.describe("training", r.get("TrainingJobName")),
@@ -62,6 +64,14 @@ class SageMaker:
             "UpdateEndpointWeightsAndCapacities": hosting.update_endpoint_weights_and_capacities,
             "DeleteEndpoint": hosting.delete_endpoint,
             "ListEndpoints": hosting.list_endpoints,
+            "CreateModelPackageGroup": registry.create_group,
+            "DescribeModelPackageGroup": registry.describe_group,
+            "ListModelPackageGroups": registry.list_groups,
+            "DeleteModelPackageGroup": registry.delete_group,
+            "CreateModelPackage": registry.create_package,
+            "DescribeModelPackage": registry.describe_package,
+            "ListModelPackages": registry.list_packages,
+            "UpdateModelPackage": registry.update_package,
         }
 
     def call(self, operation: str, request: dict) -> dict:

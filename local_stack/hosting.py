@@ -10,6 +10,9 @@ artifacts that do not load, say) fails the deployment with a FailureReason namin
 ends Failed, an update is rolled back (InService on the old config, its variants serving throughout,
 FailureReason set).
 
+A model whose container names a ModelPackageName (a version in the model registry, local_stack/registry.py)
+serves that version's image and model data; only an Approved version can make one, as on AWS.
+
 An endpoint whose config has AsyncInferenceConfig answers InvokeEndpointAsync: the request body is
 read from InputLocation in S3 and sent to a variant in a background thread (at most
 MaxConcurrentInvocationsPerInstance at once), and the answer goes to `<S3OutputPath>/<inference id>.out`,
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from local_stack.aws import ACCOUNT, REGION, Clients, client_environment, untar
 from local_stack.errors import ApiError, check_name, not_found, require, validation
+from local_stack.registry import RegistryService
 from local_stack.runner import ContainerProcess, LogSink, command_for
 from ml.contract.container import split_s3_uri
 
@@ -67,9 +71,11 @@ class Endpoint:
 
 
 class HostingService:
-    def __init__(self, workdir: Path, clients: Clients, endpoint_url: str):
+    def __init__(self, workdir: Path, clients: Clients, endpoint_url: str, registry: RegistryService | None = None):
         self.workdir, self.clients, self.endpoint_url = workdir, clients, endpoint_url
+        self.registry = registry or RegistryService()
         self.models: dict[str, dict] = {}
+        self.containers: dict[str, dict] = {}  # model name -> the container it serves (a package's, resolved)
         self.configs: dict[str, dict] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.lock = threading.RLock()
@@ -80,11 +86,19 @@ class HostingService:
         require(request, "ModelName")
         name = check_name(request["ModelName"], "modelName")
         container = request.get("PrimaryContainer") or (request.get("Containers") or [None])[0]
-        if not container or not container.get("Image"):
+        if container and container.get("ModelPackageName"):
+            if container.get("Image") or container.get("ModelDataUrl"):
+                raise validation("A container definition that names a ModelPackageName takes its Image and "
+                                 "ModelDataUrl from the model package: give neither")
+            serves = self.registry.serving_container(container["ModelPackageName"], container)
+        elif not container or not container.get("Image"):
             raise validation("PrimaryContainer.Image is required")
+        else:
+            serves = container
         with self.lock:
             if name in self.models:
                 raise validation(f'Cannot create already existing model "{self._arn("model", name)}".')
+            self.containers[name] = serves
             self.models[name] = {
                 "ModelName": name, "ModelArn": self._arn("model", name), "PrimaryContainer": container,
                 "ExecutionRoleArn": request.get("ExecutionRoleArn", ""), "CreationTime": time.time(),
@@ -101,7 +115,7 @@ class HostingService:
         name = request.get("ModelName")
         with self.lock:
             self._model(name)
-            del self.models[name]
+            del self.models[name], self.containers[name]
         return {}
 
     def create_endpoint_config(self, request: dict) -> dict:
@@ -354,8 +368,8 @@ class HostingService:
         _stop_variants(retired)  # after the switch: requests in flight to them finish first
 
     def _start_variant(self, endpoint: Endpoint, spec: dict) -> Variant:
-        model = self._model(spec["ModelName"])
-        container = model["PrimaryContainer"]
+        self._model(spec["ModelName"])
+        container = self.containers[spec["ModelName"]]
         base = self.workdir / "endpoints" / endpoint.name / f"{spec['VariantName']}-{time.time_ns()}"
         model_dir = base / "model"
         model_dir.mkdir(parents=True)

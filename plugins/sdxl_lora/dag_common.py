@@ -1,6 +1,6 @@
 """What every DAG of the project shares: its @dag arguments, the Params that recur, the
 keyword arguments of the SageMaker operators that wait for a job, the tasks that recur
-(deploy_requested), the watcher that fails a run when one of its tasks failed, and no_retry."""
+(deploy_requested), the approval Param, the watcher that fails a run when one of its tasks failed, and no_retry."""
 
 from __future__ import annotations
 
@@ -121,22 +121,29 @@ def no_retry(*errors: type[BaseException]) -> Iterator[None]:
         raise AirflowFailException(str(error)) from None
 
 
-def deploy_requested(param: str = "deploy_winner", task_id: str = "deploy_requested"):
-    """A short-circuit task that lets the deploy group run only when the run's boolean Param asks for it.
+def approval_param() -> Param:
+    """approval: how the version a run registers is approved (sdxl_lora.registry)."""
+    return Param("auto", type="string", enum=["auto", "manual"], description=(
+        "auto: the registered model version is Approved when this run deploys it, else waits for approval; "
+        "manual: it waits for approval (PendingManualApproval) and nothing is deployed (docs/dags.md#model-registry)."))
+
+
+def deploy_requested(registered, task_id: str = "deploy_requested"):
+    """A short-circuit task that lets the deploy group run only when the run decided to deploy what it registered.
 
     It skips only its direct downstream task (the deploy group's first); the rest follow their trigger rules, so
     they are skipped too while the watcher after them is not (ignore_downstream_trigger_rules=False, which
-    watch() requires). Call it inside the @dag function, between the task that chose the model and the group.
+    watch() requires). Call it inside the @dag function, between register_model and the group.
 
-    :param param: the name of the boolean Param that asks for the deployment.
+    :param registered: register_model's XComArg (``{deploy, ...}``): its ``deploy`` decides.
     :param task_id: the task's id.
     :return: the task's XComArg, to chain.
     """
     @task.short_circuit(task_id=task_id, ignore_downstream_trigger_rules=False)
-    def requested(params: dict) -> bool:
-        return bool(params[param])
+    def requested(registration: dict) -> bool:
+        return bool(registration["deploy"])
 
-    return requested()
+    return requested(registered)
 
 
 @task(task_id=WATCHER, trigger_rule=TriggerRule.ONE_FAILED, retries=0)

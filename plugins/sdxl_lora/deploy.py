@@ -145,6 +145,47 @@ def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, t
                            int(max_concurrent_invocations or 1))
 
 
+# Registration calls the hook's client rather than the provider's register-model-version operator: that
+# operator's `extras` (metrics, lineage, approval: known only when this task runs) is not a template field, it
+# files the package description as the group's, and it deletes a group it just created when the version fails.
+@task
+def register_model(model_data_url: str, training: dict, decision: dict | None = None, params: dict | None = None,
+                   run_id: str | None = None, dag=None) -> dict:
+    """Register the model a run would deploy as a version in the setting ``model_package_group``
+    (sdxl_lora.registry), approved or not by the run's ``approval`` Param and its deployment decision.
+
+    :param model_data_url: the model.tar.gz (ModelArtifacts.S3ModelArtifacts).
+    :param training: the training job and val_loss behind it (serving.training).
+    :param decision: ``{deploy, reason, serving_val_loss}`` from the run's own rule (the train DAG's
+        better_than_serving); None: the run's ``deploy_winner`` Param decides.
+    :param params: the run's Params (Airflow passes them): ``approval``, and ``deploy_winner`` without a decision.
+    :param run_id: the run's id (Airflow passes it), kept in the version's lineage.
+    :param dag: the DAG (Airflow passes it), its id kept in the lineage.
+    :return: ``{package_arn, approval_status, deploy, reason}``: deploy_requested reads ``deploy``.
+    """
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+    from sdxl_lora import registry, sagemaker_requests, selection
+    from sdxl_lora.dag_common import no_retry
+
+    settings = Settings.resolve()
+    if decision is None:
+        wanted = bool(params["deploy_winner"])
+        decision = {"deploy": wanted, "reason": f"deploy_winner is {'on' if wanted else 'off'}"}
+    client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
+    job = client.describe_training_job(TrainingJobName=training["training_job"])
+    container = sagemaker_requests.model_request(settings, "registered", model_data_url)["PrimaryContainer"]
+    with no_retry(registry.RegistryError):  # a bad setting or Param: a retry would meet it again
+        registered = registry.register(
+            client, selection.s3_writer(S3Hook(aws_conn_id=settings.aws_conn_id)), settings, job, container,
+            decision.get("serving_val_loss"), training.get("val_loss"), bool(decision["deploy"]), decision["reason"],
+            params["approval"], dag.dag_id, run_id)
+    if decision["deploy"] and not registered["deploy"]:
+        log.info("approval is manual: %s waits for approval and is not deployed", registered["package_arn"])
+    return {**registered, "reason": decision["reason"]}
+
+
 def check_image(name: str, response: dict) -> dict:
     """The smoke test's verdict on one InvokeEndpoint answer: JSON with a decodable PNG."""
     return check_body(name, response["Body"].read())

@@ -57,6 +57,9 @@ class Settings:
     base_model_id: str = ""  # the Hub id base_model_uri was staged from: the model card's base_model
     captioner_uri: str = ""  # s3:// prefix of a staged InstructBLIP; empty: Salesforce/instructblip-vicuna-7b from the Hub
     endpoint_name: str = "sdxl-lora"
+    # The SageMaker model package group each trained or chosen adapter is registered in (sdxl_lora.registry);
+    # `none` registers nothing (an empty value means the default, as for every setting).
+    model_package_group: str = "sdxl-lora"
     aws_conn_id: str = "aws_default"
     check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status
     deferrable: bool = False  # wait in the triggerer instead of a worker slot

@@ -326,7 +326,7 @@ def test_plan_tuning_reads_the_ranks_as_typed(dagbag, monkeypatch):
 # short-circuits, which would skip the watcher were they wired to it.
 WATCHED = {"sdxl_lora_grid_search": ({"train_trial"}, {"deploy_requested"}),
            "sdxl_lora_tune": (set(), {"deploy_requested"}),
-           "sdxl_lora_train": (set(), {"better_than_serving"}),
+           "sdxl_lora_train": (set(), {"deploy_requested"}),
            "sdxl_lora_deploy": (set(), set())}
 
 

@@ -15,6 +15,7 @@ from ml.fixtures import synthetic, tiny_captioner
 
 ROOT = Path(__file__).parents[2]
 BUCKET, PREFIX = "sdxl-lora-local", "sdxl-finetune-lora"
+GROUP = "e2e-pipeline"
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def airflow_env(stack, staged, s3, tmp_path_factory) -> dict:
            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX, "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1",
            "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
+           "SDXL_LORA_MODEL_PACKAGE_GROUP": GROUP,  # a group of its own: other modules' DAG runs share the stack
            "SDXL_LORA_BASE_MODEL_URI": staged["base"] + "/",
            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
                                                    "extra": {"endpoint_url": stack.url, "region_name": "us-east-1"}})}
@@ -95,11 +97,23 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     assert "from the dataset's cache" in output  # the trials reuse the latents prepare cached
 
     winner = board["trials"][0]["model_artifacts"]
+    sagemaker = stack.client("sagemaker")
+    # The winner is registered (setting model_package_group), waiting for approval: the run was not asked to
+    # deploy it.
+    (registered,) = sagemaker.list_model_packages(ModelPackageGroupName=GROUP)["ModelPackageSummaryList"]
+    version = sagemaker.describe_model_package(ModelPackageName=registered["ModelPackageArn"])
+    assert version["ModelApprovalStatus"] == "PendingManualApproval"
+    assert version["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == winner
+    assert version["CustomerMetadataProperties"]["training_job"] == board["winner"]
+    assert version["CustomerMetadataProperties"]["dataset_version"] == "v1"
+    metrics = version["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
+    document = json.loads(s3.get_object(Bucket=BUCKET, Key=metrics.split("/", 3)[3])["Body"].read())
+    assert document["val_loss"] == pytest.approx(board["trials"][0]["val_loss"])
+
     smoke = {"prompt": "storyboard frame, a red circle", "width": 32, "height": 32, "num_inference_steps": 2,
              "seed": 0, "lora_scale": 0.8}
     _dags_test(airflow_env, "sdxl_lora_deploy", {"model_data_url": winner, "endpoint_name": "e2e-dag-endpoint",
                                                   "smoke_request": smoke})
-    sagemaker = stack.client("sagemaker")
     served = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")
     assert served["EndpointStatus"] == "InService"
 
@@ -131,4 +145,13 @@ def test_prepare_grid_search_and_deploy_through_the_dags(stack, airflow_env, s3)
     after = sagemaker.describe_endpoint(EndpointName="e2e-dag-endpoint")
     assert after["EndpointStatus"] == "InService"
     assert (after["EndpointConfigName"] != before) == (verdict == "deploying")
+    # The retrained adapter is version 2, Approved exactly when it was deployed, with both scores in its metrics.
+    retrained = sagemaker.list_model_packages(ModelPackageGroupName=GROUP, SortOrder="Descending",
+                                              MaxResults=1)["ModelPackageSummaryList"][0]
+    assert retrained["ModelPackageVersion"] == 2
+    assert retrained["ModelApprovalStatus"] == ("Approved" if verdict == "deploying" else "PendingManualApproval")
+    metrics = sagemaker.describe_model_package(ModelPackageName=retrained["ModelPackageArn"])[
+        "ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
+    document = json.loads(s3.get_object(Bucket=BUCKET, Key=metrics.split("/", 3)[3])["Body"].read())
+    assert f"{document['val_loss']:.6g}" == match[1] and f"{document['serving_val_loss']:.6g}" == match[2]
     sagemaker.delete_endpoint(EndpointName="e2e-dag-endpoint")

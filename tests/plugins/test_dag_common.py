@@ -129,19 +129,32 @@ def test_list_params_are_one_value_per_line_boxes_that_say_what_they_take():
     assert list_param("rank", [4], "Ranks.", 28).schema["maxItems"] == 28
 
 
-def test_deploy_requested_is_one_short_circuit_on_the_runs_param_that_spares_the_watcher():
+def test_deploy_requested_is_one_short_circuit_on_the_registration_that_spares_the_watcher():
     import pendulum
-    from airflow.sdk import DAG
+    from airflow.sdk import DAG, task
 
     from sdxl_lora.dag_common import deploy_requested, watch
 
     with DAG("requested", start_date=pendulum.datetime(2026, 1, 1), schedule=None) as dag:
-        requested = deploy_requested("deploy_if_better")
+        registered = task(task_id="register_model")(lambda: {"deploy": True})()
+        requested = deploy_requested(registered)
         watch()  # would refuse a short-circuit that skips the watcher
     operator = dag.get_task("deploy_requested")
     assert requested.operator is operator and operator.ignore_downstream_trigger_rules is False
-    assert operator.python_callable(params={"deploy_if_better": True}) is True
-    assert operator.python_callable(params={"deploy_if_better": False}) is False
+    assert operator.upstream_task_ids == {"register_model"}
+    assert operator.python_callable(registration={"deploy": True, "package_arn": "arn"}) is True
+    assert operator.python_callable(registration={"deploy": False, "package_arn": None}) is False
+
+
+def test_the_approval_param_is_auto_or_manual():
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from sdxl_lora.dag_common import approval_param
+
+    param = approval_param()
+    assert param.resolve() == "auto" and param.resolve("manual") == "manual"
+    with pytest.raises(ParamValidationError):
+        param.resolve("always")
 
 
 def test_no_retry_fails_the_task_at_once_with_the_errors_message_and_lets_others_through():

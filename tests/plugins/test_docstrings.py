@@ -25,7 +25,7 @@ def test_every_public_operator_documents_its_parameters(operator):
     assert ":param config:" in doc and ":param aws_conn_id:" in doc
 
 
-@pytest.mark.parametrize("factory", [deploy.deploy_group, deploy.plan, deploy.change_traffic, dag_common.watch,
+@pytest.mark.parametrize("factory", [deploy.deploy_group, deploy.plan, deploy.change_traffic, deploy.register_model, dag_common.watch,
                                      dag_common.deploy_requested, dag_common.no_retry],
                          ids=lambda f: getattr(f, "__name__", None) or f.function.__name__)
 def test_every_public_task_factory_documents_its_parameters(factory):

@@ -20,8 +20,9 @@ S3_HOOK_ACTIONS = {"load_string": ["s3:PutObject"], "read_key": ["s3:GetObject"]
                    "list_keys": ["s3:ListBucket"], "load_file": ["s3:PutObject"], "get_object": ["s3:GetObject"],
                    "put_object": ["s3:PutObject"], "head_object": ["s3:GetObject"],
                    "list_objects_v2": ["s3:ListBucket"], "delete_objects": ["s3:DeleteObject"]}
-# SageMakerHook features no DAG uses (AutoML, notebooks, pipelines, model registry, experiments, batch
-# transform): their calls are left out of the policy on purpose, and the DAGs must not use them.
+# SageMakerHook features no DAG uses (AutoML, notebooks, pipelines, the hook's model registry calls, experiments,
+# batch transform): their calls are left out of the policy on purpose. The model registry calls the DAGs make
+# themselves (sdxl_lora.registry) are found in their sources like any other.
 UNUSED_PROVIDER_FEATURES = ("auto_ml", "notebook_instance", "pipeline_execution", "model_package", "experiment",
                             "transform_job")
 
