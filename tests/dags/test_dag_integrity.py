@@ -13,8 +13,8 @@ import pytest
 
 from conftest import DAGS
 
-EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_train",
-            "sdxl_lora_tune"}
+EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_registry_watch",
+            "sdxl_lora_train", "sdxl_lora_tune"}
 HEAVY = ("torch", "diffusers", "transformers", "peft", "PIL", "sagemaker")
 
 
