@@ -3,11 +3,11 @@
 
 Deploys a trained LoRA to a SageMaker endpoint: a `model_data_url` (`model.tar.gz` from a training job), or a
 version of the model registry: `model_package_arn` (one version), `model_package_group` (its latest Approved
-version) or the Param `rollback` (the group's Approved version before the one serving, `model_package_group` or the setting's;
-the version rolled back from is then Rejected, so the registry watch leaves the rollback in place). A version is
-deployed as itself (CreateModel with ModelPackageName: its image, model data and environment) and only when it is
-Approved: a Rejected or PendingManualApproval one fails the run at once, without retries. The serving record names
-the version. `sdxl_lora_registry_watch` triggers this DAG when a version is approved.
+version), or the Param `rollback` (the Approved version before the one serving, of `model_package_group` or the
+setting's; the version rolled back from is then Rejected, so the registry watch leaves the rollback in place). A
+version is deployed as itself (CreateModel with ModelPackageName: its image, model data and environment) and only
+when it is Approved: a Rejected or PendingManualApproval one fails the run at once, without retries. The serving
+record names the version. `sdxl_lora_registry_watch` triggers this DAG when a version is approved.
 
 The model goes to the endpoint as a new
 production variant beside the ones serving now: Model -> EndpointConfig (serving variants plus the

@@ -378,15 +378,13 @@ def record_serving(deployment: dict, smoke: dict, weights: dict) -> None:
     record = serving_record.record(smoke["endpoint"], deployment, weights)
     S3Hook(aws_conn_id=settings.aws_conn_id).load_string(json.dumps(record),
                                                          serving_record.record_uri(settings, smoke["endpoint"]), replace=True)
-    replaced = (deployment.get("package") or {}).get("rollback_from")
-    if replaced:
+    if (deployment.get("package") or {}).get("rollback_from"):
         from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
-        # Rejected, so that the registry watch (the endpoint follows the latest Approved version) leaves the rollback.
-        SageMakerHook(aws_conn_id=settings.aws_conn_id).conn.update_model_package(
-            ModelPackageArn=replaced, ModelApprovalStatus="Rejected",
-            ApprovalDescription=f"rolled back on {smoke['endpoint']} to {deployment['package']['arn']}")
-        log.info("rolled back from %s (now Rejected) to %s", replaced, deployment["package"]["arn"])
+        from sdxl_lora import registry_versions
+
+        registry_versions.reject_replaced(SageMakerHook(aws_conn_id=settings.aws_conn_id).conn,
+                                          deployment["package"], smoke["endpoint"])
 
 
 def undo_deployment(client, deployment: dict, check_interval: float, timeout: float = 3600) -> list[str]:

@@ -12,6 +12,7 @@ SageMaker client (approved_versions, describe_version); the tasks are in sdxl_lo
 
 from __future__ import annotations
 
+import logging
 import re
 
 from sdxl_lora.registry import RegistryError
@@ -19,6 +20,7 @@ from sdxl_lora.registry import RegistryError
 APPROVED = "Approved"
 VERSION_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/"
                          r"([a-zA-Z0-9](?:-*[a-zA-Z0-9]){0,62})/([0-9]{1,9})$")
+log = logging.getLogger(__name__)
 
 
 class NotDeployable(RegistryError):
@@ -132,6 +134,19 @@ def choose(client, chosen: dict, serving_arn: str | None) -> dict:
     if newest is None:
         raise NotDeployable(f"group {value} has no Approved version to deploy")
     return {**check_approved(describe_version(client, newest["ModelPackageArn"])), "rollback_from": None}
+
+
+def reject_replaced(client, package: dict | None, endpoint: str) -> str | None:
+    """After a rollback has served (package: plan_deployment's ``{arn, rollback_from}``): the version rolled back
+    from becomes Rejected, so that the registry watch, which follows the latest Approved version, leaves the
+    rollback in place. Its ARN, or None when the deployment was no rollback."""
+    replaced = (package or {}).get("rollback_from")
+    if not replaced:
+        return None
+    client.update_model_package(ModelPackageArn=replaced, ModelApprovalStatus="Rejected",
+                                ApprovalDescription=f"rolled back on {endpoint} to {package['arn']}")
+    log.info("rolled back on %s from %s (now Rejected) to %s", endpoint, replaced, package["arn"])
+    return replaced
 
 
 def trigger_run_id(endpoint: str, described: dict) -> str:

@@ -98,3 +98,12 @@ def test_a_deployment_from_a_version_makes_its_model_from_the_package_and_record
     assert (record["model_package_arn"], record["model_data_url"]) == (ARN.format(3), artifacts(3))
     assert serving.record("ep", deploy.plan_deployment(Settings(), artifacts(3), "ep", "run-1", None),
                           {})["model_package_arn"] is None
+
+
+def test_a_served_rollback_rejects_the_version_it_replaced(client):
+    assert registry_versions.reject_replaced(client, {"arn": ARN.format(3), "rollback_from": None}, "ep") is None
+    assert registry_versions.reject_replaced(client, {"arn": ARN.format(1), "rollback_from": ARN.format(3)},
+                                             "ep") == ARN.format(3)
+    described = client.describe_model_package(ModelPackageName=ARN.format(3))
+    assert described["ModelApprovalStatus"] == "Rejected"
+    assert described["ApprovalDescription"] == f"rolled back on ep to {ARN.format(1)}"
