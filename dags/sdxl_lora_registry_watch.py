@@ -18,6 +18,8 @@ Idempotent: a version already serving (by ARN, or its model data deployed by a t
 again, and the triggered run's id is fixed per endpoint, version and approval time
 (`registry__<endpoint>__<group>-v<N>__<time>`): while that deployment runs, or after it failed, later looks skip
 the trigger instead of starting a second deployment. Approving the version again (a new approval time) retries it.
+While the endpoint changes (Creating, Updating, rolling back: a deployment under way, such as a training run's own
+deployment of the version it just registered and approved), the watch waits for a later look.
 To keep an older version serving, reject the newer ones, or roll back: `sdxl_lora_deploy` with `rollback`.
 """
 

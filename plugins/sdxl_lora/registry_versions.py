@@ -182,7 +182,15 @@ def watch_decision(newest: dict | None, serving: dict | None, endpoint: str, gro
 
 def watch(client, serving: dict | None, endpoint: str, group: str) -> dict:
     """One look of the registry watch: the group's latest Approved version against the endpoint's serving record
-    (watch_decision)."""
+    (watch_decision); none while the endpoint changes (a deployment under way, perhaps the one of the training run
+    that registered the version: its serving record comes when it is done)."""
+    from sdxl_lora.missing import describe_or_none
+    from sdxl_lora.operators.endpoints import CHANGING
+
+    described_endpoint = describe_or_none(client.describe_endpoint, EndpointName=endpoint)
+    if described_endpoint and described_endpoint["EndpointStatus"] in CHANGING:
+        return {"deploy": False, "reason": f"endpoint {endpoint} is {described_endpoint['EndpointStatus']}: a change "
+                                           "is under way, the next look decides", "run_id": None, "conf": None}
     newest = latest(approved_versions(client, group))
     described = describe_version(client, newest["ModelPackageArn"]) if newest else None
     return watch_decision(described, serving, endpoint, group)

@@ -4,6 +4,7 @@ against the local stack's registry in process; and a deployment planned from a v
 from __future__ import annotations
 
 import pytest
+from botocore.exceptions import ClientError
 from test_registry import Client
 
 from sdxl_lora import deploy, registry_versions, serving
@@ -20,8 +21,17 @@ def artifacts(n: int) -> str:
 
 @pytest.fixture
 def client() -> Client:
-    """Versions 1 Approved, 2 Rejected, 3 Approved, 4 PendingManualApproval."""
+    """Versions 1 Approved, 2 Rejected, 3 Approved, 4 PendingManualApproval; endpoints: the `endpoints` dict."""
     client = Client()
+    client.endpoints = {}
+
+    def describe_endpoint(EndpointName):
+        if EndpointName not in client.endpoints:
+            raise ClientError({"Error": {"Code": "ValidationException",
+                                         "Message": f'Could not find endpoint "{EndpointName}".'}}, "DescribeEndpoint")
+        return {"EndpointName": EndpointName, "EndpointStatus": client.endpoints[EndpointName]}
+
+    client.describe_endpoint = describe_endpoint
     client.create_model_package_group(ModelPackageGroupName=GROUP)
     for n, status in enumerate(("Approved", "Rejected", "Approved", "PendingManualApproval"), 1):
         client.create_model_package(ModelPackageGroupName=GROUP, ModelApprovalStatus=status,
@@ -75,6 +85,14 @@ def test_the_watch_deploys_the_latest_approved_version_once(client):
     assert registry_versions.watch(client, {"model_package_arn": ARN.format(1)}, "ep", GROUP)["deploy"]
     # the same approval: the same run id, so a second trigger is skipped
     assert registry_versions.watch(client, None, "ep", GROUP)["run_id"] == nothing["run_id"]
+
+
+def test_the_watch_waits_while_the_endpoint_changes(client):
+    client.endpoints["ep"] = "Updating"  # a deployment under way, perhaps of the run that registered the version
+    decision = registry_versions.watch(client, None, "ep", GROUP)
+    assert not decision["deploy"] and "Updating" in decision["reason"]
+    client.endpoints["ep"] = "InService"
+    assert registry_versions.watch(client, None, "ep", GROUP)["deploy"]
 
 
 def test_the_watch_never_deploys_a_rejected_or_pending_version_and_follows_a_rejection(client):
