@@ -163,7 +163,10 @@ def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, t
         chosen = registry_versions.source(model_data_url, model_package_arn, model_package_group, back,
                                           registry.group_name(settings) if back else None)
         if chosen["kind"] != "model_data_url":
-            version, model_data_url, training = package_version(client, settings, endpoint, chosen)
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            version, model_data_url, training = package_version(client, S3Hook(aws_conn_id=settings.aws_conn_id),
+                                                                settings, endpoint, chosen)
             package = {"arn": version["ModelPackageArn"], "rollback_from": version["rollback_from"]}
             log.info("deploying model package %s (%s)%s", package["arn"], model_data_url,
                      f", rolling back from {package['rollback_from']}" if package["rollback_from"] else "")
@@ -172,16 +175,21 @@ def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, t
                            int(max_concurrent_invocations or 1), package)
 
 
-def package_version(client, settings: Settings, endpoint: str, chosen: dict) -> tuple[dict, str, dict]:
+def package_version(client, s3, settings: Settings, endpoint: str, chosen: dict) -> tuple[dict, str, dict]:
     """The Approved version a deployment source names (registry_versions.choose, the serving record telling a
-    rollback what serves), its model data and the training job behind it (its lineage and metrics document)."""
-    import json
+    rollback what serves), its model data and the training job behind it (its lineage and metrics document).
 
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    :param client: boto3 SageMaker client.
+    :param s3: an S3Hook (check_for_key, read_key): the serving record and the version's metrics document.
+    :param settings: where the serving records live.
+    :param endpoint: the endpoint deployed to.
+    :param chosen: registry_versions.source's answer, of a kind other than model_data_url.
+    :return: DescribeModelPackage (with ``rollback_from``), its ModelDataUrl and serving.training's dict.
+    """
+    import json
 
     from sdxl_lora import registry_versions
 
-    s3 = S3Hook(aws_conn_id=settings.aws_conn_id)
     serving = serving_record.read_record(s3, settings, endpoint) or {}
     version = registry_versions.choose(client, chosen, serving.get("model_package_arn"))
     statistics = version.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri")

@@ -125,3 +125,42 @@ def test_a_served_rollback_rejects_the_version_it_replaced(client):
     described = client.describe_model_package(ModelPackageName=ARN.format(3))
     assert described["ModelApprovalStatus"] == "Rejected"
     assert described["ApprovalDescription"] == f"rolled back on ep to {ARN.format(1)}"
+
+
+class S3:
+    """S3Hook's check_for_key and read_key over a dict of URIs."""
+
+    def __init__(self, objects: dict[str, str]):
+        self.objects = objects
+
+    def check_for_key(self, uri: str) -> bool:
+        return uri in self.objects
+
+    def read_key(self, uri: str) -> str:
+        return self.objects[uri]
+
+
+def test_the_plan_reads_what_serves_and_the_versions_training_job_and_val_loss(client):
+    import json
+
+    settings = Settings(bucket="b", prefix="p")
+    client.update_model_package(ModelPackageArn=ARN.format(1), CustomerMetadataProperties={"training_job": "job-1"})
+    client.service.packages[GROUP][0]["ModelMetrics"] = {"ModelQuality": {"Statistics": {
+        "ContentType": "application/json", "S3Uri": "s3://b/p/models/job-1/output/model_metrics.json"}}}
+    s3 = S3({serving.record_uri(settings, "ep"): json.dumps({"model_package_arn": ARN.format(3)}),
+             "s3://b/p/models/job-1/output/model_metrics.json": json.dumps({"val_loss": 0.125})})
+    version, model_data_url, training = deploy.package_version(client, s3, settings, "ep",
+                                                               {"kind": "rollback", "value": GROUP})
+    assert (version["ModelPackageArn"], version["rollback_from"]) == (ARN.format(1), ARN.format(3))
+    assert model_data_url == artifacts(1) and training == serving.training("job-1", 0.125)
+
+
+def test_sdxl_lora_ops_approve_updates_the_approval():
+    from sdxl_lora_ops import approve, cli
+
+    args = cli.build_parser().parse_args(["approve", "--version-arn", ARN.format(2), "--reject",
+                                          "--description", "blurry samples", "--aws"])
+    assert (args.version_arn, args.reject, args.aws) == (ARN.format(2), True, True)
+    assert approve.update_request(args.version_arn, args.reject, args.description) == {
+        "ModelPackageArn": ARN.format(2), "ModelApprovalStatus": "Rejected", "ApprovalDescription": "blurry samples"}
+    assert approve.update_request(ARN.format(2))["ModelApprovalStatus"] == "Approved"
