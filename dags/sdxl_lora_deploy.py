@@ -1,7 +1,15 @@
 """
 ### SDXL LoRA deployment
 
-Deploys a trained LoRA (`model.tar.gz` from a training job) to a SageMaker endpoint as a new
+Deploys a trained LoRA to a SageMaker endpoint: a `model_data_url` (`model.tar.gz` from a training job), or a
+version of the model registry: `model_package_arn` (one version), `model_package_group` (its latest Approved
+version), or the Param `rollback` (the Approved version before the one serving, of `model_package_group` or the
+setting's; the version rolled back from is then Rejected, so the registry watch leaves the rollback in place). A
+version is deployed as itself (CreateModel with ModelPackageName: its image, model data and environment) and only
+when it is Approved: a Rejected or PendingManualApproval one fails the run at once, without retries. The serving
+record names the version. `sdxl_lora_registry_watch` triggers this DAG when a version is approved.
+
+The model goes to the endpoint as a new
 production variant beside the ones serving now: Model -> EndpointConfig (serving variants plus the
 candidate at weight 0) -> Endpoint (created, or updated when it already exists) -> a smoke-test
 invocation of the candidate through TargetVariant, which must return an image -> traffic shift:
@@ -41,9 +49,19 @@ PRESET = active(Settings.from_environment())
     **dag_arguments(DAG_ID, __doc__, "deploy", retries=1),
     schedule=None,
     params={
-        "model_data_url": Param("s3://bucket/prefix/models/job/output/model.tar.gz", type="string",
-                                pattern=r"^s3://[^/]+/.+\.tar\.gz$",
-                                description="The training job's model artifacts (ModelArtifacts.S3ModelArtifacts)."),
+        "model_data_url": Param("", type="string", pattern=r"^(s3://[^/]+/.+\.tar\.gz)?$",
+                                description="The training job's model artifacts (ModelArtifacts.S3ModelArtifacts); "
+                                            "or leave empty and name a model package version or group."),
+        "model_package_arn": Param("", type="string",
+                                   pattern=r"^(arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:[0-9]{12}:model-package/[^/]+/[0-9]+)?$",
+                                   description="A model package version to deploy (arn:...:model-package/GROUP/N); "
+                                               "it must be Approved."),
+        "model_package_group": Param("", type="string", pattern=r"^([a-zA-Z0-9](-*[a-zA-Z0-9]){0,62})?$",
+                                     description="A model package group: deploy its latest Approved version (with "
+                                                 "rollback: the one before what serves; empty: the setting's)."),
+        "rollback": Param(False, type="boolean",
+                          description="Deploy the group's Approved version before the one serving, and reject "
+                                      "the one serving; give no model_data_url nor model_package_arn."),
         "endpoint_name": endpoint_param(),
         "smoke_request": smoke_param(PRESET),
         "candidate_weight": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
@@ -61,10 +79,12 @@ PRESET = active(Settings.from_environment())
     },
 )
 def sdxl_lora_deploy():
-    deploy_group("{{ params.model_data_url }}", "{{ params.endpoint_name or '' }}", "{{ params.smoke_request }}",
+    deploy_group("{{ params.model_data_url or '' }}", "{{ params.endpoint_name or '' }}", "{{ params.smoke_request }}",
                  candidate_weight="{{ params.candidate_weight }}",
                  async_output_path="{{ params.async_output_path or '' }}",
-                 max_concurrent_invocations="{{ params.async_max_concurrent_invocations }}")
+                 max_concurrent_invocations="{{ params.async_max_concurrent_invocations }}",
+                 model_package_arn="{{ params.model_package_arn or '' }}",
+                 model_package_group="{{ params.model_package_group or '' }}", roll_back="{{ params.rollback }}")
     watch()  # rollback succeeds after a failed deployment: the watcher fails the run
 
 

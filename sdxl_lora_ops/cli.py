@@ -5,9 +5,9 @@ through the DAGs), `submit` (one training job without Airflow, through the SageM
 `stage-models` (SDXL and InstructBLIP into S3, checked first, where the jobs read them), `upload-images` (a
 folder of one's own images into raw_dataset/<version>/), `fetch-results` (a grid run's
 LoRA, card, leaderboard, sheets and curves as files), `iam-policies` (docs/iam/'s policies filled in for one account,
-or applied), `base-images` (the Deep Learning Container URIs the Dockerfiles build on) and `install-dags` (the DAG
-files into an Airflow that has this package). The container's
-`sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
+or applied), `base-images` (the Deep Learning Container URIs the Dockerfiles build on), `approve` (a model package
+version's approval, which the registry watch deploys) and `install-dags` (the DAG files into an Airflow that has this
+package). The container's `sdxl-lora` (ml/cli.py) keeps only the payload verbs, so ml/ never imports this package, while
 this package runs ml/ entrypoints as local processes. Each verb imports what it needs when it runs.
 """
 
@@ -97,6 +97,12 @@ def _iam_policies(args: argparse.Namespace) -> int:
     from sdxl_lora_ops import iam_policies
 
     return iam_policies.main(args)
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from sdxl_lora_ops import approve
+
+    return approve.main(args)
 
 
 def _install_dags(args: argparse.Namespace) -> int:
@@ -242,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--out", default=None, help="default: outputs/results/<run token>")
     _where(command)
     command.set_defaults(handler=_fetch_results)
+
+    command = commands.add_parser(
+        "approve", help="approve (or reject) a model package version: the registry watch deploys it",
+        description="UpdateModelPackage on the running local stack, else on AWS: the version becomes Approved "
+                    "(Rejected with --reject). sdxl_lora_registry_watch deploys the group's latest Approved version "
+                    "within its schedule; rejecting the serving version brings back the latest Approved one before "
+                    "it.")
+    command.add_argument("--version-arn", required=True, metavar="ARN",
+                         help="the version: arn:aws:sagemaker:REGION:ACCOUNT:model-package/GROUP/N")
+    command.add_argument("--reject", action="store_true", help="reject the version instead")
+    command.add_argument("--description", default=None, metavar="TEXT", help="kept as its ApprovalDescription")
+    _where(command)
+    command.set_defaults(handler=_approve)
 
     command = commands.add_parser(
         "iam-policies", help="docs/iam/'s role and policies filled in for your account; --apply creates them",

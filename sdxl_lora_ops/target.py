@@ -1,4 +1,4 @@
-"""Where `stage-models`, `upload-images` and `fetch-results` read and write: the running local stack, or S3 on AWS.
+"""Where `stage-models`, `upload-images`, `fetch-results` and `approve` read and write: the running local stack, or S3 on AWS.
 
 `make airflow` and `make demo` write `<workdir>/local-stack.json` once their stack answers (its endpoint URL,
 test credentials, bucket and prefix, the stack's process id) and delete it when the stack stops. The commands
@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +34,13 @@ class Target:
     where: str  # for people: "the local stack at http://... (outputs/airflow)" or "AWS S3"
     local: bool
     airflow_url: str | None = None
+    client_kwargs: dict = field(default_factory=dict)  # boto3.client's endpoint and credentials; empty on AWS
+
+    def client(self, service: str):
+        """A boto3 client of another service at the same place (the local stack answers them all)."""
+        import boto3
+
+        return boto3.client(service, **self.client_kwargs)
 
     def key(self, *parts: str) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
@@ -132,11 +139,12 @@ def resolve(workdir: str | None = None, aws: bool = False, cwd: Path | None = No
             found = _live_default(cwd or Path.cwd())
         if found is not None:
             path, record = found
-            s3 = boto3.client("s3", endpoint_url=record["endpoint_url"], region_name=record["region"],
-                              aws_access_key_id=record["aws_access_key_id"],
-                              aws_secret_access_key=record["aws_secret_access_key"])
-            return Target(s3, record["bucket"], record["prefix"], f"the local stack at {record['endpoint_url']} "
-                          f"(recorded in {path / RECORD})", True, record.get("airflow_url"))
+            kwargs = {"endpoint_url": record["endpoint_url"], "region_name": record["region"],
+                      "aws_access_key_id": record["aws_access_key_id"],
+                      "aws_secret_access_key": record["aws_secret_access_key"]}
+            return Target(boto3.client("s3", **kwargs), record["bucket"], record["prefix"],
+                          f"the local stack at {record['endpoint_url']} (recorded in {path / RECORD})", True,
+                          record.get("airflow_url"), kwargs)
     settings = _settings()
     return Target(boto3.client("s3"), settings.bucket, settings.prefix,
                   "AWS S3 (SDXL_LORA_BUCKET/SDXL_LORA_PREFIX, boto3's default credentials)"

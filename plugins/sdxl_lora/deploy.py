@@ -71,17 +71,21 @@ def target_weights(serving: dict[str, float], candidate: str, candidate_weight: 
 
 def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_id: str,
                     current: dict | None, candidate_weight: float = 1.0, training: dict | None = None,
-                    async_output_path: str = "", max_concurrent_invocations: int = 1) -> dict:
+                    async_output_path: str = "", max_concurrent_invocations: int = 1,
+                    package: dict | None = None) -> dict:
     """The request dicts of one deployment (pure: tests call it). current: DescribeEndpoint and its
     config's variants, {"config": name, "variants": [{"VariantName", "ModelName", "CurrentWeight"}]}, or None.
     training: the job that made the model and its val_loss (serving.training), kept in the serving record.
-    async_output_path: deploy an asynchronous endpoint of the new model alone, writing responses there."""
+    async_output_path: deploy an asynchronous endpoint of the new model alone, writing responses there.
+    package: ``{arn, rollback_from}`` of an Approved model package version (registry_versions.choose): the model
+    is made from it (CreateModel with ModelPackageName), so the endpoint serves exactly that version;
+    model_data_url is then the version's, kept in the serving record."""
     from sdxl_lora import naming, sagemaker_requests
 
-    token = naming.run_token(model_data_url)
+    token = naming.run_token(package["arn"] if package else model_data_url)
     model_name = naming.job_name("sdxl-lora-model", run_id, token)
     config_name = naming.job_name("sdxl-lora-config", run_id, token)
-    candidate = variant_name(model_data_url, run_id)
+    candidate = variant_name(package["arn"] if package else model_data_url, run_id)
     # Variants that serve traffic stay beside the candidate; those at weight 0 (promoted away from) go.
     serving = {v["VariantName"]: (v["ModelName"], float(v["CurrentWeight"]))
                for v in (current or {}).get("variants", []) if float(v["CurrentWeight"]) > 0}
@@ -95,8 +99,14 @@ def plan_deployment(settings: Settings, model_data_url: str, endpoint: str, run_
     variants = {**serving, candidate: (model_name, 0.0 if serving else 1.0)}
     config = sagemaker_requests.endpoint_config_request(settings, config_name, variants, async_output_path,
                                               max_concurrent_invocations)
+    model = sagemaker_requests.model_request(settings, model_name, model_data_url)
+    if package:
+        # The version's own container (image, model data, environment): CreateModel takes no Image beside it.
+        model["PrimaryContainer"] = {"ModelPackageName": package["arn"]}
     return {
-        "model": sagemaker_requests.model_request(settings, model_name, model_data_url),
+        "model": model,
+        "package": {"arn": package["arn"], "model_data_url": model_data_url,
+                    "rollback_from": package.get("rollback_from")} if package else None,
         "endpoint_config": config,
         "endpoint": {"Endpoint": {"EndpointName": endpoint, "EndpointConfigName": config_name}},
         "previous_config": (current or {}).get("config"),
@@ -124,25 +134,69 @@ def current_deployment(client, endpoint: str) -> dict | None:
 
 @task
 def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, training: dict | None = None,
-         async_output_path: str | None = None, max_concurrent_invocations=1, run_id: str | None = None) -> dict:
+         async_output_path: str | None = None, max_concurrent_invocations=1, model_package_arn: str | None = None,
+         model_package_group: str | None = None, roll_back=False, run_id: str | None = None) -> dict:
     """The deployment's requests and names (plan_deployment) against what the endpoint serves now.
 
-    :param model_data_url: the model.tar.gz to deploy.
+    :param model_data_url: the model.tar.gz to deploy; empty when a model package version is deployed.
     :param endpoint_name: the endpoint; empty: the settings' ``endpoint_name``.
     :param candidate_weight: the candidate's share of the traffic after its smoke test.
     :param training: the training job and val_loss behind the model (serving.training).
     :param async_output_path: an s3:// prefix for an asynchronous endpoint; empty: real-time.
     :param max_concurrent_invocations: asynchronous endpoints: requests per instance at once.
+    :param model_package_arn: a model package version to deploy (it must be Approved).
+    :param model_package_group: a group whose latest Approved version to deploy.
+    :param roll_back: deploy the group's Approved version before the one serving (registry_versions.source).
     :param run_id: the run's id (Airflow passes it), which fixes the names a retry finds again.
     """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
 
+    from sdxl_lora import registry, registry_versions
+    from sdxl_lora.dag_common import no_retry
+
     settings = Settings.resolve()
     endpoint = endpoint_name or settings.endpoint_name
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
+    package = None
+    with no_retry(registry.RegistryError):  # a bad Param or a version not Approved: a retry would meet it again
+        back = str(roll_back).lower() == "true"
+        chosen = registry_versions.source(model_data_url, model_package_arn, model_package_group, back,
+                                          registry.group_name(settings) if back else None)
+        if chosen["kind"] != "model_data_url":
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            version, model_data_url, training = package_version(client, S3Hook(aws_conn_id=settings.aws_conn_id),
+                                                                settings, endpoint, chosen)
+            package = {"arn": version["ModelPackageArn"], "rollback_from": version["rollback_from"]}
+            log.info("deploying model package %s (%s)%s", package["arn"], model_data_url,
+                     f", rolling back from {package['rollback_from']}" if package["rollback_from"] else "")
     return plan_deployment(settings, model_data_url, endpoint, run_id, current_deployment(client, endpoint),
                            float(candidate_weight or 1.0), training, (async_output_path or "").strip(),
-                           int(max_concurrent_invocations or 1))
+                           int(max_concurrent_invocations or 1), package)
+
+
+def package_version(client, s3, settings: Settings, endpoint: str, chosen: dict) -> tuple[dict, str, dict]:
+    """The Approved version a deployment source names (registry_versions.choose, the serving record telling a
+    rollback what serves), its model data and the training job behind it (its lineage and metrics document).
+
+    :param client: boto3 SageMaker client.
+    :param s3: an S3Hook (check_for_key, read_key): the serving record and the version's metrics document.
+    :param settings: where the serving records live.
+    :param endpoint: the endpoint deployed to.
+    :param chosen: registry_versions.source's answer, of a kind other than model_data_url.
+    :return: DescribeModelPackage (with ``rollback_from``), its ModelDataUrl and serving.training's dict.
+    """
+    import json
+
+    from sdxl_lora import registry_versions
+
+    serving = serving_record.read_record(s3, settings, endpoint) or {}
+    version = registry_versions.choose(client, chosen, serving.get("model_package_arn"))
+    statistics = version.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri")
+    val_loss = json.loads(s3.read_key(statistics)).get("val_loss") if statistics and s3.check_for_key(statistics) \
+        else None
+    job = version.get("CustomerMetadataProperties", {}).get("training_job")
+    return version, registry_versions.container(version)["ModelDataUrl"], serving_record.training(job, val_loss)
 
 
 # Registration calls the hook's client rather than the provider's register-model-version operator: that
@@ -322,7 +376,8 @@ def shift_traffic(deployment: dict, smoke: dict) -> dict:
 
 @task
 def record_serving(deployment: dict, smoke: dict, weights: dict) -> None:
-    """What the endpoint serves now (model, training job, val_loss), for later runs to compare against."""
+    """What the endpoint serves now (model, model package version, training job, val_loss), for later runs to
+    compare against; after a rollback, the version rolled back from is Rejected (UpdateModelPackage)."""
     import json
 
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -331,6 +386,13 @@ def record_serving(deployment: dict, smoke: dict, weights: dict) -> None:
     record = serving_record.record(smoke["endpoint"], deployment, weights)
     S3Hook(aws_conn_id=settings.aws_conn_id).load_string(json.dumps(record),
                                                          serving_record.record_uri(settings, smoke["endpoint"]), replace=True)
+    if (deployment.get("package") or {}).get("rollback_from"):
+        from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
+
+        from sdxl_lora import registry_versions
+
+        registry_versions.reject_replaced(SageMakerHook(aws_conn_id=settings.aws_conn_id).conn,
+                                          deployment["package"], smoke["endpoint"])
 
 
 def undo_deployment(client, deployment: dict, check_interval: float, timeout: float = 3600) -> list[str]:
@@ -402,7 +464,8 @@ def rollback(deployment: dict | None) -> None:
 
 
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
-                 candidate_weight=1.0, training=None, async_output_path="", max_concurrent_invocations=1) -> TaskGroup:
+                 candidate_weight=1.0, training=None, async_output_path="", max_concurrent_invocations=1,
+                 model_package_arn="", model_package_group="", roll_back=False) -> TaskGroup:
     """The deployment tasks as a group: plan -> create_model -> create_endpoint_config ->
     create_or_update_endpoint -> smoke_test -> shift_traffic -> record_serving, and rollback (ONE_FAILED) after
     all of them. Arguments may be XComArgs or templated strings (rendered as native objects).
@@ -418,12 +481,16 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
     :param async_output_path: an s3:// prefix deploys an asynchronous endpoint writing its responses there;
         empty: real-time.
     :param max_concurrent_invocations: asynchronous endpoints: requests sent to each instance at once.
+    :param model_package_arn: instead of model_data_url, a model package version (Approved) to deploy.
+    :param model_package_group: instead of model_data_url, a group whose latest Approved version to deploy.
+    :param roll_back: instead of model_data_url, deploy the Approved version before the one serving (of
+        model_package_group, else the setting's) and reject the one it replaces.
     :return: the TaskGroup, to chain after the task that chose the model.
     """
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
         deployment = plan(model_data_url, endpoint_name, candidate_weight, training, async_output_path,
-                          max_concurrent_invocations)
+                          max_concurrent_invocations, model_package_arn, model_package_group, roll_back)
         model = ReusableSageMakerModelOperator(task_id="create_model", config=deployment["model"],
                                                aws_conn_id=settings.aws_conn_id)
         config = ReusableSageMakerEndpointConfigOperator(task_id="create_endpoint_config",

@@ -1,7 +1,7 @@
 """What an endpoint serves now: its serving record in S3.
 
-A deployment writes `serving/<endpoint>.json` with the model it deployed, the training job that
-made it and that job's val_loss. A retraining run reads it to score the serving adapter on the new
+A deployment writes `serving/<endpoint>.json` with the model it deployed (and the model package version
+it came from, when it did), the training job that made it and that job's val_loss. A retraining run reads it to score the serving adapter on the new
 version's held-out images; whether the new adapter beats it is selection.compare_with_serving's rule.
 The tasks read and write the record with S3Hook.
 """
@@ -20,7 +20,9 @@ def record_uri(settings: Settings, endpoint: str) -> str:
 def record(endpoint: str, deployment: dict, weights: dict) -> dict:
     """The serving record of a finished deployment (deploy.plan_deployment's dict)."""
     training = deployment.get("training") or {}
-    return {"endpoint": endpoint, "model_data_url": deployment["model"]["PrimaryContainer"]["ModelDataUrl"],
+    package = deployment.get("package") or {}
+    model_data_url = package.get("model_data_url") or deployment["model"]["PrimaryContainer"]["ModelDataUrl"]
+    return {"endpoint": endpoint, "model_data_url": model_data_url, "model_package_arn": package.get("arn"),
             "training_job": training.get("training_job"), "val_loss": training.get("val_loss"),
             "endpoint_config": deployment["endpoint_config"]["EndpointConfigName"],
             "candidate_variant": deployment["candidate"], "weights": weights}

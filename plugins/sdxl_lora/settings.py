@@ -27,7 +27,7 @@ Getter = Callable[[str], "str | None"]
 # schedule, the operators' connection, polling and status-check limits, and the preset behind every
 # trigger form's defaults.
 PARSE_TIME = ("bucket", "prefix", "aws_conn_id", "check_interval_seconds", "deferrable", "retrain_schedule",
-              "max_runtime_seconds", "max_wait_seconds", "retry_delay_seconds", "preset")
+              "max_runtime_seconds", "max_wait_seconds", "retry_delay_seconds", "preset", "registry_watch_schedule")
 
 
 class SettingsError(ValueError):
@@ -60,6 +60,8 @@ class Settings:
     # The SageMaker model package group each trained or chosen adapter is registered in (sdxl_lora.registry);
     # `none` registers nothing (an empty value means the default, as for every setting).
     model_package_group: str = "sdxl-lora"
+    # How often sdxl_lora_registry_watch looks for a newly Approved version to deploy (a cron); `none`: never.
+    registry_watch_schedule: str = "*/5 * * * *"
     aws_conn_id: str = "aws_default"
     check_interval_seconds: int = 30  # how often a waiting task asks SageMaker for the job's status
     deferrable: bool = False  # wait in the triggerer instead of a worker slot

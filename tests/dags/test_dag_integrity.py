@@ -13,8 +13,8 @@ import pytest
 
 from conftest import DAGS
 
-EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_train",
-            "sdxl_lora_tune"}
+EXPECTED = {"sdxl_dataset_prepare", "sdxl_lora_grid_search", "sdxl_lora_deploy", "sdxl_lora_registry_watch",
+            "sdxl_lora_train", "sdxl_lora_tune"}
 HEAVY = ("torch", "diffusers", "transformers", "peft", "PIL", "sagemaker")
 
 
@@ -95,6 +95,33 @@ def test_prepare_params(dagbag):
             _validated(dag, bad)
     good = _validated(dag, {"resolution": 64, "min_size": 32, "latent_cache": True, "caption_prefix": "sbstyle"})
     assert good["resolution"] == 64 and good["latent_cache"] is True
+
+
+def test_deploy_params_take_a_model_package_version_a_group_or_a_rollback(dagbag):
+    dag = dagbag.dags["sdxl_lora_deploy"]
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package/sdxl-lora/3"
+    assert _validated(dag, {"model_package_arn": arn})["model_data_url"] == ""
+    assert _validated(dag, {"model_package_group": "sdxl-lora", "rollback": True})["rollback"] is True
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    for bad in ({"model_package_arn": "arn:aws:sagemaker:us-east-1:123456789012:model/x"},
+                {"model_package_group": "bad_name"}, {"rollback": "yes"}, {"model_data_url": "s3://b/model.zip"}):
+        with pytest.raises(ParamValidationError):
+            _validated(dag, bad)
+
+
+def test_the_registry_watch_polls_one_run_at_a_time_and_triggers_each_approval_once(dagbag, monkeypatch):
+    dag = dagbag.dags["sdxl_lora_registry_watch"]
+    assert dag.max_active_runs == 1 and not dag.catchup
+    assert dag.timetable.expression == "*/5 * * * *"
+    trigger = dag.get_task("trigger_deploy")
+    assert trigger.trigger_dag_id == "sdxl_lora_deploy" and trigger.skip_when_already_exists
+    assert [t.task_id for t in trigger.upstream_list] == ["choose_version"]
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("SDXL_LORA_REGISTRY_WATCH_SCHEDULE", "none")
+    off = DagBag(dag_folder=str(DAGS / "sdxl_lora_registry_watch.py"))
+    assert off.import_errors == {} and off.dags["sdxl_lora_registry_watch"].schedule is None
 
 
 def test_parsing_imports_no_heavy_module(tmp_path):

@@ -96,6 +96,7 @@ def deployment(tmp: Path, executor: str = "LocalExecutor", instance_quotas: dict
                    "SDXL_LORA_BUCKET": BUCKET, "SDXL_LORA_PREFIX": PREFIX,
                    "SDXL_LORA_CHECK_INTERVAL_SECONDS": "1", "SDXL_LORA_TRAINING_POOL_SIZE": str(POOL_SIZE),
                    "SDXL_LORA_RETRY_DELAY_SECONDS": "2",
+                   "SDXL_LORA_REGISTRY_WATCH_SCHEDULE": "none",  # no deployments of its own beside the tests' runs
                    "SDXL_LORA_BASE_MODEL_URI": staged["base_model_uri"], "SDXL_LORA_PRESET": "local",
                    **{f"SDXL_LORA_{k.upper()}": v for k, v in settings.items()},
                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

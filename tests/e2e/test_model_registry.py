@@ -1,4 +1,6 @@
-"""The model registry on the local stack: groups, versions, approval, and an endpoint served from a version."""
+"""The model registry on the local stack: groups, versions, approval, an endpoint served from a version, and the
+endpoint following the group's latest Approved version (the registry watch's choice, the deployment from the
+package, a rollback), through the plugin functions the DAGs' tasks call."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 from conftest import BUCKET, ROLE, training_request, wait_for_endpoint, wait_for_training
+
+from sdxl_lora import deploy, registry_versions, serving
+from sdxl_lora.settings import Settings
+from sdxl_lora_ops import approve
 
 INFERENCE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sdxl-lora-inference:latest"
 GROUP = "e2e-registry"
@@ -150,3 +156,59 @@ def test_an_endpoint_serves_an_approved_version(stack, sagemaker, versions):
         assert body["adapter"] == "default", body["adapter"]  # the version's model data: its trained LoRA
     finally:
         sagemaker.delete_endpoint(EndpointName="e2e-registry-endpoint")
+
+
+def _deploy_version(stack, sagemaker, endpoint: str, version: dict, run_id: str) -> dict:
+    """What sdxl_lora_deploy's tasks do with a chosen version (plan, model, config, endpoint, smoke test, traffic,
+    serving record, a rollback's rejection), by the same plugin functions; the serving record."""
+    settings = Settings(bucket=BUCKET, role_arn=ROLE, inference_image=INFERENCE_IMAGE)
+    current = deploy.current_deployment(sagemaker, endpoint)
+    plan = deploy.plan_deployment(settings, registry_versions.container(version)["ModelDataUrl"], endpoint, run_id,
+                                  current, package={"arn": version["ModelPackageArn"],
+                                                    "rollback_from": version["rollback_from"]})
+    sagemaker.create_model(**plan["model"])
+    sagemaker.create_endpoint_config(**plan["endpoint_config"])
+    (sagemaker.create_endpoint if current is None else sagemaker.update_endpoint)(**plan["endpoint"]["Endpoint"])
+    described = wait_for_endpoint(sagemaker, endpoint)
+    assert described["EndpointStatus"] == "InService", described.get("FailureReason")
+    response = stack.client("sagemaker-runtime").invoke_endpoint(
+        EndpointName=endpoint, ContentType="application/json", Accept="application/json",
+        TargetVariant=plan["candidate"], Body=json.dumps({"prompt": "a red circle", "width": 32, "height": 32,
+                                                          "num_inference_steps": 2, "seed": 1}))
+    deploy.check_image(endpoint, response)
+    weights = deploy.set_weights(sagemaker, endpoint, plan["weights"], 0.2)
+    registry_versions.reject_replaced(sagemaker, plan["package"], endpoint)
+    model = sagemaker.describe_model(ModelName=plan["model"]["ModelName"])
+    assert model["PrimaryContainer"] == {"ModelPackageName": version["ModelPackageArn"]}  # exactly that version
+    return serving.record(endpoint, plan, weights)
+
+
+def test_approving_a_version_deploys_it_once_and_a_rollback_goes_back(stack, sagemaker, versions):
+    """v1 Approved, v2 Rejected, v3 PendingManualApproval (the module's versions)."""
+    endpoint = "e2e-registry-follow"
+    assert registry_versions.watch(sagemaker, None, endpoint, GROUP)["conf"]["model_package_arn"] == versions[0]
+    described = approve.approve(sagemaker, versions[2], description="reviewed")
+    assert (described["ModelApprovalStatus"], described["ApprovalDescription"]) == ("Approved", "reviewed")
+    decision = registry_versions.watch(sagemaker, None, endpoint, GROUP)
+    assert decision["deploy"] and decision["conf"]["model_package_arn"] == versions[2]
+    chosen = registry_versions.choose(sagemaker, registry_versions.source(**{
+        k: v for k, v in decision["conf"].items() if k != "endpoint_name"}), None)
+    try:
+        record = _deploy_version(stack, sagemaker, endpoint, chosen, "registry-run-1")
+        assert record["model_package_arn"] == versions[2]
+        assert not registry_versions.watch(sagemaker, record, endpoint, GROUP)["deploy"]  # serving: not again
+        # A rejected version is never deployed: named by ARN it is refused, and the watch does not choose it.
+        with pytest.raises(registry_versions.NotDeployable, match="Rejected, not Approved"):
+            registry_versions.choose(sagemaker, {"kind": "version", "value": versions[1]}, None)
+        approve.approve(sagemaker, versions[1], reject=True)
+        assert not registry_versions.watch(sagemaker, record, endpoint, GROUP)["deploy"]
+        # Rollback: the Approved version before the serving one (v2 is Rejected), and v3 rejected after it serves.
+        back = registry_versions.choose(sagemaker, registry_versions.source(rollback=True, default_group=GROUP),
+                                        record["model_package_arn"])
+        assert (back["ModelPackageArn"], back["rollback_from"]) == (versions[0], versions[2])
+        record = _deploy_version(stack, sagemaker, endpoint, back, "registry-run-2")
+        assert record["model_package_arn"] == versions[0]
+        assert sagemaker.describe_model_package(ModelPackageName=versions[2])["ModelApprovalStatus"] == "Rejected"
+        assert not registry_versions.watch(sagemaker, record, endpoint, GROUP)["deploy"]  # the rollback stays
+    finally:
+        sagemaker.delete_endpoint(EndpointName=endpoint)

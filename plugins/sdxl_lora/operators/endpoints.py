@@ -30,8 +30,8 @@ CHANGING = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
 def model_differences(existing: dict, wanted: dict) -> list[str]:
     """How DescribeModel's answer differs from the CreateModel request this deployment would send."""
     have, want = existing.get("PrimaryContainer") or {}, wanted.get("PrimaryContainer") or {}
-    return [f"{key} is {have.get(key)!r}, not {want[key]!r}" for key in ("Image", "ModelDataUrl", "Environment")
-            if key in want and have.get(key) != want[key]]
+    keys = ("Image", "ModelDataUrl", "Environment", "ModelPackageName")
+    return [f"{key} is {have.get(key)!r}, not {want[key]!r}" for key in keys if key in want and have.get(key) != want[key]]
 
 
 def endpoint_config_differences(existing: dict, wanted: dict) -> list[str]:
