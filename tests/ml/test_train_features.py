@@ -218,6 +218,33 @@ def test_resumed_run_with_ema_ends_with_the_same_average_as_an_uninterrupted_one
                          load_file(whole.model / "pytorch_lora_weights_raw.safetensors"))
 
 
+def test_a_run_with_every_option_resumes_to_the_same_weights(make_job):
+    """Caption variants (here by trained text encoders), biased timesteps and the average are functions of
+    (seed, position) or checkpointed. Five batches an epoch: the resumed steps 5 and 6 cross into the second."""
+    options = {"max_train_steps": 6, "checkpointing_steps": 4, "train_text_encoder": True, "caption_dropout": 0.4,
+               "shuffle_caption": True, "keep_tokens": 1, "timestep_bias": "range", "timestep_bias_begin": 100,
+               "timestep_bias_end": 600, "ema_decay": 0.9, "optimizer": "adafactor"}
+    whole = make_job(options).run()
+    assert whole.returncode == 0, whole.stdout
+    resumed = make_job(options)
+    shutil.copytree(whole.checkpoints / "checkpoint-4", resumed.checkpoints / "checkpoint-4")
+    resumed.run()
+    assert resumed.returncode == 0, resumed.stdout
+    assert resumed.summary()["resumed_from_step"] == 4
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_raw.safetensors"):
+        _assert_same_weights(load_file(resumed.model / name), load_file(whole.model / name))
+
+
+def test_a_checkpoint_without_ema_is_not_resumed_with_it(make_job):
+    plain = make_job({"max_train_steps": 4, "checkpointing_steps": 2}).run()
+    assert plain.returncode == 0, plain.stdout
+    averaged = make_job({"max_train_steps": 4, "checkpointing_steps": 2, "ema_decay": 0.9})
+    shutil.copytree(plain.checkpoints / "checkpoint-2", averaged.checkpoints / "checkpoint-2")
+    averaged.run()
+    assert averaged.returncode == 1
+    assert "written with ema_decay=0.0, this job has ema_decay=0.9" in averaged.failure
+
+
 def test_ema_decay_must_be_below_one():
     with pytest.raises(HyperparameterError, match=r"ema_decay: must be in \[0, 1\)"):
         parse({"ema_decay": "1"})
