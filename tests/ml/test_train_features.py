@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ml.contract.container import JobError
@@ -85,6 +86,8 @@ def test_caption_dropout_one_trains_every_step_with_the_empty_prompt(make_job, d
     empty = _dataset_with_empty_captions(dataset, tmp_path / "empty-captions")
     dropped = make_job({"caption_dropout": 1.0, "max_train_steps": 3, **options}).run()
     assert dropped.returncode == 0, dropped.stdout
+    with safe_open(dropped.model / "pytorch_lora_weights_kohya.safetensors", "pt") as handle:
+        assert handle.metadata()["ss_caption_dropout_rate"] == "1"
     reference = make_job({"max_train_steps": 3, **options}, train=empty).run()
     assert reference.returncode == 0, reference.stdout
     _assert_same_weights(load_file(dropped.lora), load_file(reference.lora), atol=1e-4)
@@ -157,6 +160,8 @@ def test_each_optimizer_trains_and_changes_the_weights(make_job, optimizer):
     assert job.returncode == 0, job.stdout
     assert all(up.abs().max() > 0 for up in _ups(load_file(job.lora)))
     assert job.summary()["fast_path"] == (optimizer == "adamw")
+    with safe_open(job.model / "pytorch_lora_weights_kohya.safetensors", "pt") as handle:
+        assert handle.metadata()["ss_optimizer"].lower().endswith(optimizer)
     if optimizer != "adamw":
         assert f"fast path off: optimizer {optimizer}" in job.stdout
 
