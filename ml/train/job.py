@@ -297,6 +297,7 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     tokenizers, text_encoders, vae, noise_scheduler = load_frozen_encoders(base, weight_dtype, device,
                                                                            hp.train_text_encoder)
     phases["encoders_loaded"] = _process_seconds()
+    timestep_weights(hp, noise_scheduler.config.num_train_timesteps)  # a range beyond the scheduler fails now
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
     source = latent_source(examples, hp, base, vae)
     train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device,
@@ -321,7 +322,6 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
         baseline_val_loss = validation_loss(unet, noise_scheduler, val_cache, text_encoders, device, weight_dtype)
         log.info(metrics.val_loss_line(baseline_val_loss, baseline=True))
 
-    timestep_weights(hp, noise_scheduler.config.num_train_timesteps)  # a range beyond the scheduler fails here
     fast_path_off = fast_path_blockers(hp, world)
     optimizer = build_optimizer(unet, text_encoders, hp, device, fast=not fast_path_off)
     clipped = [p for group in optimizer.param_groups for p in group["params"]]

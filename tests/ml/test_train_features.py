@@ -144,6 +144,9 @@ def test_timestep_bias_trains(make_job):
     job = make_job({"timestep_bias": "later", "timestep_bias_strength": 3}).run()
     assert job.returncode == 0, job.stdout
     assert job.summary()["fast_path"]
+    beyond = make_job({"timestep_bias": "range", "timestep_bias_begin": 900, "timestep_bias_end": 1200}).run()
+    assert beyond.returncode == 1
+    assert beyond.failure.startswith("timestep_bias_end 1200 is beyond the scheduler's 1000 training timesteps")
 
 
 # -- optimizers ---------------------------------------------------------------------------------------
