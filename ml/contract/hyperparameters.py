@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+TIMESTEP_BIASES = ("earlier", "later", "range")  # unset ("none"): timesteps drawn uniformly
 
 
 class HyperparameterError(JobError, ValueError):
@@ -157,19 +159,46 @@ SPECS: tuple[Spec, ...] = (
     Spec("checkpointing_steps", int, 500, "Write a resumable checkpoint every N optimizer steps.", minimum=1),
     Spec("checkpoints_total_limit", int, 2, "Keep at most this many checkpoints.", minimum=1),
     Spec("rank", int, 4, "LoRA rank (dimension of the update matrices).", minimum=1, maximum=MAX_RANK),
+    Spec("use_dora", bool, False, "Weight-decomposed LoRA (DoRA, PEFT's use_dora): a trained magnitude per output."),
+    Spec("ema_decay", float, 0.0,
+         "Exponential moving average of the LoRA weights (0: off): the saved adapter is the average, decay "
+         "min(ema_decay, (1 + n) / (10 + n)) at update n as diffusers' EMAModel, the raw weights beside it.",
+         minimum=0, exclusive_maximum=1),
     Spec("lora_alpha", int, None, "LoRA alpha (scale alpha/rank); default: rank.", optional=True, minimum=1),
     Spec("train_text_encoder", bool, False, "Also train LoRAs on both text encoders."),
     Spec("gradient_accumulation_steps", int, 1, "Micro-batches per optimizer step.", minimum=1),
     Spec("gradient_checkpointing", bool, False, "Recompute activations in the backward pass to save memory."),
     Spec("enable_xformers_memory_efficient_attention", bool, False,
          "Use xformers attention when xformers is installed (PyTorch SDPA otherwise)."),
-    Spec("use_8bit_adam", bool, False, "bitsandbytes 8-bit AdamW (CUDA only)."),
+    Spec("optimizer", str, "adamw",
+         "Optimizer of the LoRA: adamw (torch, fused), adamw8bit (bitsandbytes, CUDA only), prodigy (prodigyopt; "
+         "it sets its own step size: learning_rate and text_encoder_lr are ignored, Prodigy's lr is 1), adafactor "
+         "(transformers, relative_step off, at learning_rate).", choices=OPTIMIZERS),
+    Spec("use_8bit_adam", bool, False, "Alias of optimizer adamw8bit (bitsandbytes 8-bit AdamW, CUDA only)."),
     Spec("mixed_precision", str, "no", "Compute precision of the frozen weights and activations.",
          choices=MIXED_PRECISIONS),
     Spec("max_grad_norm", float, 1.0, "Gradient clipping norm.", exclusive_minimum=0),
     Spec("snr_gamma", float, None, "Min-SNR loss weighting gamma (5.0 is the paper's value); off when unset.",
          optional=True, exclusive_minimum=0),
     Spec("noise_offset", float, 0.0, "Noise offset added to the training noise.", minimum=0),
+    Spec("timestep_bias", str, None,
+         "Bias of the sampled timesteps, as diffusers' --timestep_bias_strategy: earlier (low, fine-detail "
+         "timesteps), later (high, composition), range (timestep_bias_begin to _end); unset: uniform.",
+         optional=True, choices=TIMESTEP_BIASES),
+    Spec("timestep_bias_strength", float, 2.0,
+         "Weight of the biased timesteps relative to the others (diffusers' --timestep_bias_multiplier).",
+         exclusive_minimum=0),
+    Spec("timestep_bias_portion", float, 0.25, "Share of the timesteps that earlier and later weight.",
+         exclusive_minimum=0, maximum=1),
+    Spec("timestep_bias_begin", int, 0, "First timestep of the range bias.", minimum=0),
+    Spec("timestep_bias_end", int, 1000, "End (exclusive) of the range bias, at most the scheduler's timesteps.",
+         minimum=1),
+    Spec("caption_dropout", float, 0.0,
+         "Share of examples trained with an empty caption (drawn per image and epoch from the seed).", minimum=0,
+         maximum=1),
+    Spec("shuffle_caption", bool, False, "Shuffle each caption's comma-separated tags every epoch (from the seed)."),
+    Spec("keep_tokens", int, 0, "With shuffle_caption, the first N tags stay in place (a trigger word).",
+         minimum=0),
     Spec("center_crop", bool, False, "Center-crop to the resolution (else a random crop, drawn once per image)."),
     Spec("random_flip", bool, False, "Flip images horizontally at random."),
     Spec("caption_column", str, "text", "Column of metadata.jsonl that holds the caption."),
@@ -291,11 +320,27 @@ def parse(raw: dict[str, Any]) -> Hyperparameters:
             log.warning("ignoring unknown hyperparameter %s=%r", key, value)
             continue
         values[key] = _coerce(spec, value)
+    _resolve_optimizer(values)
+    if values["timestep_bias"] == "range" and values["timestep_bias_begin"] >= values["timestep_bias_end"]:
+        raise HyperparameterError(
+            f"timestep_bias_begin must be below timestep_bias_end, got {values['timestep_bias_begin']} and "
+            f"{values['timestep_bias_end']}", "timestep_bias_begin must be below timestep_bias_end")
     if values["lora_alpha"] is None:
         values["lora_alpha"] = values["rank"]
     if values["text_encoder_lr"] is None:
         values["text_encoder_lr"] = values["learning_rate"]
     return Hyperparameters(values)
+
+
+def _resolve_optimizer(values: dict[str, Any]) -> None:
+    """use_8bit_adam is the older spelling of optimizer adamw8bit: both end up saying the same."""
+    if values["use_8bit_adam"]:
+        if values["optimizer"] not in ("adamw", "adamw8bit"):
+            raise HyperparameterError(
+                f"use_8bit_adam: it means optimizer adamw8bit, which conflicts with optimizer {values['optimizer']}; "
+                "set one of them", "conflicts with optimizer")
+        values["optimizer"] = "adamw8bit"
+    values["use_8bit_adam"] = values["optimizer"] == "adamw8bit"
 
 
 def to_sagemaker(values: dict[str, Any]) -> dict[str, str]:

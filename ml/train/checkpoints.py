@@ -49,8 +49,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 # Hyperparameters that change the model or its optimizer state: a checkpoint written with
 # other values cannot be resumed.
-_RESUME_KEYS = ("rank", "lora_alpha", "train_text_encoder", "use_8bit_adam", "seed", "train_batch_size",
-                "gradient_accumulation_steps", "resolution")
+_RESUME_KEYS = ("rank", "lora_alpha", "train_text_encoder", "use_8bit_adam", "optimizer", "use_dora", "ema_decay",
+                "seed", "train_batch_size", "gradient_accumulation_steps", "resolution")
 
 
 def check_resumable(checkpoint: Path, hp: Hyperparameters) -> dict:
@@ -63,8 +63,11 @@ def check_resumable(checkpoint: Path, hp: Hyperparameters) -> dict:
     return progress
 
 
-def register_lora_hooks(accelerator, hp: Hyperparameters, unet_config, text_config) -> None:
-    """Checkpoints hold the LoRA weights only, never the frozen base model."""
+def register_lora_hooks(accelerator, hp: Hyperparameters, unet_config, text_config, ema=None) -> None:
+    """Checkpoints hold the LoRA weights only, never the frozen base model, and the LoRA's moving average
+    (ml.train.ema.LoraEMA) when there is one."""
+    from ml.train.ema import EMA_FILE
+
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
@@ -73,6 +76,8 @@ def register_lora_hooks(accelerator, hp: Hyperparameters, unet_config, text_conf
             for index, model in enumerate(models):
                 state = {k: v.contiguous() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(model)).items()}
                 save_file(state, os.path.join(output_dir, f"lora_model_{index}.safetensors"))
+            if ema is not None:
+                save_file(ema.state_dict(), os.path.join(output_dir, EMA_FILE))
         while weights:
             weights.pop()
 
@@ -85,6 +90,11 @@ def register_lora_hooks(accelerator, hp: Hyperparameters, unet_config, text_conf
             if getattr(result, "unexpected_keys", None):
                 raise JobError(f"checkpoint in {input_dir} does not match the model: {result.unexpected_keys[:3]}")
             index += 1
+        if ema is not None:
+            path = os.path.join(input_dir, EMA_FILE)
+            if not os.path.isfile(path):
+                raise JobError(f"checkpoint in {input_dir} has no {EMA_FILE}: it was written without ema_decay")
+            ema.load_state_dict(load_file(path))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -89,8 +89,8 @@ def fast_path_blockers(hp, world: int) -> list[str]:
         reasons.append("several processes")
     if hp.train_text_encoder:
         reasons.append("train_text_encoder")
-    if hp.use_8bit_adam:
-        reasons.append("use_8bit_adam")
+    if hp.optimizer != "adamw":
+        reasons.append(f"optimizer {hp.optimizer}")
     if hp.gradient_checkpointing:
         reasons.append("gradient_checkpointing")
     return reasons

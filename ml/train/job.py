@@ -26,6 +26,7 @@ in kohya's format (ComfyUI, Forge, Automatic1111) ml/train/kohya_format.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -58,11 +59,13 @@ from ml.train.checkpoints import (
     register_lora_hooks,
     save_checkpoint,
 )
+from ml.train.ema import LoraEMA
 from ml.train.fast_step import FastStep, fast_path_blockers, make_optimizer
-from ml.train.frozen import Frozen, cache_frozen, latent_source
+from ml.train.frozen import Frozen, cache_frozen, caption_variants, latent_source
 from ml.train.interruption import EXIT_INTERRUPTED, Interrupted, StopFlag, check_stop_everywhere
 from ml.train.loss import validation_loss
 from ml.train.models import (
+    RAW_LORA_WEIGHTS,
     TEXT_LORA_TARGETS,
     UNET_LORA_TARGETS,
     base_model_path,
@@ -72,23 +75,39 @@ from ml.train.models import (
     load_frozen_unet,
     save_lora,
 )
-from ml.train.steps import AcceleratedStep, FastPathStep, TrainingStep
+from ml.train.steps import AcceleratedStep, FastPathStep, TrainingStep, timestep_weights
 from ml.train.stream import micro_batch, micro_batches_per_epoch, total_steps
 
 log = logging.getLogger(__name__)
 
 
+PRODIGY_LR = 1.0  # Prodigy estimates its step size; its authors' lr multiplies the estimate and stays 1
+
+
 def build_optimizer(unet, text_encoders, hp, device: torch.device, fast: bool) -> torch.optim.Optimizer:
-    """The optimizer over the trained LoRA parameters: the UNet's at `learning_rate`, each text encoder's at
-    `text_encoder_lr`. The constructor's own `lr` is `learning_rate` too (as in diffusers' script): diffusers'
-    polynomial schedule reads its starting rate from `optimizer.defaults["lr"]`."""
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
+    """The `optimizer` over the trained LoRA parameters: the UNet's at `learning_rate`, each text encoder's at
+    `text_encoder_lr` (Prodigy: PRODIGY_LR for all). The constructor's own `lr` is the UNet's too (as in diffusers'
+    script): diffusers' polynomial schedule reads its starting rate from `optimizer.defaults["lr"]`."""
+    unet_lr, text_lr = hp.learning_rate, hp.text_encoder_lr
+    if hp.optimizer == "prodigy":
+        unet_lr = text_lr = PRODIGY_LR
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": unet_lr}]
     for encoder in text_encoders or ():
-        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": hp.text_encoder_lr})
-    if hp.use_8bit_adam:
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": text_lr})
+    if hp.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=hp.learning_rate)
+        return bnb.optim.AdamW8bit(groups, lr=unet_lr)
+    if hp.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        log.info("optimizer prodigy: it sets its own step size (lr %g); learning_rate is not used", PRODIGY_LR)
+        return Prodigy(groups, lr=unet_lr)
+    if hp.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate (the schedule's), not Adafactor's own relative step and parameter scaling.
+        return Adafactor(groups, lr=unet_lr, relative_step=False, scale_parameter=False, warmup_init=False)
     if fast:
         return make_optimizer(groups[0]["params"], hp.learning_rate, device)
     # fused: one kernel for all LoRA tensors instead of a loop of small ops per tensor
@@ -143,6 +162,11 @@ class Training:
     baseline_val_loss: float | None
     phases: dict[str, float]  # seconds since the process started, at the end of each phase
     interactive: bool
+    ema: LoraEMA | None = None  # with ema_decay: the moving average that is saved, scored and rendered
+
+    def deployed(self):
+        """A block in which the trained models hold the adapter that is saved: the moving average with ema_decay."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     @property
     def unet(self):
@@ -153,17 +177,27 @@ class Training:
         return tuple(self.trained[1:]) or None
 
     def validation_loss(self) -> float:
-        return validation_loss(self.unet, self.noise_scheduler, self.val_cache, self.text_encoders,
-                               self.accelerator.device, self.weight_dtype)
+        """Of the adapter that is saved (the moving average with ema_decay)."""
+        with self.deployed():
+            return validation_loss(self.unet, self.noise_scheduler, self.val_cache, self.text_encoders,
+                                   self.accelerator.device, self.weight_dtype)
 
     def save_lora(self, folder: Path) -> None:
-        save_lora(self.accelerator, folder, self.unet, self.text_encoders, *self.lora_configs)
+        """The adapter that is saved (with ema_decay, the moving average)."""
+        with self.deployed():
+            save_lora(self.accelerator, folder, self.unet, self.text_encoders, *self.lora_configs)
+
+    def save_raw_lora(self, folder: Path) -> None:
+        """With ema_decay, the weights as trained, beside the average (RAW_LORA_WEIGHTS)."""
+        save_lora(self.accelerator, folder, self.unet, self.text_encoders, *self.lora_configs,
+                  weight_name=RAW_LORA_WEIGHTS)
 
     def save_kohya_lora(self, path: Path, steps: int, title: str) -> None:
         """The LoRA again, in kohya's format with sd-scripts' metadata (ml/train/kohya_format.py)."""
         unwrap = self.accelerator.unwrap_model
         encoders = tuple(unwrap(encoder) for encoder in self.text_encoders or ()) or None
-        state = kohya_format.kohya_state(unwrap(self.unet), encoders)
+        with self.deployed():
+            state = kohya_format.kohya_state(unwrap(self.unet), encoders)
         header = kohya_format.metadata(state, self.hp, reporting.base_model_name(self.base, self.hp),
                                        len(self.train_examples), steps, title)
         kohya_format.save(path, state, header)
@@ -204,8 +238,10 @@ def train(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> dict:
             for micro in range(hp.gradient_accumulation_steps):
                 index = history.global_step * hp.gradient_accumulation_steps + micro
                 step.micro_step(micro_batch(hp, index, buckets, rank, world),
-                                seeds.generator(hp.seed, seeds.NOISE, index, rank))
+                                seeds.generator(hp.seed, seeds.NOISE, index, rank), index // training.per_epoch)
             step.update()
+            if training.ema is not None:
+                training.ema.update()
             history.global_step += 1
             history.steps_run += 1
             if progress_bar is not None:
@@ -261,6 +297,7 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     tokenizers, text_encoders, vae, noise_scheduler = load_frozen_encoders(base, weight_dtype, device,
                                                                            hp.train_text_encoder)
     phases["encoders_loaded"] = _process_seconds()
+    timestep_weights(hp, noise_scheduler.config.num_train_timesteps)  # a range beyond the scheduler fails now
     log.info("caching latents of %d training and %d validation images", len(train_examples), len(val_examples))
     source = latent_source(examples, hp, base, vae)
     train_cache = cache_frozen(train_examples, hp, vae, tokenizers, text_encoders, device,
@@ -268,6 +305,7 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     # Held-out images are always center-cropped and never flipped, so every trial scores the same pixels.
     val_cache = cache_frozen(val_examples, hp, vae, tokenizers, text_encoders, device, 1, stop,
                              center_crop=True, source=source) if val_examples else None
+    train_cache.variants = caption_variants(train_examples, hp, tokenizers, text_encoders, device)
     del vae
     if not hp.train_text_encoder:
         del text_encoders
@@ -292,7 +330,8 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
                                  num_training_steps=max_steps * world)
     *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
 
-    register_lora_hooks(accelerator, hp, unet_config, text_config)
+    ema = LoraEMA(clipped, hp.ema_decay) if hp.ema_decay else None
+    register_lora_hooks(accelerator, hp, unet_config, text_config, ema)
     resumed_from = None
     if resume:
         checkpoint = resume[-1]
@@ -313,7 +352,7 @@ def set_up(paths: ContainerPaths, hp: Hyperparameters, stop: StopFlag) -> Traini
     phases["model_ready"] = _process_seconds()  # UNet loaded with its LoRA, optimizer built, checkpoint resumed
     return Training(paths, hp, accelerator, base, train_examples, val_examples, train_cache, val_cache,
                     noise_scheduler, trained, (unet_config, text_config), optimizer, step, weight_dtype, max_steps,
-                    per_epoch, resumed_from, baseline_val_loss, phases, interactive)
+                    per_epoch, resumed_from, baseline_val_loss, phases, interactive, ema)
 
 
 def _models_with_lora(base: str, hp: Hyperparameters, weight_dtype: torch.dtype, device, text_encoders):
@@ -330,10 +369,10 @@ def _models_with_lora(base: str, hp: Hyperparameters, weight_dtype: torch.dtype,
         except ImportError:
             log.warning("xformers is not installed: using PyTorch scaled-dot-product attention")
     unet_config = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
-                             target_modules=UNET_LORA_TARGETS)
+                             target_modules=UNET_LORA_TARGETS, use_dora=hp.use_dora)
     unet.add_adapter(unet_config)
     text_config = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, init_lora_weights="gaussian",
-                             target_modules=TEXT_LORA_TARGETS)
+                             target_modules=TEXT_LORA_TARGETS, use_dora=hp.use_dora)
     for encoder in text_encoders or ():
         encoder.add_adapter(text_config)
     trained = [unet, *(text_encoders or ())]
@@ -415,6 +454,8 @@ def finish(training: Training, history: History) -> dict:
     paths.model.mkdir(parents=True, exist_ok=True)
     title = f"lr {hp.learning_rate:g}, rank {hp.rank}, {training.max_steps} steps"
     training.save_lora(paths.model)
+    if training.ema is not None:
+        training.save_raw_lora(paths.model)
     training.save_kohya_lora(paths.model / KOHYA_LORA_WEIGHTS, history.global_step, title)
     training.phases["lora_saved"] = _process_seconds()
     samples = []

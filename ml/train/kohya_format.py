@@ -118,6 +118,11 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+# sd-scripts' ss_optimizer: the optimizer's class path, as kohya writes it
+OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                     "prodigy": "prodigyopt.prodigy.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
+
+
 def metadata(state: dict[str, torch.Tensor], hp: Hyperparameters, base_model: str, train_images: int,
              steps: int, title: str) -> dict[str, str]:
     """The safetensors header metadata sd-scripts writes (every value a string): the network (module, rank,
@@ -149,6 +154,10 @@ def metadata(state: dict[str, torch.Tensor], hp: Hyperparameters, base_model: st
         "ss_seed": str(hp.seed),
         "ss_noise_offset": _number(hp.noise_offset),
         "ss_min_snr_gamma": "None" if hp.snr_gamma is None else _number(hp.snr_gamma),
+        "ss_optimizer": OPTIMIZER_CLASSES[hp.optimizer],
+        "ss_caption_dropout_rate": _number(hp.caption_dropout),
+        "ss_shuffle_caption": str(hp.shuffle_caption),
+        "ss_keep_tokens": str(hp.keep_tokens),
         "ss_training_comment": "trained by sdxl-lora train (diffusers + PEFT), exported to kohya's format",
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": SDXL_LORA_ARCHITECTURE,

@@ -14,6 +14,8 @@ from ml.contract.model_files import load_options
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_MODEL = "text_model."
+# With ema_decay the adapter saved as LORA_WEIGHTS is the moving average; the weights as trained go beside it.
+RAW_LORA_WEIGHTS = "pytorch_lora_weights_raw.safetensors"
 
 
 def base_model_path(paths: ContainerPaths, hp: Hyperparameters) -> str:
@@ -106,18 +108,26 @@ def check_precision_support(hp: Hyperparameters) -> None:
 
 
 def check_device_support(hp: Hyperparameters) -> None:
-    """What training needs of the device: check_precision_support's, and CUDA for 8-bit Adam."""
+    """What training needs of the device and the image: check_precision_support's, CUDA and bitsandbytes for
+    8-bit Adam, prodigyopt for Prodigy."""
     check_precision_support(hp)
-    if hp.use_8bit_adam:
+    if hp.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
-            raise JobError("use_8bit_adam needs a CUDA GPU (bitsandbytes 8-bit Adam has no CPU kernels)")
+            raise JobError("optimizer adamw8bit (use_8bit_adam) needs a CUDA GPU (bitsandbytes 8-bit Adam has no "
+                           "CPU kernels)")
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise JobError("use_8bit_adam needs bitsandbytes installed in the training image") from None
+            raise JobError("optimizer adamw8bit needs bitsandbytes installed in the training image") from None
+    if hp.optimizer == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise JobError("optimizer prodigy needs the prodigyopt package installed in the training image") from None
 
 
-def save_lora(accelerator, model_dir: Path, unet, text_encoders, unet_config, text_config) -> None:
+def save_lora(accelerator, model_dir: Path, unet, text_encoders, unet_config, text_config,
+              weight_name: str = LORA_WEIGHTS) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     layers = {"unet_lora_layers": lora_state(accelerator.unwrap_model(unet)),
@@ -127,4 +137,4 @@ def save_lora(accelerator, model_dir: Path, unet, text_encoders, unet_config, te
             state = lora_state(accelerator.unwrap_model(encoder))
             layers[f"{name}_lora_layers"] = {text_model_path(key): tensor for key, tensor in state.items()}
             layers[f"{name}_lora_adapter_metadata"] = text_config.to_dict()
-    StableDiffusionXLPipeline.save_lora_weights(model_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers)
+    StableDiffusionXLPipeline.save_lora_weights(model_dir, weight_name=weight_name, safe_serialization=True, **layers)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-ORDER, NOISE, CROP = 1, 2, 3  # purposes
+ORDER, NOISE, CROP, CAPTION = 1, 2, 3, 4  # purposes
 
 
 def generator(*key: int) -> torch.Generator:
@@ -17,5 +17,3 @@ def generator(*key: int) -> torch.Generator:
         value = (value * 1_000_003 + int(part)) % (2**63 - 1)
     return torch.Generator(device="cpu").manual_seed(value)
 
-
-_ORDER, _NOISE, _CROP = 1, 2, 3

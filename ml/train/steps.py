@@ -8,14 +8,47 @@ noise and timesteps from its own generator in the same order, so they learn the 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
 
+from ml.contract.container import JobError
 from ml.contract.hyperparameters import Hyperparameters
 from ml.train.fast_step import FastStep, StepInputs
 from ml.train.frozen import Frozen, conditioning, sample_latents
 from ml.train.loss import diffusion_loss
+
+
+def timestep_weights(hp: Hyperparameters, count: int) -> torch.Tensor | None:
+    """Sampling weights of the `count` training timesteps under timestep_bias (None: uniform), as diffusers'
+    SDXL script's --timestep_bias_strategy: the biased ones weigh timestep_bias_strength times the others."""
+    return _timestep_weights(hp.timestep_bias, hp.timestep_bias_strength, hp.timestep_bias_portion,
+                             hp.timestep_bias_begin, hp.timestep_bias_end, count)
+
+
+@functools.lru_cache(maxsize=4)
+def _timestep_weights(bias, strength, portion, begin, end, count) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    biased = max(1, int(portion * count))
+    if bias == "range":
+        if end > count:
+            raise JobError(f"timestep_bias_end {end} is beyond the scheduler's {count} training timesteps")
+        chosen = slice(begin, end)
+    else:
+        chosen = slice(0, biased) if bias == "earlier" else slice(count - biased, count)
+    weights = torch.ones(count, dtype=torch.float64)
+    weights[chosen] *= strength
+    return weights / weights.sum()
+
+
+def sample_timesteps(hp: Hyperparameters, count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """`size` training timesteps in [0, count): uniform, or weighted by timestep_weights."""
+    weights = timestep_weights(hp, count)
+    if weights is None:
+        return torch.randint(0, count, (size,), generator=generator)
+    return torch.multinomial(weights, size, replacement=True, generator=generator)
 
 
 def draw_noise(hp: Hyperparameters, scheduler, cache: Frozen, pairs, generator: torch.Generator):
@@ -24,7 +57,7 @@ def draw_noise(hp: Hyperparameters, scheduler, cache: Frozen, pairs, generator: 
     noise = torch.randn(latents.shape, generator=generator)
     if hp.noise_offset:
         noise += hp.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = sample_timesteps(hp, scheduler.config.num_train_timesteps, latents.shape[0], generator)
     return latents, noise, timesteps
 
 
@@ -36,15 +69,16 @@ class TrainingStep(ABC):
     def __init__(self, hp: Hyperparameters, noise_scheduler, cache: Frozen, lr_scheduler):
         self.hp, self.noise_scheduler, self.cache, self.lr_scheduler = hp, noise_scheduler, cache, lr_scheduler
 
-    def inputs(self, pairs, generator: torch.Generator, text_encoders=None, device="cpu") -> StepInputs:
+    def inputs(self, pairs, generator: torch.Generator, epoch: int = 0, text_encoders=None,
+               device="cpu") -> StepInputs:
         latents, noise, timesteps = draw_noise(self.hp, self.noise_scheduler, self.cache, pairs, generator)
-        embeds, pooled = conditioning(self.cache, [i for i, _ in pairs], text_encoders, device)
+        embeds, pooled = conditioning(self.cache, [i for i, _ in pairs], text_encoders, device, epoch)
         time_ids = torch.stack([self.cache.time_ids[i, f] for i, f in pairs])
         return StepInputs(latents, noise, timesteps, embeds, pooled, time_ids)
 
     @abstractmethod
-    def micro_step(self, pairs, generator: torch.Generator) -> None:
-        """Forward and backward of one micro-batch; gradients add up until update()."""
+    def micro_step(self, pairs, generator: torch.Generator, epoch: int = 0) -> None:
+        """Forward and backward of one micro-batch of an epoch; gradients add up until update()."""
 
     @abstractmethod
     def update(self) -> None:
@@ -76,10 +110,10 @@ class AcceleratedStep(TrainingStep):
         self.loss_sum = 0.0
         self.step_loss = 0.0
 
-    def micro_step(self, pairs, generator: torch.Generator) -> None:
+    def micro_step(self, pairs, generator: torch.Generator, epoch: int = 0) -> None:
         device, accumulation = self.accelerator.device, self.hp.gradient_accumulation_steps
         with self.accelerator.accumulate(*self.trained):
-            inputs = self.inputs(pairs, generator, self.text_encoders, device).on(device, self.weight_dtype)
+            inputs = self.inputs(pairs, generator, epoch, self.text_encoders, device).on(device, self.weight_dtype)
             loss = diffusion_loss(self.unet, self.noise_scheduler, inputs.latents, inputs.noise, inputs.timesteps,
                                   inputs.prompt_embeds, inputs.pooled, inputs.time_ids, self.hp.snr_gamma)
             self.loss_sum += float(self.accelerator.gather(loss.detach().reshape(1)).mean()) / accumulation
@@ -112,8 +146,8 @@ class FastPathStep(TrainingStep):
         # accelerate's does; only a schedule that changes needs to know (a read of the device per step).
         self.schedule_follows_skips = scaler is not None and hp.lr_scheduler != "constant"
 
-    def micro_step(self, pairs, generator: torch.Generator) -> None:
-        self.fast.micro_step(self.inputs(pairs, generator))
+    def micro_step(self, pairs, generator: torch.Generator, epoch: int = 0) -> None:
+        self.fast.micro_step(self.inputs(pairs, generator, epoch))
 
     def update(self) -> None:
         self.fast.update()

@@ -57,6 +57,27 @@ def test_fast_path_learns_what_the_accelerate_loop_learns(make_job, mixed_precis
     _assert_same_training(fast, eager, *tolerance)
 
 
+# The training options the fast path covers beside AdamW (tests/ml/test_train_features.py tests what each does).
+FEATURES = {"use_dora": True, "ema_decay": 0.7, "caption_dropout": 0.3, "shuffle_caption": True, "keep_tokens": 1,
+            "timestep_bias": "later", "timestep_bias_strength": 3.0}
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_fast_path_learns_what_the_accelerate_loop_learns_with_dora_ema_and_caption_options(make_job,
+                                                                                           mixed_precision):
+    """bf16 runs the fast path's compute-dtype copies of the LoRA, DoRA's magnitudes among them."""
+    values = {**EXERCISED, **FEATURES, "max_train_steps": 3, "mixed_precision": mixed_precision}
+    fast = make_job({**values, "fast_path": True}).run()
+    eager = make_job({**values, "fast_path": False}).run()
+    assert fast.returncode == 0, fast.stdout
+    assert eager.returncode == 0, eager.stdout
+    tolerance = {"no": (1e-4, 1e-5), "bf16": (2e-2, 2e-3)}[mixed_precision]
+    _assert_same_training(fast, eager, *tolerance)
+    raw = "pytorch_lora_weights_raw.safetensors"
+    for key, tensor in load_file(eager.model / raw).items():
+        torch.testing.assert_close(load_file(fast.model / raw)[key], tensor, atol=tolerance[1], rtol=0)
+
+
 def test_fast_path_resumes_to_the_same_weights(make_job):
     values = {**EXERCISED, "max_train_steps": 8, "checkpointing_steps": 3, "checkpoints_total_limit": 5}
     whole = make_job(values).run()

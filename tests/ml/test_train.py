@@ -242,7 +242,7 @@ def test_the_command_line_is_honoured(make_job):
 
 
 def test_gpu_only_options_fail_clearly_on_a_cpu(make_job):
-    _assert_failed(make_job({"use_8bit_adam": "true"}).run(), "use_8bit_adam needs a CUDA GPU")
+    _assert_failed(make_job({"use_8bit_adam": "true"}).run(), "optimizer adamw8bit (use_8bit_adam) needs a CUDA GPU")
     _assert_failed(make_job({"mixed_precision": "fp16"}).run(), "mixed_precision fp16 needs a CUDA GPU")
 
 
