@@ -1,4 +1,4 @@
-"""Retake docs/images/grid-report.png from the last demo, as a user sees it (issue 13).
+"""Retake docs/images/grid-report.png from the last demo, as a user sees it.
 
     make demo                                          # writes outputs/demo (Airflow home, S3 snapshot)
     make airflow &                                     # opens that home over the restored S3, on :8080
