@@ -16,7 +16,8 @@ leaderboard (JSON and markdown) next to the trials in S3. `publish_report` adds 
 - Failed trials are listed on the leaderboard and never chosen; the others are still compared.
 - `register_model` registers the winner as a version in the model package group (setting
   `model_package_group`): Approved when `deploy_winner` deploys it, else waiting for approval; with
-  `approval` `manual` it waits and nothing is deployed (docs/dags.md#model-registry).
+  `approval` `manual` it waits and nothing is deployed (docs/dags.md#model-registry). An Approved
+  version is what deploys (the endpoint's model is made from it), so the serving record names it.
 
 **When the run fails.** A run that selected a winner (and deployed it, when asked) ends green
 even if some trials failed: a sweep explores, and a trial that fails (a diverging learning rate, a
@@ -161,7 +162,7 @@ def sdxl_lora_grid_search():
     winner = select_winner(configs)
     registered = register_model(winner["model_artifacts"], winner["training"])
     deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
-                              "{{ params.smoke_request }}", training=winner["training"])
+                              "{{ params.smoke_request }}", training=winner["training"], registered=registered)
 
     chain(trials, winner, registered, deploy_requested(registered), deployment)
     trials >> publish_report(configs)

@@ -30,7 +30,8 @@ new job's val_loss uses), and `better_than_serving` compares the two numbers, bo
 Whatever the comparison says, `register_model` registers the new adapter as a version in the model
 package group (setting `model_package_group`) with its val_loss, the serving adapter's score and its
 lineage: Approved when it is deployed, else waiting for approval; with the Param `approval` `manual`,
-it waits for approval and nothing is deployed (docs/dags.md#model-registry).
+it waits for approval and nothing is deployed (docs/dags.md#model-registry). An Approved version is what
+deploys (the endpoint's model is made from it), so the serving record names it.
 
 Before any job starts, `build_request` logs the job's estimated cost (the image count from the dataset's
 manifest) and, when `max_cost_usd` is set and the estimate is above it (or unknown), fails without retrying
@@ -219,7 +220,7 @@ def sdxl_lora_train():
     compared = better_than_serving(trained, serving, score.output, version)
     registered = register_model(trained["model_artifacts"], trained["training"], compared)
     deployment = deploy_group(trained["model_artifacts"], "{{ params.endpoint_name or '' }}",
-                              "{{ params.smoke_request }}", training=trained["training"])
+                              "{{ params.smoke_request }}", training=trained["training"], registered=registered)
 
     chain(version, config, train, trained, compared, registered, deploy_requested(registered), deployment)
     chain(scoring, score, compared)

@@ -155,7 +155,7 @@ def sdxl_lora_tune():
     winner = select_winner(config)
     registered = register_model(winner["model_artifacts"], winner["training"])
     deployment = deploy_group(winner["model_artifacts"], "{{ params.endpoint_name or '' }}",
-                              "{{ params.smoke_request }}", training=winner["training"])
+                              "{{ params.smoke_request }}", training=winner["training"], registered=registered)
 
     chain(tuned, winner, registered, deploy_requested(registered), deployment)
     watch()  # the tuning job's own status judges its trials: Completed with some failed is green

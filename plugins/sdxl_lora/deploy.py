@@ -135,7 +135,8 @@ def current_deployment(client, endpoint: str) -> dict | None:
 @task
 def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, training: dict | None = None,
          async_output_path: str | None = None, max_concurrent_invocations=1, model_package_arn: str | None = None,
-         model_package_group: str | None = None, roll_back=False, run_id: str | None = None) -> dict:
+         model_package_group: str | None = None, roll_back=False, registered: dict | None = None,
+         run_id: str | None = None) -> dict:
     """The deployment's requests and names (plan_deployment) against what the endpoint serves now.
 
     :param model_data_url: the model.tar.gz to deploy; empty when a model package version is deployed.
@@ -147,6 +148,9 @@ def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, t
     :param model_package_arn: a model package version to deploy (it must be Approved).
     :param model_package_group: a group whose latest Approved version to deploy.
     :param roll_back: deploy the group's Approved version before the one serving (registry_versions.source).
+    :param registered: the run's own registration (register_model's answer): when it made an Approved version,
+        that version is what deploys (CreateModel from it), in place of model_data_url, so the endpoint serves
+        exactly what the registry approved and the serving record names it; None or no version: model_data_url.
     :param run_id: the run's id (Airflow passes it), which fixes the names a retry finds again.
     """
     from airflow.providers.amazon.aws.hooks.sagemaker import SageMakerHook
@@ -158,6 +162,8 @@ def plan(model_data_url: str, endpoint_name: str | None, candidate_weight=1.0, t
     endpoint = endpoint_name or settings.endpoint_name
     client = SageMakerHook(aws_conn_id=settings.aws_conn_id).conn
     package = None
+    if registered and registered.get("package_arn") and registered.get("approval_status") == "Approved":
+        model_data_url, model_package_arn = "", registered["package_arn"]
     with no_retry(registry.RegistryError):  # a bad Param or a version not Approved: a retry would meet it again
         back = str(roll_back).lower() == "true"
         chosen = registry_versions.source(model_data_url, model_package_arn, model_package_group, back,
@@ -465,7 +471,7 @@ def rollback(deployment: dict | None) -> None:
 
 def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "deploy",
                  candidate_weight=1.0, training=None, async_output_path="", max_concurrent_invocations=1,
-                 model_package_arn="", model_package_group="", roll_back=False) -> TaskGroup:
+                 model_package_arn="", model_package_group="", roll_back=False, registered=None) -> TaskGroup:
     """The deployment tasks as a group: plan -> create_model -> create_endpoint_config ->
     create_or_update_endpoint -> smoke_test -> shift_traffic -> record_serving, and rollback (ONE_FAILED) after
     all of them. Arguments may be XComArgs or templated strings (rendered as native objects).
@@ -485,12 +491,13 @@ def deploy_group(model_data_url, endpoint_name, smoke_request, group_id: str = "
     :param model_package_group: instead of model_data_url, a group whose latest Approved version to deploy.
     :param roll_back: instead of model_data_url, deploy the Approved version before the one serving (of
         model_package_group, else the setting's) and reject the one it replaces.
+    :param registered: the run's register_model answer: its Approved version deploys in place of model_data_url.
     :return: the TaskGroup, to chain after the task that chose the model.
     """
     settings = Settings.from_environment()
     with TaskGroup(group_id=group_id) as group:
         deployment = plan(model_data_url, endpoint_name, candidate_weight, training, async_output_path,
-                          max_concurrent_invocations, model_package_arn, model_package_group, roll_back)
+                          max_concurrent_invocations, model_package_arn, model_package_group, roll_back, registered)
         model = ReusableSageMakerModelOperator(task_id="create_model", config=deployment["model"],
                                                aws_conn_id=settings.aws_conn_id)
         config = ReusableSageMakerEndpointConfigOperator(task_id="create_endpoint_config",

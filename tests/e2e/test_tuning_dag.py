@@ -84,10 +84,13 @@ def test_tuning_through_the_dag_picks_the_lowest_val_loss_and_deploys_it(stack, 
     assert board["winner"] == lowest["job_name"] == tuning_job["BestTrainingJob"]["TrainingJobName"]
     assert {t["job_name"] for t in board["trials"]} == {t["TrainingJobName"] for t in trials}
 
-    # The winner went through the shared deploy tasks.
+    # The winner went through the shared deploy tasks, deployed as the registry's version of it (registered and
+    # Approved by the run: the endpoint's model is made from that version).
     endpoint = sagemaker.describe_endpoint(EndpointName="e2e-tune-endpoint")
     assert endpoint["EndpointStatus"] == "InService"
     model = sagemaker.describe_model(ModelName=sagemaker.describe_endpoint_config(
         EndpointConfigName=endpoint["EndpointConfigName"])["ProductionVariants"][0]["ModelName"])
-    assert model["PrimaryContainer"]["ModelDataUrl"] == lowest["model_artifacts"]
+    version = sagemaker.describe_model_package(ModelPackageName=model["PrimaryContainer"]["ModelPackageName"])
+    assert version["ModelApprovalStatus"] == "Approved"
+    assert version["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == lowest["model_artifacts"]
     sagemaker.delete_endpoint(EndpointName="e2e-tune-endpoint")
