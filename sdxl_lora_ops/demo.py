@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from local_stack.aws import CREDENTIALS, REGION
@@ -118,26 +119,6 @@ def _stage(s3, workdir: Path) -> tuple[str, str]:
     return _model_uris()
 
 
-class _Background(threading.Thread):
-    """A call on a thread of its own; `result()` after `join()` re-raises what it raised."""
-
-    def __init__(self, function, *args):
-        super().__init__(daemon=True)
-        self._call, self._error = (function, args), None
-        self.start()
-
-    def run(self) -> None:
-        function, args = self._call
-        try:
-            function(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller by result()
-            self._error = error
-
-    def result(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-
 def _first_caption(s3) -> str:
     rows = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/proc_dataset/{VERSION}/metadata.jsonl")["Body"].read()
     return json.loads(rows.decode().splitlines()[0])["text"]
@@ -155,15 +136,13 @@ def _start_airflow(root: Path, endpoint_url: str, s3, staged: str, port: int | N
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     airflow = AirflowServices(env, port=port, log_dir=logs, parallelism=8)
-    staging = _Background(_stage, s3, root)
-    _step(f"staging {staged} in S3 while Airflow starts in {root / 'airflow'} (component logs: {logs})")
-    try:
+    with ThreadPoolExecutor(max_workers=1) as pool:  # leaving it waits for the uploads, a failed start too
+        staging = pool.submit(_stage, s3, root)
+        _step(f"staging {staged} in S3 while Airflow starts in {root / 'airflow'} (component logs: {logs})")
         airflow.migrate()
         airflow.start()
-    finally:
-        staging.join()  # a failed start still waits for the uploads it raced with
     try:
-        staging.result()
+        staging.result()  # what staging raised, raised here
         # include_deferred: a deferred wait keeps its slot, so the pool caps running jobs in both modes.
         airflow.set_pool("sagemaker_training", _training_pool_size(), "SageMaker training jobs running at once")
     except BaseException:  # the caller never gets this Airflow to stop: stop it here (a failed start left it running)

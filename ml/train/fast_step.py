@@ -146,8 +146,8 @@ class FastStep:
                 scaler._lazy_init_scale_growth_tracker(device)
             self.found_inf = torch.zeros((), device=device)  # 0-d, as GradScaler's: AdamW subtracts it from steps
 
-        # None: not chosen (yet); a thread count is chosen once, on a CPU with torch's default pool.
-        self.cpu_threads = None
+        # None: not chosen; a thread count is chosen once, on a CPU with torch's default pool (choose_cpu_threads).
+        self.thread_choice: dict | None = None
         self._choose_threads = (device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS")
                                 and torch.get_num_threads() > 1)
         self._runs: dict[tuple, int] = {}
@@ -208,9 +208,10 @@ class FastStep:
 
     # -- public ---------------------------------------------------------------------------------
 
-    def choose_cpu_threads(self, inputs: StepInputs) -> int:
+    def choose_cpu_threads(self, inputs: StepInputs) -> dict:
         """The faster of torch's default thread pool and one thread for this micro-batch's forward and backward,
-        set for the rest of the job (the module docstring); the gradients and the loss are left as they were."""
+        set for the rest of the job (the module docstring); the gradients and the loss are left as they were.
+        Returns (and keeps as thread_choice) ``{threads, pool, pool_seconds, one_thread_seconds}``."""
         pool = torch.get_num_threads()
         on_device = inputs.on(self.device, self.weight_dtype)
         best: dict[int, float] = {}
@@ -227,10 +228,10 @@ class FastStep:
         # The pool only when clearly faster: on a shared machine its stalls cost more than a small gain.
         chosen = pool if best[pool] * POOL_ADVANTAGE < best[1] else 1
         torch.set_num_threads(chosen)
-        self.cpu_threads = chosen
+        self.thread_choice = {"threads": chosen, "pool": pool, "pool_seconds": best[pool], "one_thread_seconds": best[1]}
         log.info("CPU threads: %d (a forward and backward took %.1f ms with torch's pool of %d, %.1f ms with 1; "
                  "OMP_NUM_THREADS sets a count instead)", chosen, best[pool] * 1e3, pool, best[1] * 1e3)
-        return chosen
+        return self.thread_choice
 
     def micro_step(self, inputs: StepInputs) -> None:
         """Forward and backward of one micro-batch; gradients add up until update()."""

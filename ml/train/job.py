@@ -163,6 +163,7 @@ class Training:
     phases: dict[str, float]  # seconds since the process started, at the end of each phase
     interactive: bool
     ema: LoraEMA | None = None  # with ema_decay: the moving average that is saved, scored and rendered
+    thread_choice: dict | None = None  # the step's CPU thread choice, kept when the step is dropped
 
     def deployed(self):
         """A block in which the trained models hold the adapter that is saved: the moving average with ema_decay."""
@@ -205,6 +206,8 @@ class Training:
     def free_models(self) -> None:
         """Drops the training models, optimizer and step, making room for a pipeline."""
         self.accelerator.free_memory()
+        if self.step is not None:
+            self.thread_choice = self.step.thread_choice
         self.trained, self.optimizer, self.step = [], None, None
         gc.collect()
 
@@ -492,6 +495,7 @@ def build_summary(training: Training, history: History, val_loss: float | None, 
         "wall_seconds": round(_process_seconds(), 3),
         "phase_seconds": {name: round(at, 3) for name, at in training.phases.items()},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "cpu_threads": training.step.thread_choice if training.step is not None else training.thread_choice,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "processes": training.accelerator.num_processes,
         "device": str(training.accelerator.device),

@@ -65,6 +65,7 @@ class TrainingStep(ABC):
     """One optimizer step over gradient_accumulation_steps micro-batches of (image, flip) pairs."""
 
     fast_path = False
+    thread_choice: dict | None = None  # the fast step's CPU thread choice (FastStep.choose_cpu_threads), if made
 
     def __init__(self, hp: Hyperparameters, noise_scheduler, cache: Frozen, lr_scheduler):
         self.hp, self.noise_scheduler, self.cache, self.lr_scheduler = hp, noise_scheduler, cache, lr_scheduler
@@ -145,6 +146,10 @@ class FastPathStep(TrainingStep):
         # fp16 loss scaling skips steps with overflowing gradients, and the LR schedule waits for them as
         # accelerate's does; only a schedule that changes needs to know (a read of the device per step).
         self.schedule_follows_skips = scaler is not None and hp.lr_scheduler != "constant"
+
+    @property
+    def thread_choice(self) -> dict | None:
+        return self.fast.thread_choice
 
     def micro_step(self, pairs, generator: torch.Generator, epoch: int = 0) -> None:
         self.fast.micro_step(self.inputs(pairs, generator, epoch))

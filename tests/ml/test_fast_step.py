@@ -111,10 +111,6 @@ def test_options_the_fast_path_does_not_cover_use_the_accelerate_loop(make_job):
     assert job.summary()["fast_path"] is False
 
 
-CPU_THREADS = re.compile(r"CPU threads: (\d+) \(a forward and backward took ([\d.]+) ms with torch's pool of (\d+), "
-                         r"([\d.]+) ms with 1;")
-
-
 @pytest.mark.skipif(torch.cuda.is_available() or torch.get_num_threads() < 2, reason="a CPU with a thread pool")
 def test_on_a_cpu_the_job_trains_with_the_pool_only_when_it_is_clearly_faster(make_job, monkeypatch):
     from ml.train.fast_step import POOL_ADVANTAGE
@@ -122,15 +118,16 @@ def test_on_a_cpu_the_job_trains_with_the_pool_only_when_it_is_clearly_faster(ma
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     job = make_job({"max_train_steps": 2}).run()
     assert job.returncode == 0, job.stdout
-    (chosen, pool_ms, pool, one_ms), = CPU_THREADS.findall(job.stdout)
-    assert int(pool) > 1
-    assert int(chosen) == (int(pool) if float(pool_ms) * POOL_ADVANTAGE < float(one_ms) else 1)
+    choice = job.summary()["cpu_threads"]  # the job's record of its choice (training_summary.json)
+    assert choice["pool"] > 1
+    faster = choice["pool_seconds"] * POOL_ADVANTAGE < choice["one_thread_seconds"]
+    assert choice["threads"] == (choice["pool"] if faster else 1)
     # The timed passes leave no trace in what is learned: the step equals the accelerate loop's (tested above with
     # the same unset OMP_NUM_THREADS), and a count set by the environment is used as it is.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fixed = make_job({"max_train_steps": 2}).run()
     assert fixed.returncode == 0, fixed.stdout
-    assert "CPU threads:" not in fixed.stdout
+    assert fixed.summary()["cpu_threads"] is None
 
 
 # ---------------------------------------------------------------------------------------------
